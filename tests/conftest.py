@@ -1,0 +1,18 @@
+"""Shared test helpers. Checkpoints are built here, in the session, from the reference classes."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rel_error(actual, reference) -> float:
+    """‖actual − reference‖₂ / ‖reference‖₂ in float64."""
+    a = np.asarray(actual, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    assert a.shape == r.shape, f"shape {a.shape} != reference {r.shape}"
+    return float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+
+
+def assert_rel_close(actual, reference, tol: float = 1e-4) -> None:
+    """The parity bar for fp32 tensors: relative L2 error ≤ 1e-4."""
+    err = rel_error(actual, reference)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
