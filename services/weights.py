@@ -14,6 +14,7 @@ peaks near one copy of the weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,3 +116,54 @@ def convert(
             f"first {'/'.join(missing[0])} {tuple(expected[missing[0]].shape)}"
         )
     return params
+
+
+# --- Reading tensors from disk ---------------------------------------------------
+
+# safetensors dtype names → numpy dtypes (bfloat16 via ml_dtypes, which JAX ships).
+def _safetensors_dtypes() -> dict[str, Any]:
+    import ml_dtypes
+
+    return {
+        "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    }
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, array) from a .safetensors file one tensor at a time, zero-copy over an mmap.
+
+    Our own reader because safetensors' numpy backend cannot return bfloat16.
+    """
+    import json
+    import mmap
+
+    dtypes = _safetensors_dtypes()
+    with open(path, "rb") as f:
+        try:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); re-download it") from e
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    base = 8 + header_len
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if entry["dtype"] not in dtypes:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which sdmesh cannot load")
+        begin, end = entry["data_offsets"]
+        yield key, np.frombuffer(buf, dtype=dtypes[entry["dtype"]], count=int(np.prod(entry["shape"], dtype=np.int64)),
+                                 offset=base + begin).reshape(entry["shape"])
+
+
+def read_torch_pickle(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield tensors from a PyTorch .bin with `weights_only=True` (no arbitrary code), after the user opted in."""
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch (pip install torch)") from e
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key in list(state):
+        t = state.pop(key)
+        yield key, (t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())

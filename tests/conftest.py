@@ -16,3 +16,18 @@ def assert_rel_close(actual, reference, tol: float = 1e-4) -> None:
     """The parity bar for fp32 tensors: relative L2 error ≤ 1e-4."""
     err = rel_error(actual, reference)
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, "Path"]:
+    """Random-weight diffusers checkpoints (SD2- and SD1-shaped), saved by the reference classes once per session."""
+    from sdmesh.services import reference
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        name: reference.build(root / name, reference.TINY[name], seed=i, perturb=0.02)
+        for i, name in enumerate(("sd2", "sd1"))
+    }

@@ -1,0 +1,30 @@
+# sdmesh: one venv in .venv; torch's CPU build first so nothing pulls a CUDA torch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL ?= models/tiny-sd2
+
+.PHONY: install test demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# The main job, on a locally built tiny random-weight model (its images are noise).
+demo: install
+	test -d $(MODEL) || $(BIN)/sdmesh make-checkpoint tiny-sd2 $(MODEL)
+	$(BIN)/sdmesh generate "a photograph of an astronaut riding a horse" --model $(MODEL) --steps 20 --seed 0 --output-dir out
+
+# Full-size SD2 architecture with random weights vs diffusers, same run (CPU: 256², 2 steps, fp32).
+bench: install
+	$(BIN)/python benchmarks/bench_vs_diffusers.py --resolution 256 --steps 2 --repeat 3 --json benchmarks/results/cpu_256_2steps.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info out

@@ -1,0 +1,420 @@
+"""Stable Diffusion text-to-image: three stages, each a pure function of (params, inputs).
+
+    encode_text(params, ids)                       → conditioning (B, 77, D)
+    denoise(params, schedule, latents, cond, …)    → latents, a lax.fori_loop of DDIM steps
+    decode(params, latents)                        → uint8 images (B, H, W, 3)
+
+`StableDiffusion` loads a checkpoint, jits each stage once per shape and chains
+them in one process; the stage services host the same functions. Arrays inside
+are NHWC (JAX's native layout); the public `latents` argument is NCHW like
+diffusers', converted at the boundary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdmesh.services import checkpoint
+from sdmesh.services.models import text_encoder as te
+from sdmesh.services.models import unet as un
+from sdmesh.services.models import vae as va
+from sdmesh.services.models.attention import IMPLEMENTATIONS
+from sdmesh.services.samplers import ddim
+from sdmesh.services.tokenizer import PromptTokenizer, load_tokenizer
+from sdmesh.services.weights import CheckpointError, convert
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PRECISIONS = ("default", "high", "highest")
+MAX_STEPS = 1000  # no scheduler trains on more; the schedule arrays are padded to this so steps never recompile
+MAX_IMAGES = 64
+
+
+class InvalidRequest(ValueError):
+    """A request the caller can fix: the message says what was wrong and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    weights_dtype: str = "float32"
+    activations_dtype: str = "float32"
+    precision: str = "default"  # jax matmul precision: default | high | highest
+    attention: str = "dot_product"  # or "flash"
+    jax_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("weights_dtype", "activations_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise InvalidRequest(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise InvalidRequest(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise InvalidRequest(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] | None = None
+    num_images: int = 1  # per prompt
+    steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
+    height: int | None = None  # None: the model's native size (unet sample_size × VAE factor)
+    width: int | None = None
+    seed: int | None = None  # None: a random seed, reported in the result
+    latents: np.ndarray | None = None  # initial noise, NCHW float32 (N, C, H/f, W/f), as diffusers' `latents`
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    seed: int | None
+    truncated: list[str]  # per prompt that was cut at the tokenizer's limit, the part that was dropped
+    timings: dict[str, float]  # seconds: compile, encode, denoise, decode, total
+
+
+# --- Stages: pure functions of (params, inputs) ----------------------------------
+
+
+def encode_text(encoder: te.CLIPTextEncoder, params: Any, ids: jax.Array) -> jax.Array:
+    """Token ids (B, L) → last hidden state after the final layer norm (B, L, D): the SD conditioning."""
+    return encoder.apply({"params": params}, ids)
+
+
+def guided_output(
+    unet: un.UNet2DConditionModel,
+    params: Any,
+    x: jax.Array,
+    t: jax.Array,
+    cond: jax.Array,
+    uncond: jax.Array | None,
+    guidance_scale: jax.Array,
+    guidance_rescale: jax.Array,
+) -> jax.Array:
+    """The UNet's output under classifier-free guidance (Ho & Salimans 2022), in one batched call.
+
+    guidance_scale/guidance_rescale are (B,) so each sample may carry its own.
+    """
+    dtype = unet.dtype
+    if uncond is None:
+        return unet.apply({"params": params}, x.astype(dtype), t, cond).astype(jnp.float32)
+    both = unet.apply({"params": params}, jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([t, t]),
+                      jnp.concatenate([uncond, cond]))
+    out_uncond, out_cond = jnp.split(both.astype(jnp.float32), 2)
+    g = guidance_scale[:, None, None, None]
+    out = out_uncond + g * (out_cond - out_uncond)
+    # Guidance rescale (Lin et al. 2023, §3.4), as diffusers computes it: unbiased std over all but batch.
+    axes = tuple(range(1, out.ndim))
+    ratio = jnp.std(out_cond, axis=axes, keepdims=True, ddof=1) / jnp.std(out, axis=axes, keepdims=True, ddof=1)
+    r = guidance_rescale[:, None, None, None]
+    return jnp.where(r > 0, r * (out * ratio) + (1 - r) * out, out)
+
+
+def denoise(
+    unet: un.UNet2DConditionModel,
+    scheduler: ddim.DDIMConfig,
+    params: Any,
+    schedule: ddim.Schedule,
+    start: jax.Array,
+    stop: jax.Array,
+    latents: jax.Array,
+    cond: jax.Array,
+    uncond: jax.Array | None,
+    guidance_scale: jax.Array,
+    guidance_rescale: jax.Array,
+    eta: jax.Array,
+    key: jax.Array,
+) -> jax.Array:
+    """DDIM steps [start, stop) of `schedule` from `latents` (B, h, w, C) float32: one lax.fori_loop.
+
+    start/stop are traced, so one compiled program runs a whole request or any chunk of it.
+    """
+
+    def body(i: jax.Array, x: jax.Array) -> jax.Array:
+        t = jnp.broadcast_to(schedule.timesteps[i], (x.shape[0],))
+        out = guided_output(unet, params, x, t, cond, uncond, guidance_scale, guidance_rescale)
+        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return ddim.ddim_step(scheduler, out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta=eta, noise=noise)
+
+    return jax.lax.fori_loop(start, stop, body, latents)
+
+
+def decode(vae: va.AutoencoderKL, params: Any, latents: jax.Array) -> jax.Array:
+    """Scaled latents (B, h, w, C) → uint8 images (B, H, W, 3), rounded as diffusers' postprocess does."""
+    images = vae.apply({"params": params}, va.unscale_latents(latents, vae.config).astype(vae.dtype), method=va.AutoencoderKL.decode)
+    images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(images * 255).astype(jnp.uint8)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key for any seed in [0, 2^64): both 32-bit halves count."""
+    return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)
+
+
+def initial_noise(key: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
+    """Gaussian latents (N, h, w, C); drawn as NCHW so a seed means the same noise as a --latents file of it."""
+    n, h, w, c = shape
+    return jax.random.normal(key, (n, c, h, w), jnp.float32).transpose(0, 2, 3, 1)
+
+
+def padded_schedule(config: ddim.DDIMConfig, steps: int) -> ddim.Schedule:
+    """The DDIM schedule padded to MAX_STEPS entries: the loop's bounds, not its arrays' shapes, say how many run."""
+    s = ddim.make_schedule(config, steps)
+    pad = MAX_STEPS - steps
+    return ddim.Schedule(*(np.pad(a, (0, pad), mode="edge") for a in s))
+
+
+# --- Loading ----------------------------------------------------------------------
+
+
+def load_params(
+    files: list[Path],
+    shapes: Any,
+    *,
+    dtype: Any,
+    fix_key: Callable[[str], str | None],
+    fix_tensor: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    source: str,
+) -> Any:
+    """Stream tensors from files into a checked Flax params tree, one tensor at a time onto the device."""
+
+    def pairs():
+        for key, tensor in checkpoint.read_tensors(files):
+            fixed = fix_key(key)
+            if fixed is not None:
+                yield fixed, (fix_tensor(fixed, tensor) if fix_tensor else tensor)
+
+    return convert(pairs(), shapes, dtype=dtype, place=lambda _path, a: jax.device_put(a), source=source)
+
+
+def _unet_source(folder: Path, override: str | None, variant: str | None, allow_pickle: bool) -> tuple[dict, list[Path], str]:
+    """(config, files, label) for the UNet, honouring --unet-checkpoint (a UNet folder or one .safetensors file)."""
+    stem = checkpoint.WEIGHT_STEMS["unet"]
+    if override is None:
+        return checkpoint.read_config(folder, "unet"), checkpoint.weight_files(folder / "unet", stem, variant=variant, allow_pickle=allow_pickle), f"{folder}/unet"
+    path = Path(override).expanduser()
+    if path.is_dir():
+        config = checkpoint.read_config(path.parent, path.name)
+        return config, checkpoint.weight_files(path, stem, variant=variant, allow_pickle=allow_pickle), str(path)
+    if path.is_file() and path.suffix in (".safetensors", ".bin"):
+        if path.suffix == ".bin" and not allow_pickle:
+            raise CheckpointError(f"{path} is a PyTorch pickle; pass --allow-pickle to load it with torch.load(weights_only=True)")
+        return checkpoint.read_config(folder, "unet"), [path], str(path)
+    raise CheckpointError(f"--unet-checkpoint {override}: expected a UNet folder (config.json + weights) or a .safetensors file")
+
+
+class StableDiffusion:
+    """A loaded checkpoint with its three stages compiled on demand, once per shape."""
+
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        text_encoder: te.CLIPTextEncoder,
+        unet: un.UNet2DConditionModel,
+        vae: va.AutoencoderKL,
+        scheduler: ddim.DDIMConfig,
+        params: dict[str, Any],
+        options: RuntimeOptions = RuntimeOptions(),
+    ):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.scheduler, self.params, self.options = scheduler, params, options
+        self._encode = jax.jit(functools.partial(encode_text, text_encoder))
+        self._denoise = jax.jit(functools.partial(denoise, unet, scheduler))
+        self._decode = jax.jit(functools.partial(decode, vae))
+        self._noise = jax.jit(initial_noise, static_argnums=1)  # shape is static
+        self._compiled: dict[tuple, Any] = {}
+
+    # -- construction --
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        revision: str | None = None,
+        variant: str | None = None,
+        unet_checkpoint: str | None = None,
+        allow_pickle: bool = False,
+        options: RuntimeOptions = RuntimeOptions(),
+    ) -> "StableDiffusion":
+        if options.jax_cache_dir:
+            enable_compilation_cache(options.jax_cache_dir)
+        folder = checkpoint.resolve(model, revision=revision, variant=variant)
+        wdtype, adtype = DTYPES[options.weights_dtype], DTYPES[options.activations_dtype]
+        tokenizer = load_tokenizer(folder / "tokenizer")
+
+        def files(component: str) -> list[Path]:
+            return checkpoint.weight_files(folder / component, checkpoint.WEIGHT_STEMS[component], variant=variant, allow_pickle=allow_pickle)
+
+        te_config = te.TextEncoderConfig.from_json(checkpoint.read_config(folder, "text_encoder"))
+        text_encoder = te.CLIPTextEncoder(te_config, dtype=adtype, attention_impl=options.attention)
+        te_params = load_params(files("text_encoder"), te.init_shapes(te_config), dtype=wdtype,
+                                fix_key=te.fix_checkpoint_key, source=f"{folder}/text_encoder")
+
+        unet_json, unet_files, unet_label = _unet_source(folder, unet_checkpoint, variant, allow_pickle)
+        unet_config = un.UNetConfig.from_json(unet_json)
+        unet = un.UNet2DConditionModel(unet_config, dtype=adtype, attention_impl=options.attention)
+        unet_params = load_params(unet_files, un.init_shapes(unet_config), dtype=wdtype,
+                                  fix_key=un.fix_checkpoint_key, source=unet_label)
+
+        vae_config = va.VAEConfig.from_json(checkpoint.read_config(folder, "vae"))
+        vae = va.AutoencoderKL(vae_config, dtype=adtype, attention_impl=options.attention)
+        vae_params = load_params(files("vae"), va.init_shapes(vae_config), dtype=wdtype, fix_key=va.fix_checkpoint_key,
+                                 fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae")
+
+        scheduler = ddim.DDIMConfig.from_json(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
+        if te_config.hidden_size != unet_config.cross_attention_dim:
+            raise CheckpointError(
+                f"the text encoder's hidden_size ({te_config.hidden_size}) differs from the UNet's cross_attention_dim "
+                f"({unet_config.cross_attention_dim}); the UNet does not belong with this text encoder"
+            )
+        return cls(tokenizer, text_encoder, unet, vae, scheduler,
+                   {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, options)
+
+    # -- facts about the model --
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor times the UNet's own downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    @property
+    def default_size(self) -> int:
+        sample = self.unet.config.sample_size
+        return (sample if isinstance(sample, int) else sample[0]) * self.vae_scale_factor
+
+    # -- running --
+
+    def validate(self, request: GenerationRequest) -> tuple[list[str], list[str], int, int]:
+        """Check a request before any work; returns (prompts, negative prompts, height, width). Raises InvalidRequest."""
+        prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidRequest("prompt must be a string or a non-empty list of strings")
+        neg = request.negative_prompt
+        negatives = [neg or ""] * len(prompts) if neg is None or isinstance(neg, str) else list(neg)
+        if len(negatives) != len(prompts):
+            raise InvalidRequest(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single one")
+        if not isinstance(request.num_images, int) or not 1 <= request.num_images * len(prompts) <= MAX_IMAGES:
+            raise InvalidRequest(f"num_images must be at least 1 and at most {MAX_IMAGES} in all, got {request.num_images} per prompt")
+        if not isinstance(request.steps, int) or not 1 <= request.steps <= min(MAX_STEPS, self.scheduler.num_train_timesteps):
+            raise InvalidRequest(f"steps must be an integer from 1 to {min(MAX_STEPS, self.scheduler.num_train_timesteps)}, got {request.steps}")
+        for name in ("guidance_scale", "guidance_rescale", "eta"):
+            value = getattr(request, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= request.guidance_rescale <= 1.0:
+            raise InvalidRequest(f"guidance_rescale must be between 0 and 1, got {request.guidance_rescale}")
+        if request.eta < 0:
+            raise InvalidRequest(f"eta must be ≥ 0, got {request.eta}")
+        if request.seed is not None and (not isinstance(request.seed, int) or not 0 <= request.seed < 2**64):
+            raise InvalidRequest(f"seed must be an integer between 0 and 2^64−1, got {request.seed!r}")
+        height = self.default_size if request.height is None else request.height
+        width = self.default_size if request.width is None else request.width
+        m = self.size_multiple
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < m or v % m or v > 4096:
+                raise InvalidRequest(f"{name} must be a multiple of {m} between {m} and 4096 for this model, got {v}")
+        if request.latents is not None:
+            want = (len(prompts) * request.num_images, self.unet.config.out_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            lat = request.latents
+            if not isinstance(lat, np.ndarray) or lat.dtype != np.float32 or lat.shape != want:
+                got = f"{lat.dtype} {lat.shape}" if isinstance(lat, np.ndarray) else type(lat).__name__
+                raise InvalidRequest(f"latents must be float32 NCHW of shape {want} for this request, got {got}")
+            if not np.isfinite(lat).all():
+                raise InvalidRequest("latents contain NaN or infinity")
+        if self.unet.config.in_channels != self.unet.config.out_channels:
+            raise InvalidRequest(
+                f"this UNet takes {self.unet.config.in_channels} input channels for {self.unet.config.out_channels} latent "
+                "channels (an inpainting or depth model); text-to-image needs a plain text-to-image checkpoint"
+            )
+        return prompts, negatives, height, width
+
+    def _compile(self, name: str, fn: Any, *args: Any) -> Any:
+        """AOT-compile `fn` for these argument shapes once; reuse thereafter. Returns (compiled, seconds spent)."""
+        # params (args[0]) are fixed for the life of the pipeline: the inputs' shapes are the key
+        key = (name, jax.tree_util.tree_structure(args[1:])) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:]))
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            with jax.default_matmul_precision(self.options.precision):
+                self._compiled[key] = fn.lower(*args).compile()
+            return self._compiled[key], time.perf_counter() - t0
+        return self._compiled[key], 0.0
+
+    def generate(self, request: GenerationRequest, progress: Callable[[int, int], None] | None = None,
+                 chunk: int | None = None) -> GenerationResult:
+        """Text → images. `progress(step, total)` is called between compiled chunks of `chunk` steps."""
+        prompts, negatives, height, width = self.validate(request)
+        t_start = time.perf_counter()
+        timings = {"compile": 0.0}
+        n = request.num_images
+        guided = request.guidance_scale > 1.0  # as diffusers: no unconditional pass at scale ≤ 1
+
+        t0 = time.perf_counter()
+        tokens = self.tokenizer.tokenize(prompts + (negatives if guided else []))
+        ids = jnp.asarray(tokens.input_ids, jnp.int32)  # (P [+ P], L): prompts, then their negatives
+        encode, dt = self._compile("encode", self._encode, self.params["text_encoder"], ids)
+        timings["compile"] += dt
+        hidden = jnp.repeat(encode(self.params["text_encoder"], ids), n, axis=0)  # each prompt's row num_images times
+        batch = len(prompts) * n
+        cond, uncond = (hidden[:batch], hidden[batch:]) if guided else (hidden, None)
+        hidden.block_until_ready()
+        timings["encode"] = time.perf_counter() - t0 - dt
+
+        t0 = time.perf_counter()
+        f = self.vae_scale_factor
+        shape = (batch, height // f, width // f, self.unet.config.out_channels)
+        seed = request.seed
+        if request.latents is not None:
+            latents = jnp.asarray(request.latents.transpose(0, 2, 3, 1))
+        else:
+            if seed is None:
+                seed = int(np.random.default_rng().integers(0, 2**32))
+            latents = self._noise(seed_key(seed), shape)
+        schedule = jax.tree_util.tree_map(jnp.asarray, padded_schedule(self.scheduler, request.steps))
+        scales = jnp.full((batch,), request.guidance_scale, jnp.float32)
+        rescales = jnp.full((batch,), request.guidance_rescale, jnp.float32)
+        eta = jnp.float32(request.eta)
+        # η-noise draws from its own stream, so η never changes the initial noise a seed gives
+        key = jax.random.fold_in(seed_key(seed if seed is not None else int(np.random.default_rng().integers(0, 2**32))), 1)
+        args = (self.params["unet"], schedule, jnp.int32(0), jnp.int32(0), latents, cond, uncond, scales, rescales, eta, key)
+        run, dt = self._compile("denoise", self._denoise, *args)
+        timings["compile"] += dt
+        chunk = chunk or request.steps
+        for start in range(0, request.steps, chunk):
+            stop = min(start + chunk, request.steps)
+            latents = run(self.params["unet"], schedule, jnp.int32(start), jnp.int32(stop), latents, cond, uncond, scales, rescales, eta, key)
+            if progress is not None:
+                latents.block_until_ready()
+                progress(stop, request.steps)
+        latents.block_until_ready()
+        timings["denoise"] = time.perf_counter() - t0 - dt
+
+        t0 = time.perf_counter()
+        decode_fn, dt = self._compile("decode", self._decode, self.params["vae"], latents)
+        timings["compile"] += dt
+        images = np.asarray(decode_fn(self.params["vae"], latents))
+        timings["decode"] = time.perf_counter() - t0 - dt
+        timings["total"] = time.perf_counter() - t_start
+        return GenerationResult(images=images, seed=seed, truncated=[r for r in tokens.removed_text[: len(prompts)] if r], timings=timings)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persist compiled programs across processes (a second start skips XLA compilation)."""
+    Path(directory).expanduser().mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,116 @@
+"""The whole text-to-image pipeline equals diffusers' StableDiffusionPipeline (DDIM) from the same latents."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from sdmesh.services.pipeline import GenerationRequest, InvalidRequest, StableDiffusion
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints):
+    """One loaded pipeline per tiny checkpoint, shared by this module's tests (loading is not under test here)."""
+    pipes: dict[str, StableDiffusion] = {}
+
+    def get(flavor: str) -> StableDiffusion:
+        if flavor not in pipes:
+            pipes[flavor] = StableDiffusion.load(str(tiny_checkpoints[flavor]))
+        return pipes[flavor]
+
+    return get
+
+
+def reference_images(folder, prompt, latents, **kwargs) -> np.ndarray:
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, latents=torch.from_numpy(latents), output_type="np", **kwargs).images
+    return (out * 255).round().astype(np.uint8)  # diffusers' own PIL conversion
+
+
+def random_latents(pipe: StableDiffusion, n: int, size: int, seed: int = 0) -> np.ndarray:
+    f = pipe.vae_scale_factor
+    return np.random.default_rng(seed).standard_normal((n, pipe.unet.config.out_channels, size // f, size // f), dtype=np.float32)
+
+
+@pytest.mark.parametrize("flavor", ["sd2", "sd1"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(guidance_scale=7.5),
+        dict(guidance_scale=5.0, negative_prompt="blurry, low quality", guidance_rescale=0.7),
+        dict(guidance_scale=1.0),  # no unconditional pass, as in diffusers
+    ],
+    ids=["cfg", "negative+rescale", "no-cfg"],
+)
+def test_images_equal_diffusers_from_same_latents(tiny_checkpoints, loaded, flavor, options):
+    folder = tiny_checkpoints[flavor]
+    pipe = loaded(flavor)
+    latents = random_latents(pipe, 2, 32, seed=hash(flavor) % 1000)
+    prompt = "a photograph of an astronaut riding a horse"
+    ours = pipe.generate(GenerationRequest(prompt=prompt, num_images=2, steps=4, height=32, width=32, latents=latents, **options))
+    ref = reference_images(folder, prompt, latents, num_images_per_prompt=2, num_inference_steps=4, height=32, width=32, **options)
+    diff = np.abs(ours.images.astype(int) - ref.astype(int))
+    assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
+
+
+def test_chunked_run_equals_one_program_run(loaded):
+    pipe = loaded("sd2")
+    request = GenerationRequest(prompt="a cat", steps=5, height=32, width=32, seed=3)
+    seen = []
+    chunked = pipe.generate(request, progress=lambda i, n: seen.append((i, n)), chunk=2)
+    whole = pipe.generate(request)
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    np.testing.assert_array_equal(chunked.images, whole.images)
+
+
+def test_new_prompts_seeds_and_guidance_do_not_recompile(tiny_checkpoints):
+    pipe = StableDiffusion.load(str(tiny_checkpoints["sd2"]))  # fresh: nothing compiled yet
+    first = pipe.generate(GenerationRequest(prompt="a cat", steps=3, height=32, width=32, seed=1))
+    assert first.timings["compile"] > 0
+    again = pipe.generate(GenerationRequest(prompt="a dog on a hill", steps=7, guidance_scale=3.0,
+                                            guidance_rescale=0.5, height=32, width=32, seed=2))
+    assert again.timings["compile"] == 0
+    assert not np.array_equal(first.images, again.images)
+
+
+def test_same_seed_same_image(loaded):
+    pipe = loaded("sd2")
+    request = GenerationRequest(prompt="a cat", steps=2, height=32, width=32, seed=42)
+    np.testing.assert_array_equal(pipe.generate(request).images, pipe.generate(request).images)
+
+
+def test_long_prompt_is_truncated_and_reported(loaded):
+    pipe = loaded("sd2")
+    result = pipe.generate(GenerationRequest(prompt="horse " * 100, steps=1, height=32, width=32, seed=0))
+    assert len(result.truncated) == 1 and "horse" in result.truncated[0]
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(height=30), "multiple of"),
+        (dict(width=0), "multiple of"),
+        (dict(steps=0), "steps"),
+        (dict(steps=5000), "steps"),
+        (dict(guidance_scale=float("nan")), "finite"),
+        (dict(guidance_scale=float("inf")), "finite"),
+        (dict(num_images=-1), "num_images"),
+        (dict(num_images=0), "num_images"),
+        (dict(guidance_rescale=2.0), "guidance_rescale"),
+        (dict(seed=-5), "seed"),
+        (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), "latents must be"),
+        (dict(latents=np.zeros((1, 4, 16, 16), np.float64)), "latents must be"),
+        (dict(prompt=""), None),  # an empty prompt is fine: it is the unconditional prompt
+    ],
+)
+def test_bad_requests_are_refused_with_a_reason(loaded, bad, message):
+    pipe = loaded("sd2")
+    request = GenerationRequest(**{"prompt": "a cat", "height": 32, "width": 32, "steps": 2, **bad})
+    if message is None:
+        pipe.validate(request)
+        return
+    with pytest.raises(InvalidRequest, match=message):
+        pipe.validate(request)
