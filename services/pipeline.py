@@ -273,10 +273,10 @@ class StableDiffusion:
                                  fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae")
 
         scheduler = ddim.DDIMConfig.from_json(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
-        if te_config.hidden_size != unet_config.cross_attention_dim:
+        if te_config.hidden_size != unet_config.context_dim:
             raise CheckpointError(
                 f"the text encoder's hidden_size ({te_config.hidden_size}) differs from the UNet's cross_attention_dim "
-                f"({unet_config.cross_attention_dim}); the UNet does not belong with this text encoder"
+                f"({unet_config.context_dim}); the UNet does not belong with this text encoder"
             )
         return cls(tokenizer, text_encoder, unet, vae, scheduler,
                    {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, options)
@@ -289,8 +289,8 @@ class StableDiffusion:
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: the VAE factor times the UNet's own downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        """Height and width must be multiples of this (the UNet follows its skips' sizes, as diffusers' does)."""
+        return self.vae_scale_factor
 
     @property
     def default_size(self) -> int:

@@ -91,7 +91,7 @@ def test_long_prompt_is_truncated_and_reported(loaded):
 @pytest.mark.parametrize(
     "bad,message",
     [
-        (dict(height=30), "multiple of"),
+        (dict(height=31), "multiple of"),
         (dict(width=0), "multiple of"),
         (dict(steps=0), "steps"),
         (dict(steps=5000), "steps"),
