@@ -197,36 +197,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import resource
-    import statistics
-
     height, width = _size(args)
     pipeline, pipe = _load(args)
-    request = pipeline.GenerationRequest(prompt="a photograph of an astronaut riding a horse", num_images=args.num_images,
-                                         steps=args.steps, guidance_scale=args.guidance_scale, height=height, width=width, seed=0)
-    pipe.validate(request)
-    warm = pipe.generate(request)  # compiles every stage
-    runs = [pipe.generate(request).timings for _ in range(args.repeat)]
-    n = args.num_images
-
-    def median(key: str) -> float:
-        return statistics.median(r[key] for r in runs)
-
-    report = {
-        "model": args.model, "height": warm.images.shape[1], "width": warm.images.shape[2], "steps": args.steps,
-        "num_images": n, "repeat": args.repeat, "weights_dtype": args.weights_dtype,
-        "activations_dtype": args.activations_dtype, "precision": args.precision, "attention": args.attention,
-        "compile_seconds": warm.timings["compile"],
-        "seconds_per_image": median("total") / n,
-        "seconds_per_image_all": [r["total"] / n for r in runs],
-        "text_encoder_seconds": median("encode"),
-        "unet_step_seconds": median("denoise") / args.steps,
-        "vae_decode_seconds": median("decode"),
-        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
     import jax
 
-    report["devices"] = [str(d) for d in jax.devices()]
+    from sdmesh.services.benchmark import time_pipeline
+
+    request = pipeline.GenerationRequest(prompt="a photograph of an astronaut riding a horse", num_images=args.num_images,
+                                         steps=args.steps, guidance_scale=args.guidance_scale, height=height, width=width, seed=0)
+    report = {
+        "model": args.model, "weights_dtype": args.weights_dtype, "activations_dtype": args.activations_dtype,
+        "precision": args.precision, "attention": args.attention, "devices": [str(d) for d in jax.devices()],
+        **time_pipeline(pipe, request, args.repeat),
+    }
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -295,6 +295,8 @@ class StableDiffusion:
     @property
     def default_size(self) -> int:
         sample = self.unet.config.sample_size
+        if sample is None:
+            raise InvalidRequest("this UNet's config names no sample_size, so there is no default size: give height and width")
         return (sample if isinstance(sample, int) else sample[0]) * self.vae_scale_factor
 
     # -- running --
