@@ -33,13 +33,16 @@ def attention(
         # reference math keeps `--attention flash` runnable everywhere.
         pass
     dtype = q.dtype
-    scale = q.shape[-1] ** -0.5
+    b, lq, h, d = q.shape
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)  # (B, H, Lq, Lk)
+    # Heads folded into the batch: (B, L, H, D) → (B·H, L, D). XLA:CPU runs these plain
+    # batched matmuls up to 4× faster than the 4-D einsums at the UNet's small levels.
+    qh, kh, vh = (t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], d) for t in (q, k, v))
+    scores = jnp.einsum("bqd,bkd->bqk", qh * jnp.asarray(d**-0.5, qh.dtype), kh)  # (B·H, Lq, Lk)
     if causal:
-        lq, lk = scores.shape[-2:]
-        mask = jnp.tril(jnp.ones((lq, lk), dtype=bool))
+        mask = jnp.tril(jnp.ones(scores.shape[-2:], dtype=bool))
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v).astype(dtype)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(vh.dtype)
+    out = jnp.einsum("bqk,bkd->bqd", weights, vh)  # (B·H, Lq, D)
+    return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3).astype(dtype)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sdmesh.services.models.attention import attention
+from sdmesh.services.models.layers import Conv2d
 
 # --------------------------------------------------------------------------- config
 
@@ -269,12 +270,9 @@ def timestep_embedding(
     return emb
 
 
-def _conv(features: int, kernel: int, dtype: Any, name: str, *, stride: int = 1, padding: Any = None) -> nn.Conv:
+def _conv(features: int, kernel: int, dtype: Any, name: str, *, stride: int = 1, padding: Any = None) -> Conv2d:
     """A torch-style Conv2d: symmetric padding (kernel-1)//2 unless given."""
-    if padding is None:
-        pad = (kernel - 1) // 2
-        padding = ((pad, pad), (pad, pad))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
+    return Conv2d(features, kernel, stride=stride, padding=padding, dtype=dtype, name=name)
 
 
 def _group_norm(groups: int, eps: float, dtype: Any, name: str) -> nn.GroupNorm:
@@ -496,7 +494,9 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
         _, h, w, _ = x.shape
-        x = _nearest_resize(x, output_size or (2 * h, 2 * w))
+        if output_size in (None, (2 * h, 2 * w)):  # the usual case: fold the ×2 into the conv
+            return Conv2d(self.out_channels, 3, upsample=True, dtype=self.dtype, name="conv")(x)
+        x = _nearest_resize(x, output_size)
         return _conv(self.out_channels, 3, self.dtype, "conv")(x)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sdmesh.services.models.attention import attention
+from sdmesh.services.models.layers import Conv2d
 
 # diffusers builds the VAE with these epsilons regardless of config.
 _NORM_EPS = 1e-6
@@ -148,14 +149,7 @@ def fix_checkpoint_tensor(key: str, array: Any) -> Any:
 
 def _conv(features: int, kernel: int, dtype: Any, name: str | None = None, stride: int = 1, pad: int | None = None):
     pad = kernel // 2 if pad is None else pad
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        name=name,
-    )
+    return Conv2d(features, kernel, stride=stride, padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
 
 
 def _group_norm(groups: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
@@ -241,10 +235,9 @@ class Upsample2D(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.conv = _conv(self.channels, 3, self.dtype)
+        self.conv = Conv2d(self.channels, 3, upsample=True, dtype=self.dtype)  # (B, H, W, C) → (B, 2H, 2W, C')
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # (B, H, W, C) → (B, 2H, 2W, C)
         return self.conv(x)
 
 
