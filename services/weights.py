@@ -131,12 +131,13 @@ def _safetensors_dtypes() -> dict[str, Any]:
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, array) from a .safetensors file one tensor at a time, zero-copy over an mmap.
+    """Yield (key, array) from a .safetensors file one tensor at a time.
 
-    Our own reader because safetensors' numpy backend cannot return bfloat16.
+    Our own reader because safetensors' numpy backend cannot return bfloat16. Each
+    tensor is read into its own buffer (no mmap kept alive), so once the caller has
+    placed it on a device it can be freed: host memory holds one tensor at a time.
     """
     import json
-    import mmap
 
     dtypes = _safetensors_dtypes()
     with open(path, "rb") as f:
@@ -145,16 +146,22 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             header = json.loads(f.read(header_len))
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); re-download it") from e
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    base = 8 + header_len
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if entry["dtype"] not in dtypes:
-            raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which sdmesh cannot load")
-        begin, end = entry["data_offsets"]
-        yield key, np.frombuffer(buf, dtype=dtypes[entry["dtype"]], count=int(np.prod(entry["shape"], dtype=np.int64)),
-                                 offset=base + begin).reshape(entry["shape"])
+        base = 8 + header_len
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            if entry["dtype"] not in dtypes:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which sdmesh cannot load")
+            begin, end = entry["data_offsets"]
+            dtype = np.dtype(dtypes[entry["dtype"]])
+            count = int(np.prod(entry["shape"], dtype=np.int64))
+            if end - begin != count * dtype.itemsize:
+                raise CheckpointError(f"{path}: tensor {key!r} is truncated or corrupt; re-download the file")
+            f.seek(base + begin)
+            data = np.fromfile(f, dtype=dtype, count=count)
+            if data.size != count:
+                raise CheckpointError(f"{path}: tensor {key!r} is cut short (file truncated); re-download the file")
+            yield key, data.reshape(entry["shape"])
 
 
 def read_torch_pickle(path: Path) -> Iterator[tuple[str, np.ndarray]]:
