@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,28 +213,175 @@ def _unet_source(folder: Path, override: str | None, variant: str | None, allow_
     raise CheckpointError(f"--unet-checkpoint {override}: expected a UNet folder (config.json + weights) or a .safetensors file")
 
 
-class StableDiffusion:
-    """A loaded checkpoint with its three stages compiled on demand, once per shape."""
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """Where a stage's weights come from (the checkpoint folder is resolved once, by `checkpoint.resolve`)."""
 
-    def __init__(
-        self,
-        tokenizer: PromptTokenizer,
-        text_encoder: te.CLIPTextEncoder,
-        unet: un.UNet2DConditionModel,
-        vae: va.AutoencoderKL,
-        scheduler: ddim.DDIMConfig,
-        params: dict[str, Any],
-        options: RuntimeOptions = RuntimeOptions(),
-    ):
-        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
-        self.scheduler, self.params, self.options = scheduler, params, options
-        self._encode = jax.jit(functools.partial(encode_text, text_encoder))
-        self._denoise = jax.jit(functools.partial(denoise, unet, scheduler))
-        self._decode = jax.jit(functools.partial(decode, vae))
-        self._noise = jax.jit(initial_noise, static_argnums=1)  # shape is static
+    variant: str | None = None
+    allow_pickle: bool = False
+    unet_checkpoint: str | None = None  # a UNet folder or .safetensors file replacing the checkpoint's UNet
+
+    def files(self, folder: Path, component: str) -> list[Path]:
+        stem = checkpoint.WEIGHT_STEMS[component]
+        return checkpoint.weight_files(folder / component, stem, variant=self.variant, allow_pickle=self.allow_pickle)
+
+
+class Programs:
+    """AOT-compiled programs, one per (name, input shapes): the unit a stage runs and times."""
+
+    def __init__(self, precision: str):
+        self.precision = precision
         self._compiled: dict[tuple, Any] = {}
 
-    # -- construction --
+    def get(self, name: str, fn: Any, *args: Any) -> tuple[Any, float]:
+        """(compiled program, seconds spent compiling it now: 0 when it was already compiled)."""
+        # args[0] is the params, fixed for the stage's life: the other inputs' shapes are the key
+        rest = args[1:]
+        key = (name, jax.tree_util.tree_structure(rest)) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(rest))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        with jax.default_matmul_precision(self.precision):
+            self._compiled[key] = fn.lower(*args).compile()
+        return self._compiled[key], time.perf_counter() - t0
+
+    @property
+    def shapes(self) -> list[tuple]:
+        return list(self._compiled)
+
+
+class TextEncoderStage:
+    """Prompts → conditioning: the tokenizer and the CLIP text encoder."""
+
+    def __init__(self, tokenizer: PromptTokenizer, encoder: te.CLIPTextEncoder, params: Any, options: RuntimeOptions):
+        self.tokenizer, self.encoder, self.params, self.options = tokenizer, encoder, params, options
+        self.programs = Programs(options.precision)
+        self._encode = jax.jit(functools.partial(encode_text, encoder))
+
+    @classmethod
+    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "TextEncoderStage":
+        config = te.TextEncoderConfig.from_json(checkpoint.read_config(folder, "text_encoder"))
+        encoder = te.CLIPTextEncoder(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
+        params = load_params(load.files(folder, "text_encoder"), te.init_shapes(config), dtype=DTYPES[options.weights_dtype],
+                             fix_key=te.fix_checkpoint_key, source=f"{folder}/text_encoder")
+        return cls(load_tokenizer(folder / "tokenizer"), encoder, params, options)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def encode(self, prompts: list[str]) -> tuple[jax.Array, list[str], float]:
+        """(hidden states (P, L, D), per prompt the text truncation dropped ("" if none), compile seconds)."""
+        tokens = self.tokenizer.tokenize(prompts)
+        ids = jnp.asarray(tokens.input_ids, jnp.int32)
+        run, compile_s = self.programs.get("encode", self._encode, self.params, ids)
+        return run(self.params, ids), list(tokens.removed_text), compile_s
+
+
+class DenoiserStage:
+    """Conditioning + initial latents → final latents: the UNet under DDIM, in compiled chunks of steps."""
+
+    def __init__(self, unet: un.UNet2DConditionModel, scheduler: ddim.DDIMConfig, params: Any, options: RuntimeOptions):
+        self.unet, self.scheduler, self.params, self.options = unet, scheduler, params, options
+        self.programs = Programs(options.precision)
+        self._denoise = jax.jit(functools.partial(denoise, unet, scheduler))
+        self._noise = jax.jit(initial_noise, static_argnums=1)  # the shape is static
+
+    @classmethod
+    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DenoiserStage":
+        unet_json, files, label = _unet_source(folder, load.unet_checkpoint, load.variant, load.allow_pickle)
+        config = un.UNetConfig.from_json(unet_json)
+        unet = un.UNet2DConditionModel(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
+        params = load_params(files, un.init_shapes(config), dtype=DTYPES[options.weights_dtype],
+                             fix_key=un.fix_checkpoint_key, source=label)
+        scheduler = ddim.DDIMConfig.from_json(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
+        return cls(unet, scheduler, params, options)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.out_channels
+
+    @property
+    def max_steps(self) -> int:
+        return min(MAX_STEPS, self.scheduler.num_train_timesteps)
+
+    def noise(self, seed: int, shape: tuple[int, int, int, int]) -> jax.Array:
+        """Initial latents (N, h, w, C) for a seed."""
+        return self._noise(seed_key(seed), shape)
+
+    def run(
+        self,
+        latents: jax.Array,
+        cond: jax.Array,
+        uncond: jax.Array | None,
+        *,
+        steps: int,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        chunk: int | None = None,
+    ) -> Iterator[tuple[int, jax.Array, float]]:
+        """Yield (steps done, latents, compile seconds) after each chunk of `chunk` steps (default: all in one).
+
+        The compiled program is the same for every chunk, step count and guidance value;
+        a caller that stops iterating stops the work at the next chunk boundary.
+        """
+        batch = latents.shape[0]
+        schedule = jax.tree_util.tree_map(jnp.asarray, padded_schedule(self.scheduler, steps))
+        scales = jnp.full((batch,), guidance_scale, jnp.float32)
+        rescales = jnp.full((batch,), guidance_rescale, jnp.float32)
+        # η-noise draws from its own stream, so η never changes the initial noise a seed gives
+        key = jax.random.fold_in(seed_key(seed), 1)
+        eta_ = jnp.float32(eta)
+        args = (self.params, schedule, jnp.int32(0), jnp.int32(0), latents, cond, uncond, scales, rescales, eta_, key)
+        program, compile_s = self.programs.get("denoise", self._denoise, *args)
+        chunk = chunk or steps
+        for start in range(0, steps, chunk):
+            stop = min(start + chunk, steps)
+            latents = program(self.params, schedule, jnp.int32(start), jnp.int32(stop), latents, cond, uncond,
+                              scales, rescales, eta_, key)
+            latents.block_until_ready()
+            yield stop, latents, compile_s
+            compile_s = 0.0
+
+
+class DecoderStage:
+    """Latents → uint8 images: the VAE decoder (its encoder is here too, for img2img)."""
+
+    def __init__(self, vae: va.AutoencoderKL, params: Any, options: RuntimeOptions):
+        self.vae, self.params, self.options = vae, params, options
+        self.programs = Programs(options.precision)
+        self._decode = jax.jit(functools.partial(decode, vae))
+
+    @classmethod
+    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DecoderStage":
+        config = va.VAEConfig.from_json(checkpoint.read_config(folder, "vae"))
+        vae = va.AutoencoderKL(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
+        params = load_params(load.files(folder, "vae"), va.init_shapes(config), dtype=DTYPES[options.weights_dtype],
+                             fix_key=va.fix_checkpoint_key, fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae")
+        return cls(vae, params, options)
+
+    @property
+    def scale_factor(self) -> int:
+        return self.vae.config.scale_factor
+
+    def decode(self, latents: jax.Array) -> tuple[np.ndarray, float]:
+        """((N, H, W, 3) uint8 images, compile seconds)."""
+        program, compile_s = self.programs.get("decode", self._decode, self.params, latents)
+        return np.asarray(program(self.params, latents)), compile_s
+
+
+class StableDiffusion:
+    """The three stages in one process, chained by passing device arrays."""
+
+    def __init__(self, text_encoder: TextEncoderStage, denoiser: DenoiserStage, decoder: DecoderStage):
+        if text_encoder.hidden_size != denoiser.unet.config.context_dim:
+            raise CheckpointError(
+                f"the text encoder's hidden_size ({text_encoder.hidden_size}) differs from the UNet's cross_attention_dim "
+                f"({denoiser.unet.config.context_dim}); the UNet does not belong with this text encoder"
+            )
+        self.text_encoder, self.denoiser, self.decoder = text_encoder, denoiser, decoder
 
     @classmethod
     def load(
@@ -250,42 +397,19 @@ class StableDiffusion:
         if options.jax_cache_dir:
             enable_compilation_cache(options.jax_cache_dir)
         folder = checkpoint.resolve(model, revision=revision, variant=variant)
-        wdtype, adtype = DTYPES[options.weights_dtype], DTYPES[options.activations_dtype]
-        tokenizer = load_tokenizer(folder / "tokenizer")
-
-        def files(component: str) -> list[Path]:
-            return checkpoint.weight_files(folder / component, checkpoint.WEIGHT_STEMS[component], variant=variant, allow_pickle=allow_pickle)
-
-        te_config = te.TextEncoderConfig.from_json(checkpoint.read_config(folder, "text_encoder"))
-        text_encoder = te.CLIPTextEncoder(te_config, dtype=adtype, attention_impl=options.attention)
-        te_params = load_params(files("text_encoder"), te.init_shapes(te_config), dtype=wdtype,
-                                fix_key=te.fix_checkpoint_key, source=f"{folder}/text_encoder")
-
-        unet_json, unet_files, unet_label = _unet_source(folder, unet_checkpoint, variant, allow_pickle)
-        unet_config = un.UNetConfig.from_json(unet_json)
-        unet = un.UNet2DConditionModel(unet_config, dtype=adtype, attention_impl=options.attention)
-        unet_params = load_params(unet_files, un.init_shapes(unet_config), dtype=wdtype,
-                                  fix_key=un.fix_checkpoint_key, source=unet_label)
-
-        vae_config = va.VAEConfig.from_json(checkpoint.read_config(folder, "vae"))
-        vae = va.AutoencoderKL(vae_config, dtype=adtype, attention_impl=options.attention)
-        vae_params = load_params(files("vae"), va.init_shapes(vae_config), dtype=wdtype, fix_key=va.fix_checkpoint_key,
-                                 fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae")
-
-        scheduler = ddim.DDIMConfig.from_json(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
-        if te_config.hidden_size != unet_config.context_dim:
-            raise CheckpointError(
-                f"the text encoder's hidden_size ({te_config.hidden_size}) differs from the UNet's cross_attention_dim "
-                f"({unet_config.context_dim}); the UNet does not belong with this text encoder"
-            )
-        return cls(tokenizer, text_encoder, unet, vae, scheduler,
-                   {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, options)
+        load = LoadOptions(variant=variant, allow_pickle=allow_pickle, unet_checkpoint=unet_checkpoint)
+        return cls(TextEncoderStage.load(folder, options, load), DenoiserStage.load(folder, options, load),
+                   DecoderStage.load(folder, options, load))
 
     # -- facts about the model --
 
     @property
+    def unet(self) -> un.UNet2DConditionModel:
+        return self.denoiser.unet
+
+    @property
     def vae_scale_factor(self) -> int:
-        return self.vae.config.scale_factor
+        return self.decoder.scale_factor
 
     @property
     def size_multiple(self) -> int:
@@ -293,11 +417,13 @@ class StableDiffusion:
         return self.vae_scale_factor
 
     @property
-    def default_size(self) -> int:
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) from the UNet's sample_size, as diffusers' pipeline defaults them."""
         sample = self.unet.config.sample_size
         if sample is None:
             raise InvalidRequest("this UNet's config names no sample_size, so there is no default size: give height and width")
-        return (sample if isinstance(sample, int) else sample[0]) * self.vae_scale_factor
+        h, w = (sample, sample) if isinstance(sample, int) else sample
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
 
     # -- running --
 
@@ -308,12 +434,13 @@ class StableDiffusion:
             raise InvalidRequest("prompt must be a string or a non-empty list of strings")
         neg = request.negative_prompt
         negatives = [neg or ""] * len(prompts) if neg is None or isinstance(neg, str) else list(neg)
-        if len(negatives) != len(prompts):
+        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
             raise InvalidRequest(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single one")
         if not isinstance(request.num_images, int) or not 1 <= request.num_images * len(prompts) <= MAX_IMAGES:
             raise InvalidRequest(f"num_images must be at least 1 and at most {MAX_IMAGES} in all, got {request.num_images} per prompt")
-        if not isinstance(request.steps, int) or not 1 <= request.steps <= min(MAX_STEPS, self.scheduler.num_train_timesteps):
-            raise InvalidRequest(f"steps must be an integer from 1 to {min(MAX_STEPS, self.scheduler.num_train_timesteps)}, got {request.steps}")
+        max_steps = self.denoiser.max_steps
+        if not isinstance(request.steps, int) or not 1 <= request.steps <= max_steps:
+            raise InvalidRequest(f"steps must be an integer from 1 to {max_steps}, got {request.steps}")
         for name in ("guidance_scale", "guidance_rescale", "eta"):
             value = getattr(request, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -324,94 +451,71 @@ class StableDiffusion:
             raise InvalidRequest(f"eta must be ≥ 0, got {request.eta}")
         if request.seed is not None and (not isinstance(request.seed, int) or not 0 <= request.seed < 2**64):
             raise InvalidRequest(f"seed must be an integer between 0 and 2^64−1, got {request.seed!r}")
-        height = self.default_size if request.height is None else request.height
-        width = self.default_size if request.width is None else request.width
+        default_h, default_w = self.default_size if request.height is None or request.width is None else (0, 0)
+        height = default_h if request.height is None else request.height
+        width = default_w if request.width is None else request.width
         m = self.size_multiple
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v < m or v % m or v > 4096:
                 raise InvalidRequest(f"{name} must be a multiple of {m} between {m} and 4096 for this model, got {v}")
+        if self.unet.config.in_channels != self.unet.config.out_channels:
+            raise InvalidRequest(
+                f"this UNet takes {self.unet.config.in_channels} input channels for {self.unet.config.out_channels} latent "
+                "channels (an inpainting or depth model); text-to-image needs a plain text-to-image checkpoint"
+            )
         if request.latents is not None:
-            want = (len(prompts) * request.num_images, self.unet.config.out_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            f = self.vae_scale_factor
+            want = (len(prompts) * request.num_images, self.denoiser.latent_channels, height // f, width // f)
             lat = request.latents
             if not isinstance(lat, np.ndarray) or lat.dtype != np.float32 or lat.shape != want:
                 got = f"{lat.dtype} {lat.shape}" if isinstance(lat, np.ndarray) else type(lat).__name__
                 raise InvalidRequest(f"latents must be float32 NCHW of shape {want} for this request, got {got}")
             if not np.isfinite(lat).all():
                 raise InvalidRequest("latents contain NaN or infinity")
-        if self.unet.config.in_channels != self.unet.config.out_channels:
-            raise InvalidRequest(
-                f"this UNet takes {self.unet.config.in_channels} input channels for {self.unet.config.out_channels} latent "
-                "channels (an inpainting or depth model); text-to-image needs a plain text-to-image checkpoint"
-            )
         return prompts, negatives, height, width
-
-    def _compile(self, name: str, fn: Any, *args: Any) -> Any:
-        """AOT-compile `fn` for these argument shapes once; reuse thereafter. Returns (compiled, seconds spent)."""
-        # params (args[0]) are fixed for the life of the pipeline: the inputs' shapes are the key
-        key = (name, jax.tree_util.tree_structure(args[1:])) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:]))
-        if key not in self._compiled:
-            t0 = time.perf_counter()
-            with jax.default_matmul_precision(self.options.precision):
-                self._compiled[key] = fn.lower(*args).compile()
-            return self._compiled[key], time.perf_counter() - t0
-        return self._compiled[key], 0.0
 
     def generate(self, request: GenerationRequest, progress: Callable[[int, int], None] | None = None,
                  chunk: int | None = None) -> GenerationResult:
         """Text → images. `progress(step, total)` is called between compiled chunks of `chunk` steps."""
         prompts, negatives, height, width = self.validate(request)
         t_start = time.perf_counter()
-        timings = {"compile": 0.0}
         n = request.num_images
         guided = request.guidance_scale > 1.0  # as diffusers: no unconditional pass at scale ≤ 1
 
         t0 = time.perf_counter()
-        tokens = self.tokenizer.tokenize(prompts + (negatives if guided else []))
-        ids = jnp.asarray(tokens.input_ids, jnp.int32)  # (P [+ P], L): prompts, then their negatives
-        encode, dt = self._compile("encode", self._encode, self.params["text_encoder"], ids)
-        timings["compile"] += dt
-        hidden = jnp.repeat(encode(self.params["text_encoder"], ids), n, axis=0)  # each prompt's row num_images times
+        hidden, removed, compile_encode = self.text_encoder.encode(prompts + (negatives if guided else []))
+        hidden = jnp.repeat(hidden, n, axis=0)  # each prompt's row num_images times: (P·n [+ P·n], L, D)
         batch = len(prompts) * n
         cond, uncond = (hidden[:batch], hidden[batch:]) if guided else (hidden, None)
-        hidden.block_until_ready()
-        timings["encode"] = time.perf_counter() - t0 - dt
+        cond.block_until_ready()
+        encode_s = time.perf_counter() - t0 - compile_encode
 
         t0 = time.perf_counter()
         f = self.vae_scale_factor
-        shape = (batch, height // f, width // f, self.unet.config.out_channels)
         seed = request.seed
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**32))
         if request.latents is not None:
-            latents = jnp.asarray(request.latents.transpose(0, 2, 3, 1))
+            latents = jnp.asarray(request.latents.transpose(0, 2, 3, 1))  # NCHW → NHWC
         else:
-            if seed is None:
-                seed = int(np.random.default_rng().integers(0, 2**32))
-            latents = self._noise(seed_key(seed), shape)
-        schedule = jax.tree_util.tree_map(jnp.asarray, padded_schedule(self.scheduler, request.steps))
-        scales = jnp.full((batch,), request.guidance_scale, jnp.float32)
-        rescales = jnp.full((batch,), request.guidance_rescale, jnp.float32)
-        eta = jnp.float32(request.eta)
-        # η-noise draws from its own stream, so η never changes the initial noise a seed gives
-        key = jax.random.fold_in(seed_key(seed if seed is not None else int(np.random.default_rng().integers(0, 2**32))), 1)
-        args = (self.params["unet"], schedule, jnp.int32(0), jnp.int32(0), latents, cond, uncond, scales, rescales, eta, key)
-        run, dt = self._compile("denoise", self._denoise, *args)
-        timings["compile"] += dt
-        chunk = chunk or request.steps
-        for start in range(0, request.steps, chunk):
-            stop = min(start + chunk, request.steps)
-            latents = run(self.params["unet"], schedule, jnp.int32(start), jnp.int32(stop), latents, cond, uncond, scales, rescales, eta, key)
+            latents = self.denoiser.noise(seed, (batch, height // f, width // f, self.denoiser.latent_channels))
+        compile_denoise = 0.0
+        for done, latents, compile_s in self.denoiser.run(
+            latents, cond, uncond, steps=request.steps, guidance_scale=request.guidance_scale,
+            guidance_rescale=request.guidance_rescale, eta=request.eta, seed=seed, chunk=chunk,
+        ):
+            compile_denoise += compile_s
             if progress is not None:
-                latents.block_until_ready()
-                progress(stop, request.steps)
-        latents.block_until_ready()
-        timings["denoise"] = time.perf_counter() - t0 - dt
+                progress(done, request.steps)
+        denoise_s = time.perf_counter() - t0 - compile_denoise
 
         t0 = time.perf_counter()
-        decode_fn, dt = self._compile("decode", self._decode, self.params["vae"], latents)
-        timings["compile"] += dt
-        images = np.asarray(decode_fn(self.params["vae"], latents))
-        timings["decode"] = time.perf_counter() - t0 - dt
-        timings["total"] = time.perf_counter() - t_start
-        return GenerationResult(images=images, seed=seed, truncated=[r for r in tokens.removed_text[: len(prompts)] if r], timings=timings)
+        images, compile_decode = self.decoder.decode(latents)
+        decode_s = time.perf_counter() - t0 - compile_decode
+        timings = {"compile": compile_encode + compile_denoise + compile_decode, "encode": encode_s,
+                   "denoise": denoise_s, "decode": decode_s, "total": time.perf_counter() - t_start}
+        return GenerationResult(images=images, seed=seed,
+                                truncated=[r for r in removed[: len(prompts)] if r], timings=timings)
 
 
 def enable_compilation_cache(directory: str) -> None:
