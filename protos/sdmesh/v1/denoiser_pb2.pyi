@@ -1,0 +1,42 @@
+from sdmesh.v1 import common_pb2 as _common_pb2
+from sdmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DenoiseRequest(_message.Message):
+    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed")
+    COND_FIELD_NUMBER: _ClassVar[int]
+    UNCOND_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_RESCALE_FIELD_NUMBER: _ClassVar[int]
+    ETA_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SEED_FIELD_NUMBER: _ClassVar[int]
+    cond: _tensor_pb2.Tensor
+    uncond: _tensor_pb2.Tensor
+    seed: int
+    latents: _tensor_pb2.Tensor
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    height: int
+    width: int
+    noise_seed: int
+    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ...) -> None: ...
+
+class DenoiseEvent(_message.Message):
+    __slots__ = ("progress", "latents")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    progress: _common_pb2.Progress
+    latents: _tensor_pb2.Tensor
+    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
