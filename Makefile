@@ -24,7 +24,7 @@ demo: install
 
 # Full-size SD2 architecture with random weights vs diffusers, same run (CPU: 256², 2 steps, fp32).
 bench: install
-	$(BIN)/python benchmarks/bench_vs_diffusers.py --resolution 256 --steps 2 --repeat 3 --json benchmarks/results/cpu_256_2steps.json
+	$(BIN)/python benchmarks/bench_vs_diffusers.py --resolution 256 --steps 2 --repeat 3 --json benchmarks/results/cpu_256_2steps_fp32.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info out
