@@ -213,6 +213,15 @@ def _unet_source(folder: Path, override: str | None, variant: str | None, allow_
     raise CheckpointError(f"--unet-checkpoint {override}: expected a UNet folder (config.json + weights) or a .safetensors file")
 
 
+def fix_old_scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What diffusers' StableDiffusionPipeline does to old scheduler configs, so we sample as it samples.
+
+    Its __init__ rewrites `steps_offset` to 1 and `clip_sample` to False (with a deprecation
+    warning) for checkpoints saved before those became the SD defaults.
+    """
+    return {**config, "steps_offset": 1, "clip_sample": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """Where a stage's weights come from (the checkpoint folder is resolved once, by `checkpoint.resolve`)."""
@@ -294,8 +303,8 @@ class DenoiserStage:
         unet = un.UNet2DConditionModel(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
         params = load_params(files, un.init_shapes(config), dtype=DTYPES[options.weights_dtype],
                              fix_key=un.fix_checkpoint_key, source=label)
-        scheduler = ddim.DDIMConfig.from_json(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
-        return cls(unet, scheduler, params, options)
+        scheduler_json = fix_old_scheduler_config(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
+        return cls(unet, ddim.DDIMConfig.from_json(scheduler_json), params, options)
 
     @property
     def latent_channels(self) -> int:

@@ -114,3 +114,43 @@ def test_bad_requests_are_refused_with_a_reason(loaded, bad, message):
         return
     with pytest.raises(InvalidRequest, match=message):
         pipe.validate(request)
+
+
+# A config no shipped checkpoint has, still SD-shaped: four levels, two transformer layers per block,
+# three VAE levels (factor 4), a zero-terminal-SNR trailing v-prediction schedule, a non-square image.
+ODD = {
+    "unet": dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32, 48),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=(2, 2, 4, 4), transformer_layers_per_block=2,
+        use_linear_projection=True, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1,
+    ),
+    "vae": dict(
+        block_out_channels=(8, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=2, sample_size=32, scaling_factor=0.13025,
+    ),
+    "text_encoder": dict(hidden_size=24, intermediate_size=50, num_hidden_layers=3, num_attention_heads=3,
+                         max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=24),
+    "scheduler": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+                      timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=False),
+    "pad_token": "!",
+}
+
+
+OLD_SCHEDULER = dict(beta_schedule="linear", steps_offset=0, clip_sample=True, prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("scheduler", [ODD["scheduler"], OLD_SCHEDULER], ids=["zero-snr-trailing", "old-config"])
+def test_an_unusual_sd_shaped_config_matches_too(tmp_path, scheduler):
+    """Includes an old scheduler config that diffusers' pipeline rewrites (steps_offset → 1, clip_sample → False)."""
+    from sdmesh.services import reference
+
+    folder = reference.build(tmp_path / "odd", {**ODD, "scheduler": scheduler}, seed=11, perturb=0.02)
+    pipe = StableDiffusion.load(str(folder))
+    latents = np.random.default_rng(3).standard_normal((1, 4, 24 // 4, 40 // 4), dtype=np.float32)
+    options = dict(guidance_scale=6.0, guidance_rescale=0.3, negative_prompt="dark")
+    ours = pipe.generate(GenerationRequest(prompt="a red bicycle", steps=3, height=24, width=40, latents=latents, **options))
+    ref = reference_images(folder, "a red bicycle", latents, num_inference_steps=3, height=24, width=40, **options)
+    assert np.abs(ours.images.astype(int) - ref.astype(int)).max() <= 2

@@ -29,9 +29,10 @@ def attention(
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     if impl == "flash":
-        # Filled in by the sharding issue (cuDNN / splash kernels); until then the
-        # reference math keeps `--attention flash` runnable everywhere.
-        pass
+        # JAX's fused attention: cuDNN's flash kernel on GPU when dtype and shapes allow,
+        # XLA's own lowering elsewhere (it computes the softmax in float32 either way).
+        # The TPU splash kernel and a memory-bounded CPU path come with the sharding work.
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     dtype = q.dtype
     b, lq, h, d = q.shape
     if upcast:
