@@ -16,6 +16,12 @@ from typing import Any
 
 from sdmesh.services.tokenizer import write_tiny_vocab
 
+TINY_VAE = dict(
+    block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1, sample_size=16, scaling_factor=0.18215,
+)
+
 # Tiny configs: every option SD uses, at toy widths. "sd2" is 2.1-shaped (v-prediction,
 # per-block heads, linear projections, gelu, pad "!"); "sd1" is 1.5-shaped.
 TINY = {
@@ -27,11 +33,7 @@ TINY = {
             cross_attention_dim=32, attention_head_dim=(2, 4, 4), use_linear_projection=True,
             upcast_attention=True, norm_num_groups=8,
         ),
-        "vae": dict(
-            block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, sample_size=16, scaling_factor=0.18215,
-        ),
+        "vae": TINY_VAE,
         "text_encoder": dict(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=32,
@@ -48,11 +50,7 @@ TINY = {
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4, use_linear_projection=False, norm_num_groups=8,
         ),
-        "vae": dict(
-            block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, sample_size=16, scaling_factor=0.18215,
-        ),
+        "vae": TINY_VAE,
         "text_encoder": dict(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32,
