@@ -96,3 +96,37 @@ class Conv2d(nn.Module):
         p = (k - 1) // 2
         padding = self.padding if self.padding is not None else ((p, p), (p, p))
         return conv2d(x, kernel, stride=self.stride, padding=padding) + bias
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over NHWC (params `scale`, `bias`), statistics in float32.
+
+    Moments are taken per channel as column sums over the pixels, then combined per
+    group: on XLA:CPU that is 2–4× faster than reducing (B, H, W, G, C/G) directly
+    (256×256×128: 21 vs 69 ms). Each channel is shifted by its first pixel before
+    E[x²]−E[x]², and the group variance adds the channels' spread of means exactly,
+    so large-mean activations (the UNet's skip concatenations) keep full precision.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        g = self.num_groups
+        scale = self.param("scale", nn.initializers.ones_init(), (c,))
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        xf = x.reshape(b, h * w, c).astype(jnp.float32)  # (B, N, C)
+        shift = xf[:, :1, :]  # (B, 1, C)
+        d = xf - shift
+        mean_d = d.mean(axis=1)  # (B, C)
+        var_c = jnp.maximum((d * d).mean(axis=1) - mean_d**2, 0.0)  # per-channel variance
+        mean_c = (mean_d + shift[:, 0, :]).reshape(b, g, c // g)  # (B, G, C/G)
+        mean_g = mean_c.mean(axis=-1, keepdims=True)
+        var_g = var_c.reshape(b, g, c // g).mean(-1, keepdims=True) + ((mean_c - mean_g) ** 2).mean(-1, keepdims=True)
+        inv = jax.lax.rsqrt(var_g + self.epsilon)  # (B, G, 1)
+        mul = (jnp.broadcast_to(inv, (b, g, c // g)).reshape(b, 1, c)) * scale.astype(jnp.float32)
+        add = bias.astype(jnp.float32) - jnp.broadcast_to(mean_g, (b, g, c // g)).reshape(b, 1, c) * mul
+        return (xf * mul + add).reshape(b, h, w, c).astype(self.dtype)

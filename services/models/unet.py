@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sdmesh.services.models.attention import attention
-from sdmesh.services.models.layers import Conv2d
+from sdmesh.services.models.layers import Conv2d, GroupNorm
 
 # --------------------------------------------------------------------------- config
 
@@ -275,10 +275,9 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, *, stride: int = 1,
     return Conv2d(features, kernel, stride=stride, padding=padding, dtype=dtype, name=name)
 
 
-def _group_norm(groups: int, eps: float, dtype: Any, name: str) -> nn.GroupNorm:
-    # Two-pass variance, as torch computes it: E[x²]−E[x]² loses precision on
-    # activations with a large mean (the skip concatenations).
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+def _group_norm(groups: int, eps: float, dtype: Any, name: str) -> GroupNorm:
+    # Our GroupNorm keeps full precision on large-mean activations (the skip concatenations).
+    return GroupNorm(groups, eps, dtype=dtype, name=name)
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:

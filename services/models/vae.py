@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sdmesh.services.models.attention import attention
-from sdmesh.services.models.layers import Conv2d
+from sdmesh.services.models.layers import Conv2d, GroupNorm
 
 # diffusers builds the VAE with these epsilons regardless of config.
 _NORM_EPS = 1e-6
@@ -152,8 +152,8 @@ def _conv(features: int, kernel: int, dtype: Any, name: str | None = None, strid
     return Conv2d(features, kernel, stride=stride, padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
 
 
-def _group_norm(groups: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=_NORM_EPS, dtype=dtype, name=name)
+def _group_norm(groups: int, dtype: Any, name: str | None = None) -> GroupNorm:
+    return GroupNorm(groups, _NORM_EPS, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):

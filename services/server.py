@@ -1,0 +1,291 @@
+"""The plumbing every stage service shares: one gRPC server, health, reflection, a bounded queue, error statuses.
+
+    StageServer(service, host=, port=, max_queue=).start()   listening, health NOT_SERVING
+    server.warm_up()                                         compiles the service's shapes, then SERVING
+    serve(service, ...)                                      both, then waits for SIGTERM/SIGINT and stops
+
+A service (text_encoder_service, denoiser_service, decoder_service) hands this module
+a `StageService`: its gRPC servicer, the names of the RPCs that use the device, the
+shapes to compile before serving, and the largest message it will send or receive.
+
+Errors: handlers raise plain exceptions and `StatusInterceptor`, the one place that
+chooses status codes, turns them into statuses (`status_for`):
+
+    InvalidRequest, TensorError, CheckpointError  → INVALID_ARGUMENT, with their message
+    Overloaded (the queue is full)                → RESOURCE_EXHAUSTED, at once
+    anything else                                 → INTERNAL: a bug of ours, logged with its traceback
+
+The same interceptor admits device RPCs through the `DeviceQueue`: one runs at a time,
+up to `max_queue` wait, and a call beyond that is refused rather than left waiting.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sdmesh.client.tensors import TensorError
+from sdmesh.services.pipeline import InvalidRequest
+from sdmesh.services.weights import CheckpointError
+
+log = logging.getLogger("sdmesh.server")
+
+DEFAULT_MAX_QUEUE = 8
+MIN_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default: small requests never need more
+MESSAGE_MARGIN = 1024 * 1024  # room for the fields around the tensors
+# Threads beyond the queue's: health Watch streams hold one each for as long as a gateway watches, and
+# ModelInfo, reflection and the calls refused when the queue is full need some while the queue is full.
+EXTRA_WORKERS = 32
+
+
+class Overloaded(Exception):
+    """The stage's queue is full: the caller should retry later or elsewhere."""
+
+
+class CallerGone(Exception):
+    """The call was cancelled or passed its deadline while it waited: there is no one to answer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageService:
+    """What a stage module gives the server."""
+
+    name: str  # full gRPC service name, e.g. "sdmesh.v1.Denoiser"; health reports under it and under ""
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.Server], None]  # the generated add_*Servicer_to_server
+    device_methods: frozenset[str]  # RPC names that run on the device and wait in the queue, e.g. {"Denoise"}
+    warm_up: Callable[[], None]  # compiles the configured shapes: a warm-up call per shape
+    max_message_bytes: int  # the largest request or response of the configured shapes
+
+
+# --- errors → statuses: the one place ---------------------------------------------
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a handler's exception becomes."""
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, (InvalidRequest, TensorError, CheckpointError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error}); this is a bug in sdmesh, the server log has the traceback"
+
+
+class DeviceQueue:
+    """One call on the device at a time; at most `max_queue` more wait; past that, Overloaded at once."""
+
+    def __init__(self, max_queue: int):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be ≥ 0, got {max_queue}")
+        self.max_queue = max_queue
+        self._device = threading.Lock()
+        self._count = threading.Lock()
+        self._admitted = 0  # running + waiting
+
+    @property
+    def admitted(self) -> int:
+        """Calls running or waiting now."""
+        return self._admitted
+
+    @contextlib.contextmanager
+    def turn(self, context: grpc.ServicerContext) -> Iterator[None]:
+        with self._count:
+            if self._admitted > self.max_queue:  # one running and max_queue waiting
+                raise Overloaded(f"the stage is busy: 1 call running and {self.max_queue} waiting (--max-queue); retry later or on another replica")
+            self._admitted += 1
+        try:
+            while not self._device.acquire(timeout=0.05):
+                if not context.is_active():  # cancelled or past its deadline while waiting: give up the place
+                    raise CallerGone()
+            try:
+                yield
+            finally:
+                self._device.release()
+        finally:
+            with self._count:
+                self._admitted -= 1
+
+
+class StatusInterceptor(grpc.ServerInterceptor):
+    """Turns handler exceptions into statuses (`status_for`) and queues device RPCs (`DeviceQueue`)."""
+
+    def __init__(self, queue: DeviceQueue, device_methods: frozenset[str]):
+        self.queue, self.device_methods = queue, device_methods
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        ours = handler_call_details.method.startswith("/sdmesh.")  # health and reflection keep their own handling
+        if handler is None or not ours or handler.request_streaming:  # none of our RPCs stream requests
+            return handler
+        queued = handler_call_details.method.rsplit("/", 1)[-1] in self.device_methods
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, queued),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary, queued),
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+    def _admit(self, queued: bool, context: grpc.ServicerContext):
+        return self.queue.turn(context) if queued else contextlib.nullcontext()
+
+    def _unary(self, behaviour, queued: bool):
+        def call(request, context):
+            try:
+                with self._admit(queued, context):
+                    if context.is_active():
+                        return behaviour(request, context)
+            except CallerGone:
+                pass
+            except Exception as e:  # noqa: BLE001 - this is the one place errors become statuses
+                _abort(context, e)
+            return None
+
+        return call
+
+    def _streaming(self, behaviour, queued: bool):
+        def call(request, context):
+            try:
+                with self._admit(queued, context):
+                    if context.is_active():
+                        yield from behaviour(request, context)
+            except CallerGone:
+                pass
+            except Exception as e:  # noqa: BLE001 - this is the one place errors become statuses
+                _abort(context, e)
+
+        return call
+
+
+def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+    code, message = status_for(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=error)
+    context.abort(code, message)
+
+
+# --- the server ---------------------------------------------------------------------
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    size = max(MIN_MESSAGE_BYTES, max_message_bytes + MESSAGE_MARGIN)
+    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+
+
+class StageServer:
+    """A gRPC server hosting one stage, with health (NOT_SERVING until warmed up) and reflection."""
+
+    def __init__(self, service: StageService, *, host: str = "127.0.0.1", port: int = 0,
+                 max_queue: int = DEFAULT_MAX_QUEUE):
+        self.service, self.host = service, host
+        self.queue = DeviceQueue(max_queue)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_queue + 1 + EXTRA_WORKERS, thread_name_prefix="sdmesh-rpc"),
+            interceptors=[StatusInterceptor(self.queue, service.device_methods)],
+            options=channel_options(service.max_message_bytes),
+        )
+        service.add_to_server(service.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _set(self, status: int) -> None:
+        for name in ("", self.service.name):
+            self.health.set(name, status)
+
+    def start(self) -> "StageServer":
+        self.server.start()
+        return self
+
+    def warm_up(self) -> float:
+        """Compile the configured shapes, then report SERVING; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.service.warm_up()
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+        return time.perf_counter() - t0
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, refuse new calls, let running ones finish for `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAULT_MAX_QUEUE, grace: float = 5.0) -> int:
+    """Start, warm up, serve until SIGTERM or SIGINT, stop cleanly. Returns the exit status (0).
+
+    Logs "<service> SERVING on HOST:PORT" once warm (with --port 0 that is how a launcher learns the port).
+    A signal during warm-up ends the process at once: nothing is in flight yet.
+    """
+    server = StageServer(service, host=host, port=port, max_queue=max_queue).start()
+    log.warning("%s listening on %s (NOT_SERVING until warmed up)", service.name, server.address)
+    seconds = server.warm_up()
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    log.warning("%s SERVING on %s (warm-up %.1fs)", service.name, server.address, seconds)
+    while not stopping.wait(0.5):
+        pass
+    log.warning("%s stopping: NOT_SERVING, finishing calls in flight for up to %.0fs", service.name, grace)
+    server.stop(grace)
+    return 0
+
+
+# --- what every stage's main() shares -------------------------------------------------
+
+
+def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
+    """'1x512x512,2x512x768' → [(1, 512, 512), (2, 512, 768)]; BATCHxSIZE means a square. None stays None."""
+    if not text:
+        return None
+    shapes = []
+    for part in text.split(","):
+        try:
+            dims = [int(d) for d in part.strip().lower().split("x")]
+        except ValueError:
+            dims = []
+        if len(dims) == 2:
+            dims.append(dims[1])
+        if len(dims) != 3 or min(dims) < 1:
+            raise InvalidRequest(f"--shapes: expected BATCHxHEIGHTxWIDTH items separated by commas, e.g. 1x512x512,2x512x512; got {part!r}")
+        shapes.append(tuple(dims))
+    return shapes
+
+
+def load_setup(args: Any) -> tuple[Any, Any, Any]:
+    """(checkpoint folder, RuntimeOptions, LoadOptions) from `sdmesh serve` arguments; enables the JAX cache."""
+    from sdmesh.services import checkpoint, pipeline
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    options = pipeline.RuntimeOptions(weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype,
+                                      precision=args.precision, attention=args.attention, jax_cache_dir=args.jax_cache_dir)
+    if options.jax_cache_dir:
+        pipeline.enable_compilation_cache(options.jax_cache_dir)
+    folder = checkpoint.resolve(args.model, revision=args.revision, variant=args.variant)
+    load = pipeline.LoadOptions(variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint)
+    return folder, options, load
+
+
+def device_facts() -> tuple[list[str], dict[str, int]]:
+    """(devices, mesh): every stage uses all devices JAX sees, as one data axis for now."""
+    import jax
+
+    devices = [str(d) for d in jax.devices()]
+    return devices, {"data": len(devices)}

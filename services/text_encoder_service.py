@@ -1,0 +1,116 @@
+"""TextEncoder.Encode over gRPC: prompts → conditioning tensors, around `pipeline.TextEncoderStage`.
+
+The prompts and, when asked, the negative prompts are encoded in ONE call of the stage
+(prompts first), as `StableDiffusion.generate` does, so a gateway chaining the services
+gets the in-process pipeline's numbers bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from sdmesh.client.tensors import to_proto
+from sdmesh.services import server
+from sdmesh.services.pipeline import MAX_IMAGES, InvalidRequest, TextEncoderStage
+from sdmesh.v1 import common_pb2, text_encoder_pb2, text_encoder_pb2_grpc
+
+MAX_PROMPTS = MAX_IMAGES  # one row per prompt; the denoiser takes no more images than this
+MAX_PROMPT_CHARS = 10_000  # far past any tokenizer limit: longer is a mistake, not a prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeJob:
+    prompts: list[str]
+    negative_prompts: list[str]  # one per prompt when `unconditional`, else empty
+
+    @property
+    def unconditional(self) -> bool:
+        return bool(self.negative_prompts)
+
+
+def encode_job_from_proto(request: text_encoder_pb2.EncodeRequest) -> EncodeJob:
+    """Check an EncodeRequest; raises InvalidRequest saying what to fix."""
+    prompts, negatives = list(request.prompts), list(request.negative_prompts)
+    if not prompts:
+        raise InvalidRequest("prompts is empty: give at least one prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequest(f"{len(prompts)} prompts in one call; at most {MAX_PROMPTS}: split the request")
+    if negatives and len(negatives) != len(prompts):
+        raise InvalidRequest(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt (\"\" for none) or none")
+    for kind, texts in (("prompt", prompts), ("negative prompt", negatives)):
+        for i, text in enumerate(texts):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise InvalidRequest(f"{kind} {i} is {len(text)} characters; at most {MAX_PROMPT_CHARS} (the model reads only its first 77 tokens)")
+    if negatives and not request.unconditional:
+        raise InvalidRequest("negative_prompts are given but unconditional is false; set unconditional to encode them")
+    if request.unconditional and not negatives:
+        negatives = [""] * len(prompts)
+    return EncodeJob(prompts, negatives)
+
+
+def encode_response_to_proto(job: EncodeJob, hidden: np.ndarray, removed: list[str]) -> text_encoder_pb2.EncodeResponse:
+    """hidden (P [+ P], L, D): the prompts' rows then the negatives'; removed: per row, the truncated text."""
+    p = len(job.prompts)
+    response = text_encoder_pb2.EncodeResponse(cond=to_proto(hidden[:p]))
+    if job.unconditional:
+        response.uncond.CopyFrom(to_proto(hidden[p:]))
+    for row, text in enumerate(removed):
+        if text:
+            response.truncated.add(prompt_index=row % p, removed_text=text, negative=row >= p)
+    return response
+
+
+class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
+    def __init__(self, stage: TextEncoderStage, model: str):
+        self.stage, self.model = stage, model
+        self.compiled: set[int] = set()  # rows per encode call
+
+    def encode(self, job: EncodeJob) -> tuple[np.ndarray, list[str]]:
+        hidden, removed, _ = self.stage.encode(job.prompts + job.negative_prompts)
+        self.compiled.add(len(job.prompts) + len(job.negative_prompts))
+        return np.asarray(hidden, np.float32), removed
+
+    def Encode(self, request, context):
+        job = encode_job_from_proto(request)
+        return encode_response_to_proto(job, *self.encode(job))
+
+    def ModelInfo(self, request, context):
+        devices, mesh = server.device_facts()
+        facts = {"max_length": self.stage.tokenizer.max_length, "hidden_size": self.stage.hidden_size}
+        return common_pb2.ModelInfo(
+            service="TextEncoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,
+            activations_dtype=self.stage.options.activations_dtype, devices=devices, mesh=mesh,
+            compiled_shapes=[common_pb2.CompiledShape(program="encode", batch=b) for b in sorted(self.compiled)],
+            facts={k: str(v) for k, v in facts.items()},
+        )
+
+    def warm_up(self, batches: list[int]) -> None:
+        """Compile encode for each batch of prompts, with their negatives (classifier-free guidance)."""
+        for b in batches:
+            self.encode(EncodeJob(["warm-up"] * b, [""] * b))
+
+
+def stage_service(service: TextEncoderService, shapes: list[tuple[int, int, int]]) -> server.StageService:
+    """shapes: (batch, height, width) to expect; the encoder reads only the batch, as prompts per call.
+
+    Messages are sized for the most prompts a call may carry (MAX_PROMPTS, each with a negative): small at any size.
+    """
+    batches = sorted({b for b, _, _ in shapes})
+    rows = 2 * MAX_PROMPTS
+    length, width = service.stage.tokenizer.max_length, service.stage.hidden_size
+    return server.StageService(
+        name="sdmesh.v1.TextEncoder", servicer=service,
+        add_to_server=text_encoder_pb2_grpc.add_TextEncoderServicer_to_server,
+        device_methods=frozenset({"Encode"}), warm_up=lambda: service.warm_up(batches),
+        max_message_bytes=max(rows * length * width * 4, rows * MAX_PROMPT_CHARS * 4),
+    )
+
+
+def main(args: Any) -> int:
+    shapes = server.parse_shapes(args.shapes) or [(1, 0, 0)]  # before loading: a typo should not cost a model load
+    folder, options, load = server.load_setup(args)
+    stage = TextEncoderStage.load(folder, options, load)
+    service = TextEncoderService(stage, args.model)
+    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue)
