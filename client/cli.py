@@ -3,6 +3,10 @@
     sdmesh generate PROMPT [options]       text → PNGs, in this process
     sdmesh bench [options]                 steady-state timing of the in-process pipeline
     sdmesh make-checkpoint SPEC DIR        a random-weight diffusers checkpoint (dev extra)
+    sdmesh serve encoder|denoiser|decoder|gateway [options]   one gRPC service
+    sdmesh up --model M [--port P] [--denoisers N]            the whole stack as local processes
+    sdmesh generate PROMPT --server HOST:PORT                  text → PNGs through a gateway
+    sdmesh health HOST:PORT                                    grpc.health.v1 probe (exit 0 when SERVING)
 
 Imports of JAX and the models happen inside the commands that need them, so the
 light client (`pip install sdmesh`) starts fast and says what to install.
@@ -95,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--latents", type=Path, help="initial noise as .npy, NCHW float32 (N, C, H/8, W/8), as diffusers' `latents`")
     gen.add_argument("--output-dir", type=Path, default=Path("."))
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_server_options(gen)
 
     bench = sub.add_parser("bench", help="time the in-process pipeline", description="Steady-state timing: compile once, then --repeat timed runs.")
     _add_model_options(bench)
@@ -109,7 +114,125 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("spec", choices=("tiny-sd2", "tiny-sd1", "full-sd2"))
     make.add_argument("directory", type=Path)
     make.add_argument("--seed", type=int, default=0)
+
+    _add_serve_parser(sub)
+    _add_up_parser(sub)
+    _add_health_parser(sub)
     return parser
+
+
+def _add_health_parser(sub: Any) -> argparse.ArgumentParser:
+    """`sdmesh health ADDR`: a grpc.health.v1 probe for container health checks."""
+    h = sub.add_parser("health", help="check a service's grpc.health.v1 status",
+                       description="Ask a service's grpc.health.v1 Check; exit 0 if SERVING, 1 otherwise (prints the status).")
+    h.add_argument("address", metavar="HOST:PORT")
+    h.add_argument("--service", default="", help="the health service name (default: the whole server)")
+    h.add_argument("--timeout", type=_finite_float, default=5.0, help="seconds (default: %(default)s)")
+    return h
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from sdmesh.client.stages import health_status
+
+    try:
+        status = health_status(args.address, args.service, timeout=args.timeout)
+    except ImportError as e:
+        raise UsageError(f"health checks need grpcio-health-checking ({e.name} is missing): pip install 'sdmesh[serve]'") from e
+    except grpc.RpcError as e:
+        status = f"{e.code().name}: {e.details()}"
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
+    """`sdmesh up`: encoder, N denoisers, decoder and gateway as local processes (client/stack.py)."""
+    up = sub.add_parser("up", help="run the whole stack on this machine",
+                        description="Start the encoder, --denoisers denoiser replicas, the decoder and the gateway as "
+                                    "separate processes on loopback ports; print the gateway's address once all report "
+                                    "SERVING; stop them all on Ctrl-C or SIGTERM.")
+    _add_model_options(up)
+    up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
+    up.add_argument("--port", type=int, default=SERVE_PORTS["gateway"], help="the gateway's port (default: %(default)s; 0: any free port)")
+    up.add_argument("--denoisers", type=_positive_int, default=1, help="denoiser replicas (default: %(default)s)")
+    up.add_argument("--shapes", help="BATCHxHEIGHTxWIDTH,... each stage compiles at start-up (default: 1 at the native size)")
+    up.add_argument("--max-queue", type=int, help="per stage: calls that may wait for the device (default: --max-inflight)")
+    up.add_argument("--chunk-steps", type=_positive_int, help="denoiser steps per compiled chunk (progress and cancellation points)")
+    up.add_argument("--max-inflight", type=_positive_int, default=32, help="requests the gateway holds at once (default: %(default)s)")
+    up.add_argument("--start-timeout", type=_finite_float, default=900.0, help="seconds to wait for every service to report SERVING (default: %(default)s)")
+    up.add_argument("--log-dir", type=Path, help="write each service's output to DIR/NAME.log (default: this terminal)")
+    return up
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from sdmesh.client import stack
+
+    return stack.main(args)
+
+
+# Default ports: the gateway on the usual gRPC port, the stages after it.
+SERVE_PORTS = {"gateway": 50051, "encoder": 50052, "denoiser": 50053, "decoder": 50054}
+# Each service's module in sdmesh.services, holding its main(args).
+SERVE_MODULES = {"gateway": "gateway", "encoder": "text_encoder_service", "denoiser": "denoiser_service",
+                 "decoder": "decoder_service"}
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    """Generate through a running gateway instead of in this process (the model options are then the gateway's)."""
+    g = p.add_argument_group("remote (through a gateway)")
+    g.add_argument("--server", metavar="HOST:PORT", help="the gateway's address, e.g. 127.0.0.1:50051 (see `sdmesh up`)")
+    g.add_argument("--timeout", type=_finite_float, help="seconds before the request is given up (default: none)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
+    g.add_argument("--tls-ca", type=Path, metavar="PEM", help="TLS with these root certificates")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
+
+
+def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    """`sdmesh serve SERVICE`: one gRPC service in this process, until SIGTERM or Ctrl-C."""
+    serve = sub.add_parser(
+        "serve", help="run one gRPC service (a stage or the gateway)",
+        description="Run one gRPC service: it loads only its own weights, compiles --shapes, then reports SERVING "
+                    "on grpc.health.v1 and serves until SIGTERM or Ctrl-C.")
+    serve.add_argument("service", choices=tuple(SERVE_MODULES))
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: " + ", ".join(f"{k} {v}" for k, v in SERVE_PORTS.items()) + ")")
+    _add_model_options(serve)
+    stage = serve.add_argument_group("stages")
+    stage.add_argument("--shapes", help="BATCHxHEIGHTxWIDTH,... to compile at start-up (default: 1 at the model's native size; "
+                                        "the encoder reads BATCH as prompts per call)")
+    stage.add_argument("--max-queue", type=int, default=8, help="calls that may wait for the device; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+    stage.add_argument("--chunk-steps", type=_positive_int, default=5,
+                       help="denoiser: steps per compiled chunk; progress events and cancellation checks come between "
+                            "chunks, and every chunk runs the same program (default: %(default)s)")
+    _add_gateway_options(serve)
+    return serve
+
+
+def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
+    """`sdmesh serve gateway`: where the stages are, and how many requests it holds at once."""
+    g = serve.add_argument_group("gateway")
+    for stage in ("encoder", "denoiser", "decoder"):
+        g.add_argument(f"--{stage}", action="append", metavar="ADDR[,ADDR...]",
+                       help=f"{stage} replica addresses, comma-separated or repeated (default: 127.0.0.1:{SERVE_PORTS[stage]})")
+    g.add_argument("--max-inflight", type=_positive_int, default=32,
+                   help="requests the gateway holds at once; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    if args.port is None:
+        args.port = SERVE_PORTS[args.service]
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be ≥ 0, got {args.max_queue}")
+    name = f"sdmesh.services.{SERVE_MODULES[args.service]}"
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise UsageError(f"serving needs the serve extra ({e.name} is missing): pip install 'sdmesh[serve]'") from e
+    return module.main(args)
 
 
 def _size(args: argparse.Namespace) -> tuple[int | None, int | None]:
@@ -168,7 +291,64 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+def _write_images(images: list[Any], output_dir: Path) -> None:
+    """image_{i}.png in output_dir, printing each path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = output_dir / f"image_{i}.png"
+        image.save(path)
+        print(path)
+
+
+def _channel_credentials(args: argparse.Namespace) -> Any:
+    """grpc.ChannelCredentials from --tls/--tls-ca/--tls-cert/--tls-key, or None for plaintext."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("give --tls-cert and --tls-key together (a client certificate and its key)")
+    import grpc
+
+    def read(path: Path | None) -> bytes | None:
+        try:
+            return path.read_bytes() if path else None
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
+                                        certificate_chain=read(args.tls_cert))
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`sdmesh generate --server HOST:PORT`: the same request through a gateway, with streamed progress."""
+    if args.latents is not None:
+        raise UsageError("--latents works only in this process; the gateway draws the noise from --seed")
+    height, width = _size(args)
+    from sdmesh.client import Client, GatewayError, GenerateResult
+
+    bar = ProgressBar("denoise", not args.quiet)
+    t0 = time.perf_counter()
+    with Client(args.server, credentials=_channel_credentials(args), timeout=args.timeout) as client:
+        try:
+            for event in client.stream(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                                       steps=args.steps, guidance_scale=args.guidance_scale,
+                                       guidance_rescale=args.guidance_rescale, eta=args.eta, height=height,
+                                       width=width, seed=args.seed):
+                if isinstance(event, GenerateResult):
+                    result = event
+                elif event.stage == "denoise":
+                    bar(event.step, event.total_steps)
+        except GatewayError as e:
+            raise UsageError(f"{args.server}: {e}") from None
+    for note in result.truncation_notes:
+        print(f"note: {note}", file=sys.stderr)
+    _write_images(result.images, args.output_dir)
+    print(f"seed {result.seed}; generated through {args.server} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return _generate_remote(args)
     height, width = _size(args)
     latents = _read_latents(args.latents) if args.latents else None
     pipeline, pipe = _load(args)
@@ -184,11 +364,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"note: the prompt was truncated to the tokenizer's limit; dropped: {removed!r}", file=sys.stderr)
     from PIL import Image
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(result.images):
-        path = args.output_dir / f"image_{i}.png"
-        Image.fromarray(image).save(path)
-        print(path)
+    _write_images([Image.fromarray(image) for image in result.images], args.output_dir)
     t = result.timings
     seed = "from --latents" if latents is not None else result.seed
     print(f"seed {seed}; compile {t['compile']:.2f}s, generate {t['total'] - t['compile']:.2f}s "
@@ -228,7 +404,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "make-checkpoint": cmd_make_checkpoint}
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "make-checkpoint": cmd_make_checkpoint, "serve": cmd_serve, "up": cmd_up, "health": cmd_health}
 
 
 def main(argv: list[str] | None = None) -> int:

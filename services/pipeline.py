@@ -312,7 +312,7 @@ class DenoiserStage:
 
     @property
     def max_steps(self) -> int:
-        return min(MAX_STEPS, self.scheduler.num_train_timesteps)
+        return min(MAX_STEPS, ddim.max_steps(self.scheduler))
 
     def noise(self, seed: int, shape: tuple[int, int, int, int]) -> jax.Array:
         """Initial latents (N, h, w, C) for a seed."""

@@ -94,3 +94,12 @@ def test_unknown_options_are_named(bad):
 def test_step_count_outside_training_range_is_refused(n):
     with pytest.raises(ValueError, match="steps must be between 1 and"):
         ddim.timesteps(ddim.DDIMConfig(), n)
+
+
+def test_max_steps_keeps_every_timestep_in_range():
+    sd = ddim.DDIMConfig.from_json(CONFIGS[0])  # leading spacing, steps_offset 1: 1000 steps would reach t=1000
+    assert ddim.max_steps(sd) == 999
+    assert ddim.timesteps(sd, 999).max() == 999
+    with pytest.raises(ValueError, match="use at most 999 steps"):
+        ddim.timesteps(sd, 1000)
+    assert ddim.max_steps(ddim.DDIMConfig(timestep_spacing="trailing")) == 1000

@@ -158,7 +158,7 @@ BAD_REQUESTS = [
     ("denoiser", _denoise(cond=_cond(n=65), uncond=None), "give 1 to 64"),
     ("denoiser", _denoise(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     ("denoiser", _denoise(guidance_rescale=2.0), "guidance_rescale"),
-    ("denoiser", _denoise(num_inference_steps=0), "num_inference_steps must be from 1 to 1000"),
+    ("denoiser", _denoise(num_inference_steps=0), "num_inference_steps must be from 1 to 999"),
     ("denoiser", _denoise(height=1 << 20), "height must be a multiple of 2 from 2 to 4096"),
     ("denoiser", _denoise(width=17), "width must be a multiple of 2"),
     ("denoiser", _denoise(seed=None), "a seed, or latents"),
@@ -224,7 +224,7 @@ def test_denoiser_model_info_has_what_a_gateway_needs(stack):
     assert {k: info.facts[k] for k in ("latent_channels", "vae_scale_factor", "hidden_size", "max_length", "prediction_type",
                                         "max_steps", "default_height", "default_width", "chunk_steps")} == {
         "latent_channels": "4", "vae_scale_factor": "2", "hidden_size": "32", "max_length": "77",
-        "prediction_type": "v_prediction", "max_steps": "1000", "default_height": str(SIZE), "default_width": str(SIZE),
+        "prediction_type": "v_prediction", "max_steps": "999", "default_height": str(SIZE), "default_width": str(SIZE),
         "chunk_steps": str(CHUNK)}
     assert stages.TextEncoderClient(stack.channel["encoder"]).model_info().facts["max_length"] == "77"
 

@@ -93,17 +93,30 @@ def alphas_cumprod(config: DDIMConfig) -> np.ndarray:
     return np.cumprod(1.0 - betas, dtype=np.float32)
 
 
+def _spaced(config: DDIMConfig, num_steps: int) -> np.ndarray:
+    n = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
+    if config.timestep_spacing == "leading":
+        return (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(np.int64) + config.steps_offset
+    return np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1  # trailing
+
+
+def max_steps(config: DDIMConfig) -> int:
+    """The most steps whose timesteps all lie in training's range (steps_offset can push the first one past it)."""
+    n = config.num_train_timesteps
+    return next((k for k in range(n, 0, -1) if _spaced(config, k).max() < n), 1)
+
+
 def timesteps(config: DDIMConfig, num_steps: int) -> np.ndarray:
     """The descending training timesteps a `num_steps` DDIM run visits (diffusers' `set_timesteps`)."""
     n = config.num_train_timesteps
     if not 1 <= num_steps <= n:
         raise ValueError(f"steps must be between 1 and the scheduler's num_train_timesteps ({n}), got {num_steps}")
-    if config.timestep_spacing == "linspace":
-        ts = np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
-    elif config.timestep_spacing == "leading":
-        ts = (np.arange(0, num_steps) * (n // num_steps)).round()[::-1].astype(np.int64) + config.steps_offset
-    else:  # trailing
-        ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
+    ts = _spaced(config, num_steps)
+    if ts.max() >= n:
+        raise ValueError(f"{num_steps} steps with steps_offset {config.steps_offset} reach timestep {ts.max()}, "
+                         f"past the scheduler's last ({n - 1}); use at most {max_steps(config)} steps")
     return ts
 
 

@@ -1,0 +1,186 @@
+"""Python clients for the gateway: `Client` (blocking) and `AsyncClient` (asyncio). No JAX needed.
+
+    with Client("localhost:50051") as client:
+        result = client.generate("an astronaut riding a horse", seed=0)
+        result.images[0].save("astronaut.png")
+
+        for event in client.stream("a red fox", steps=30):
+            if isinstance(event, Progress):
+                print(f"{event.stage} {event.step}/{event.total_steps}")
+            else:
+                event.images[0].save("fox.png")
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from sdmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+# Big enough for the PNGs of the gateway's largest batch.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),)
+
+
+class GatewayError(Exception):
+    """A call the gateway refused or could not finish: `code` is the grpc.StatusCode, `message` says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> "GatewayError":
+        return cls(e.code(), e.details() or "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    stage: str  # "encode", "denoise", "decode"
+    step: int
+    total_steps: int
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    images: list[Any]  # PIL.Image.Image, one per image
+    seed: int  # the seed used (drawn by the gateway when none was given)
+    truncation_notes: list[str]  # one per prompt cut at the tokenizer's limit
+
+
+def generate_request(prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
+                     guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
+                     width: int | None = None, seed: int | None = None, eta: float = 0.0) -> gateway_pb2.GenerateRequest:
+    """The GenerateRequest for these arguments (None means the gateway's default: native size, a random seed)."""
+    request = gateway_pb2.GenerateRequest(
+        prompt=prompt, negative_prompt=negative_prompt or "", num_images=num_images, num_inference_steps=steps,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta,
+    )
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def event_from_proto(event: gateway_pb2.GenerateEvent) -> Progress | GenerateResult:
+    if event.HasField("progress"):
+        p = event.progress
+        return Progress(stage=p.stage, step=p.step, total_steps=p.total_steps)
+    from PIL import Image
+
+    r = event.result
+    images = [Image.open(io.BytesIO(png)) for png in r.images]
+    for image in images:
+        image.load()  # decode now, while the bytes are at hand
+    return GenerateResult(images=images, seed=r.seed, truncation_notes=list(r.truncation_notes))
+
+
+def _channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    given = dict(options or ())
+    return [*((k, v) for k, v in DEFAULT_OPTIONS if k not in given), *given.items()]
+
+
+class Client:
+    """A blocking client for `sdmesh.v1.Gateway`.
+
+    credentials: grpc.ChannelCredentials for TLS (e.g. grpc.ssl_channel_credentials()); None: plaintext.
+    options: extra gRPC channel options. timeout: the default per-call deadline in seconds (None: none).
+    """
+
+    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None, timeout: float | None = None):
+        opts = _channel_options(options)
+        self.address, self.timeout = address, timeout
+        self.channel = grpc.secure_channel(address, credentials, options=opts) if credentials else grpc.insecure_channel(address, options=opts)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def stream(self, prompt: str, *, timeout: float | None = None, **kwargs: Any) -> Iterator[Progress | GenerateResult]:
+        """Progress events as the stages report them, then the GenerateResult. Arguments as `generate`.
+
+        Stopping the iteration early (or closing it) cancels the request on the gateway and its stages.
+        """
+        call = self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout)
+        try:
+            for event in call:
+                yield event_from_proto(event)
+        except grpc.RpcError as e:
+            raise GatewayError.from_rpc(e) from None
+        finally:
+            call.cancel()  # a no-op once the call has finished
+
+    def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
+                 width: int | None = None, seed: int | None = None, eta: float = 0.0, timeout: float | None = None) -> GenerateResult:
+        """Text → images. height/width None: the model's native size; seed None: random (returned in the result)."""
+        for event in self.stream(prompt, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
+                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
+                                 width=width, seed=seed, eta=eta, timeout=timeout):
+            if isinstance(event, GenerateResult):
+                return event
+        raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")
+
+    def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:
+        try:
+            return self.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise GatewayError.from_rpc(e) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """`Client` on grpc.aio: the same methods, awaited (`stream` is an async iterator)."""
+
+    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None, timeout: float | None = None):
+        opts = _channel_options(options)
+        self.address, self.timeout = address, timeout
+        self.channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
+                        else grpc.aio.insecure_channel(address, options=opts))
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    async def stream(self, prompt: str, *, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[Progress | GenerateResult]:
+        call = self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout)
+        try:
+            async for event in call:
+                yield event_from_proto(event)
+        except grpc.RpcError as e:
+            raise GatewayError.from_rpc(e) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
+                       guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
+                       width: int | None = None, seed: int | None = None, eta: float = 0.0,
+                       timeout: float | None = None) -> GenerateResult:
+        async for event in self.stream(prompt, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
+                                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
+                                       width=width, seed=seed, eta=eta, timeout=timeout):
+            if isinstance(event, GenerateResult):
+                return event
+        raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")
+
+    async def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:
+        try:
+            return await self.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise GatewayError.from_rpc(e) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,228 @@
+"""`sdmesh up`: the whole stack on one machine, each service its own process on a loopback port.
+
+    encoder ─┐
+    denoiser × N ─┼─ gateway (the given port) ← clients
+    decoder ─┘
+
+Each child is `python -m sdmesh.client.cli serve SERVICE …`. The stages get free ports; the
+gateway is told every replica's address. `Stack` starts them, waits until each reports
+SERVING on grpc.health.v1, and stops them all: SIGTERM, then SIGKILL after a grace period.
+Children run in their own session (a terminal's Ctrl-C reaches only `sdmesh up`, which then
+stops them in order) and, on Linux, get SIGTERM if `sdmesh up` itself dies: no orphans.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+STAGES = ("encoder", "denoiser", "decoder")
+
+
+class ChildDied(RuntimeError):
+    """A service exited: the message names it, its exit status and where its log is."""
+
+
+@dataclasses.dataclass
+class Child:
+    name: str  # "encoder", "denoiser-0", …, "gateway"
+    service: str  # what `sdmesh serve` runs
+    address: str
+    argv: list[str]
+    log: Path | None = None
+    process: subprocess.Popen | None = None
+
+    def describe_exit(self) -> str:
+        code = self.process.returncode if self.process else None
+        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with status {code}"
+        where = f"; its log: {self.log}" if self.log else ""
+        return f"{self.name} ({self.address}, pid {self.process.pid if self.process else '?'}) {how}{where}"
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on now (the OS picks it); the child binds it a moment later."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _parent_death_signal() -> Any:
+    """A function for Popen's preexec_fn: the child gets SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG).
+
+    libc is looked up here, in the parent: between fork and exec the child only makes the call.
+    None where there is no prctl (not Linux): `Stack.stop` still stops every child on a normal exit.
+    """
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class Stack:
+    """Encoder, `denoisers` denoiser replicas, decoder and gateway as child processes.
+
+    serve_args: options every stage gets (model, runtime, --shapes …); gateway_args: the gateway's own.
+    log_dir: write each child's output to log_dir/NAME.log (default: inherit this process's stdout/stderr).
+    """
+
+    def __init__(self, serve_args: list[str], *, host: str = "127.0.0.1", port: int = 50051, denoisers: int = 1,
+                 gateway_args: list[str] = (), log_dir: Path | None = None):
+        if denoisers < 1:
+            raise ValueError(f"denoisers must be at least 1, got {denoisers}")
+        self.host, self.log_dir = host, log_dir
+        names = ["encoder", *(f"denoiser-{i}" for i in range(denoisers)), "decoder"]
+        self.children = [self._child(name, name.split("-")[0], free_port(host), serve_args) for name in names]
+        addresses = {stage: ",".join(c.address for c in self.children if c.service == stage) for stage in STAGES}
+        routing = [a for stage in STAGES for a in (f"--{stage}", addresses[stage])]
+        self.children.append(self._child("gateway", "gateway", port or free_port(host), [*routing, *gateway_args]))
+        self._logs: list[TextIO] = []
+
+    def _child(self, name: str, service: str, port: int, args: list[str]) -> Child:
+        argv = [sys.executable, "-m", "sdmesh.client.cli", "serve", service, "--host", self.host, "--port", str(port), *args]
+        log = self.log_dir / f"{name}.log" if self.log_dir else None
+        return Child(name, service, f"{self.host}:{port}", argv, log)
+
+    @property
+    def gateway(self) -> Child:
+        return self.children[-1]
+
+    @property
+    def address(self) -> str:
+        return self.gateway.address
+
+    def start(self) -> "Stack":
+        env = dict(os.environ)
+        # Several JAX processes may share one accelerator: none may take most of its memory up front.
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        on_parent_death = _parent_death_signal()
+        for child in self.children:
+            out: Any = None
+            if child.log:
+                out = child.log.open("w")
+                self._logs.append(out)
+            child.process = subprocess.Popen(child.argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=on_parent_death)
+        return self
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+
+    def wait_serving(self, timeout: float) -> None:
+        """Block until every child reports SERVING; ChildDied if one exits first, TimeoutError naming the laggards."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        waiting = {c.name: c for c in self.children}
+        channels = {c.name: grpc.insecure_channel(c.address) for c in self.children}
+        try:
+            while waiting:
+                for child in self.dead():
+                    raise ChildDied(child.describe_exit())
+                for name in list(waiting):
+                    stub = health_pb2_grpc.HealthStub(channels[name])
+                    try:
+                        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            del waiting[name]
+                    except grpc.RpcError:
+                        pass  # not listening yet
+                if waiting and time.monotonic() > deadline:
+                    raise TimeoutError(f"not SERVING after {timeout:g}s: {', '.join(waiting)}")
+                if waiting:
+                    time.sleep(0.2)
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every child (the gateway first, so no new work reaches the stages), SIGKILL after `grace` seconds."""
+        running = [c for c in reversed(self.children) if c.process is not None and c.process.poll() is None]
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in running:
+            try:
+                child.process.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve_args(args: argparse.Namespace) -> list[str]:
+    """The `sdmesh serve` options every stage gets, from `sdmesh up`'s."""
+    out = ["--model", str(args.model)]
+    for flag in ("revision", "variant", "unet_checkpoint", "weights_dtype", "activations_dtype", "precision", "attention",
+                 "jax_cache_dir", "shapes", "max_queue", "chunk_steps"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    if getattr(args, "allow_pickle", False):
+        out.append("--allow-pickle")
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """`sdmesh up`: start, wait for SERVING, print the gateway address, run until Ctrl-C/SIGTERM or a stage is gone."""
+    if args.max_queue is None:  # each stage can hold every request the gateway admits: none is refused downstream
+        args.max_queue = args.max_inflight
+    stack = Stack(serve_args(args), host=args.host, port=args.port, denoisers=args.denoisers,
+                  gateway_args=["--max-inflight", str(args.max_inflight)], log_dir=args.log_dir)
+    # SIGTERM behaves as Ctrl-C: one path stops everything.
+    signal.signal(signal.SIGTERM, _interrupt)
+    reported: set[str] = set()
+    try:
+        stack.start()
+        print(f"starting {', '.join(c.name for c in stack.children)} (model {args.model}) ...", file=sys.stderr)
+        try:
+            stack.wait_serving(args.start_timeout)
+        except (ChildDied, TimeoutError) as e:
+            print(f"sdmesh up: {e}", file=sys.stderr)
+            return 1
+        for c in stack.children:
+            print(f"  {c.name:<12} {c.address}  pid {c.process.pid}", file=sys.stderr)
+        print(stack.address, flush=True)
+        print("serving; Ctrl-C stops the stack", file=sys.stderr)
+        while True:
+            for child in stack.dead():
+                if child.name not in reported:
+                    reported.add(child.name)
+                    print(f"sdmesh up: {child.describe_exit()}", file=sys.stderr)
+            lost = [s for s in (*STAGES, "gateway") if all(c.name in reported for c in stack.children if c.service == s)]
+            if lost:
+                print(f"sdmesh up: no {', '.join(lost)} left; stopping the stack", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping the stack", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the stopping
+        stack.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,0 +1,206 @@
+"""The real stack: `sdmesh up` starts encoder, two denoiser replicas, decoder and gateway as processes
+on loopback ports, with the tiny checkpoint; clients in Python and Node.js generate through it.
+
+One stack serves the whole module (starting it compiles in four processes). The tests run in file
+order: killing a replica comes near the end, and the last test stops the stack and checks that no
+process is left.
+"""
+from __future__ import annotations
+
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from sdmesh.client import Client, GatewayError, GenerateResult, Progress
+
+STEPS = 4
+START_TIMEOUT = 240
+
+
+class Up:
+    """A running `sdmesh up` and what it printed."""
+
+    def __init__(self, process: subprocess.Popen, address: str, log, log_dir):
+        self.process, self.address, self.log, self.log_dir = process, address, log, log_dir
+
+    def children(self, service: str | None = None) -> list[psutil.Process]:
+        kids = psutil.Process(self.process.pid).children()
+        return [k for k in kids if service is None or ["serve", service] == k.cmdline()[3:5]]
+
+
+@pytest.fixture(scope="module")
+def up(tiny_checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stack")
+    log = open(tmp / "up.err", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdmesh.client.cli", "up", "--model", str(tiny_checkpoints["sd2"]), "--port", "0",
+         "--denoisers", "2", "--chunk-steps", "1", "--log-dir", str(tmp / "logs"), "--start-timeout", str(START_TIMEOUT)],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+    address = process.stdout.readline().strip() if ready else ""
+    if not address:
+        process.kill()
+        log.seek(0)
+        pytest.fail(f"sdmesh up printed no address; its stderr:\n{log.read()}")
+    stack = Up(process, address, log, tmp / "logs")
+    yield stack
+    if process.poll() is None:  # the last test stops it; if it failed, stop it here
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoints):
+    from sdmesh.services.pipeline import StableDiffusion
+
+    return StableDiffusion.load(str(tiny_checkpoints["sd2"]))
+
+
+def in_process(pipeline, prompt, seed, **kwargs) -> np.ndarray:
+    from sdmesh.services.pipeline import GenerationRequest
+
+    return pipeline.generate(GenerationRequest(prompt=prompt, seed=seed, steps=STEPS, **kwargs)).images
+
+
+def pixels(result: GenerateResult) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in result.images])
+
+
+def test_an_image_through_the_gateway_equals_the_in_process_pipeline(up, pipeline):
+    with Client(up.address, timeout=60) as client:
+        events = list(client.stream("an astronaut riding a horse", negative_prompt="blurry", steps=STEPS, seed=42,
+                                    guidance_scale=7.5))
+    *progress, result = events
+    assert [p.step for p in progress if p.stage == "denoise"] == list(range(1, STEPS + 1))  # --chunk-steps 1
+    assert result.seed == 42
+    reference = in_process(pipeline, "an astronaut riding a horse", 42, negative_prompt="blurry", guidance_scale=7.5)
+    np.testing.assert_array_equal(pixels(result), reference)  # the hops lose nothing
+
+
+def test_16_concurrent_requests_each_get_their_own_image(up, pipeline):
+    requests = [(f"prompt number {i}", 1000 + i) for i in range(16)]
+    with Client(up.address, timeout=120) as client, futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda r: client.generate(r[0], steps=STEPS, seed=r[1]), requests))
+    for (prompt, seed), result in zip(requests, results):
+        assert result.seed == seed
+        np.testing.assert_array_equal(pixels(result), in_process(pipeline, prompt, seed), err_msg=f"{prompt!r}, seed {seed}")
+
+
+def test_cli_generate_through_the_gateway(up, pipeline, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "generate", "a lighthouse", "--server", up.address,
+                          "--steps", str(STEPS), "--seed", "3", "--output-dir", str(tmp_path), "--timeout", "60"],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "image_0.png")] and "seed 3" in out.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "image_0.png"))[None], in_process(pipeline, "a lighthouse", 3))
+
+
+def test_bad_requests_are_invalid_argument(up):
+    with Client(up.address, timeout=30) as client, pytest.raises(GatewayError) as e:
+        client.generate("a cat", height=17, width=16, steps=1)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "multiple of" in e.value.message
+
+
+@pytest.mark.skipif(shutil.which("npm") is None or shutil.which("node") is None, reason="needs node and npm")
+def test_a_node_client_built_from_the_protos_alone_gets_pngs(up, pipeline, tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "other_language"
+    if not (folder / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        install = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True, text=True, timeout=300)
+        assert install.returncode == 0, install.stderr
+    run = subprocess.run(["node", "generate.js", up.address, "a lighthouse", str(tmp_path), "3", str(STEPS)], cwd=folder,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"denoise {STEPS}/{STEPS}" in run.stderr and "seed 3" in run.stderr
+    assert run.stdout.split() == [str(tmp_path / "image_0.png")]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "image_0.png"))[None], in_process(pipeline, "a lighthouse", 3))
+
+
+def test_a_client_that_cancels_stops_the_denoiser_work(up):
+    steps = 900
+    with Client(up.address, timeout=60) as client, futures.ThreadPoolExecutor(2) as pool:
+        def timed(n: int, *seeds: int) -> float:
+            t0 = time.monotonic()
+            list(pool.map(lambda seed: client.generate("a short one", steps=n, seed=seed), seeds))
+            return time.monotonic() - t0
+
+        one_step, hundred_steps = timed(1, 2), timed(100, 2)
+        per_step = (hundred_steps - one_step) / 99
+        baseline = timed(1, 2, 3)
+        stream = client.stream("a long one", steps=steps, seed=1)
+        for event in stream:
+            if isinstance(event, Progress) and event.stage == "denoise" and event.step >= 2:
+                break
+        stream.close()
+        left = (steps - 2) * per_step  # seconds of denoising the cancel should save
+        assert left > 1.0, "the long request is too short to tell a stopped denoiser from a finished one"
+        # Both replicas are free again at once: neither of two short requests waits behind the cancelled one.
+        assert timed(1, 2, 3) < baseline + left / 2
+
+
+def test_killing_a_denoiser_mid_run_fails_fast_or_retries(up, pipeline):
+    victim = up.children("denoiser")[0]
+    started = []
+
+    def run(seed: int):
+        t0 = time.monotonic()
+        try:
+            for event in client.stream(f"prompt {seed}", steps=300, seed=seed, timeout=60):
+                if isinstance(event, Progress) and event.stage == "denoise":
+                    started.append(seed)
+                elif isinstance(event, GenerateResult):
+                    return event, time.monotonic() - t0
+        except GatewayError as e:
+            return e, time.monotonic() - t0
+
+    with Client(up.address) as client, futures.ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(run, seed) for seed in range(4)]
+        deadline = time.monotonic() + 60
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.kill()
+        outcomes = [f.result(timeout=90) for f in running]
+        for seed, (outcome, seconds) in enumerate(outcomes):
+            assert seconds < 60  # nothing hangs past its deadline
+            if isinstance(outcome, GatewayError):
+                assert outcome.code == grpc.StatusCode.UNAVAILABLE, outcome
+            else:  # retried on the other replica: still its own image
+                assert outcome.seed == seed
+        later = client.generate("after the crash", steps=STEPS, seed=9, timeout=60)
+    np.testing.assert_array_equal(pixels(later), in_process(pipeline, "after the crash", 9))
+    deadline = time.monotonic() + 5
+    while "SIGKILL" not in open(up.log.name).read() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "was killed by SIGKILL" in open(up.log.name).read()  # `sdmesh up` reported the death
+
+
+def test_sdmesh_up_stops_every_process_on_ctrl_c(up):
+    children = up.children()
+    assert {" ".join(c.cmdline()[3:5]) for c in children} == {"serve encoder", "serve denoiser", "serve decoder", "serve gateway"}
+    up.process.send_signal(signal.SIGINT)
+    assert up.process.wait(30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
+
+
+def test_sdmesh_up_reports_a_service_that_fails_to_start(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "up", "--model", str(tmp_path / "no-such-model"),
+                          "--port", "0", "--log-dir", str(tmp_path / "logs"), "--start-timeout", "120"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 1 and run.stdout == ""  # no address: the stack never served
+    assert re.search(r"sdmesh up: (encoder|denoiser-0|decoder) \(127\.0\.0\.1:\d+, pid \d+\) exited with status \d+; its log: ",
+                     run.stderr), run.stderr
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []  # the others were stopped
