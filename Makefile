@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= models/tiny-sd2
+PORT ?= 50051
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-local bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,8 +18,16 @@ install: $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q
 
-# The main job, on a locally built tiny random-weight model (its images are noise).
+# The main job: the stage services as separate local processes (encoder, denoiser, decoder, gateway),
+# then a generation through the gateway, on a locally built tiny random-weight model (its image is noise).
 demo: install
+	test -d $(MODEL) || $(BIN)/sdmesh make-checkpoint tiny-sd2 $(MODEL)
+	$(BIN)/sdmesh up --model $(MODEL) --port $(PORT) & stack=$$!; trap 'kill $$stack; wait $$stack' EXIT; \
+	until $(BIN)/sdmesh health 127.0.0.1:$(PORT) >/dev/null 2>&1; do kill -0 $$stack || exit 1; sleep 1; done; \
+	$(BIN)/sdmesh generate "a photograph of an astronaut riding a horse" --server 127.0.0.1:$(PORT) --steps 20 --seed 0 --output-dir out
+
+# The same job in one process, no services.
+demo-local: install
 	test -d $(MODEL) || $(BIN)/sdmesh make-checkpoint tiny-sd2 $(MODEL)
 	$(BIN)/sdmesh generate "a photograph of an astronaut riding a horse" --model $(MODEL) --steps 20 --seed 0 --output-dir out
 

@@ -409,14 +409,11 @@ COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "make-checkpoint": cmd
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    user_errors: tuple[type[BaseException], ...] = (UsageError,)
-    try:  # errors a user can fix, from the model side, when it is installed
-        from sdmesh.services.pipeline import InvalidRequest
-        from sdmesh.services.weights import CheckpointError
+    # errors a user can fix; both modules are JAX-free, so the light client starts fast
+    from sdmesh.services.errors import InvalidRequest
+    from sdmesh.services.weights import CheckpointError
 
-        user_errors += (InvalidRequest, CheckpointError)
-    except ImportError:
-        pass
+    user_errors: tuple[type[BaseException], ...] = (UsageError, InvalidRequest, CheckpointError)
     try:
         return COMMANDS[args.command](args)
     except user_errors as e:

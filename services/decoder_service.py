@@ -70,7 +70,8 @@ def stage_service(service: DecoderService, shapes: list[tuple[int, int, int]]) -
     for b, h, w in shapes:
         if h % f or w % f or max(h, w) > MAX_SIDE or b > MAX_IMAGES:
             raise InvalidRequest(f"--shapes {b}x{h}x{w}: height and width must be multiples of {f} up to {MAX_SIDE}, batch ≤ {MAX_IMAGES}")
-    largest = max(b * (h * w * 3 + c * (h // f) * (w // f) * 4) for b, h, w in shapes)  # images out + latents in
+    # images out + latents in, for the most images any request may carry
+    largest = max(MAX_IMAGES * (h * w * 3 + c * (h // f) * (w // f) * 4) for _, h, w in shapes)
     return server.StageService(
         name="sdmesh.v1.Decoder", servicer=service, add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
         device_methods=frozenset({"Decode"}), warm_up=lambda: service.warm_up(shapes), max_message_bytes=largest,

@@ -209,10 +209,11 @@ def default_shapes(facts: DenoiserFacts) -> list[tuple[int, int, int]]:
 
 
 def message_bytes(facts: DenoiserFacts, shapes: list[tuple[int, int, int]]) -> int:
-    """The largest Denoise request of these shapes: cond + uncond + latents, float32."""
+    """The largest Denoise request at these sizes: cond + uncond + latents, float32, for the most images any
+    request may carry (MAX_IMAGES), so a valid request is never refused for its size by gRPC."""
     f = facts.scale_factor
-    return max(b * (2 * facts.context_length * facts.context_dim + facts.latent_channels * (h // f) * (w // f)) * 4
-               for b, h, w in shapes)
+    return max(MAX_IMAGES * (2 * facts.context_length * facts.context_dim + facts.latent_channels * (h // f) * (w // f)) * 4
+               for _, h, w in shapes)
 
 
 def stage_service(service: DenoiserService, shapes: list[tuple[int, int, int]]) -> server.StageService:

@@ -35,6 +35,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdmesh.client.tensors import TensorError, from_proto, to_proto
+from sdmesh.services.errors import InvalidRequest
 from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, gateway_pb2,
                        gateway_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc)
 
@@ -76,10 +77,6 @@ def stage_channel(address: str) -> grpc.Channel:
 def is_balanced(address: str) -> bool:
     """Whether an address names several servers (a DNS name gRPC resolves to all of its records)."""
     return address.startswith("dns:")
-
-
-class InvalidRequest(ValueError):
-    """A GenerateRequest the caller can fix: the message says what was wrong and what to do."""
 
 
 class StageError(Exception):

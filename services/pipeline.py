@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdmesh.services import checkpoint
+from sdmesh.services.errors import InvalidRequest
 from sdmesh.services.models import text_encoder as te
 from sdmesh.services.models import unet as un
 from sdmesh.services.models import vae as va
@@ -36,10 +37,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 PRECISIONS = ("default", "high", "highest")
 MAX_STEPS = 1000  # no scheduler trains on more; the schedule arrays are padded to this so steps never recompile
 MAX_IMAGES = 64
-
-
-class InvalidRequest(ValueError):
-    """A request the caller can fix: the message says what was wrong and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

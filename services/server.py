@@ -35,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sdmesh.client.tensors import TensorError
-from sdmesh.services.pipeline import InvalidRequest
+from sdmesh.services.errors import InvalidRequest
 from sdmesh.services.weights import CheckpointError
 
 log = logging.getLogger("sdmesh.server")
