@@ -557,11 +557,24 @@ def main(args: argparse.Namespace) -> int:
              for stage in ("encoder", "denoiser", "decoder")]
     service = GatewayService(*pools, max_inflight=args.max_inflight)
     server, port = build_server(service, f"{args.host}:{args.port}")
+    for name in ("", "sdmesh.v1.Gateway"):  # until the stages answer (below)
+        server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
     server.start()
-    log.warning("sdmesh.v1.Gateway SERVING on %s:%d (encoder %s; denoiser %s; decoder %s)", args.host, port,
+    log.warning("sdmesh.v1.Gateway listening on %s:%d (encoder %s; denoiser %s; decoder %s)", args.host, port,
                 *(",".join(r.address for r in pool.replicas) for pool in pools))
-    while not stopping.wait(0.5):
-        pass
+    serving = None
+    while True:
+        # The gateway is SERVING while every stage has a SERVING replica, so health checks
+        # (and `sdmesh up`, compose, load balancers) wait for the whole chain, not just this process.
+        now = all(any(r.health == health_pb2.HealthCheckResponse.SERVING for r in pool.replicas) for pool in pools)
+        if now != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", "sdmesh.v1.Gateway"):
+                server.health.set(name, status)  # type: ignore[attr-defined]
+            log.warning("sdmesh.v1.Gateway %s", "SERVING" if now else "NOT_SERVING: a stage has no SERVING replica")
+            serving = now
+        if stopping.wait(0.25):
+            break
     log.warning("sdmesh.v1.Gateway stopping")
     server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
     server.stop(grace=5).wait()

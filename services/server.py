@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -245,7 +247,13 @@ def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAU
         pass
     log.warning("%s stopping: NOT_SERVING, finishing calls in flight for up to %.0fs", service.name, grace)
     server.stop(grace)
-    return 0
+    log.warning("%s stopped", service.name)
+    # Everything is finished; skip interpreter teardown, where gRPC's and XLA's native threads can
+    # abort the process ("terminate called ... exception not rethrown") after a clean stop.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --- what every stage's main() shares -------------------------------------------------

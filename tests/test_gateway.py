@@ -515,3 +515,33 @@ def test_a_model_without_a_native_size_needs_height_and_width():
     with pytest.raises(gateway.InvalidRequest, match="give height and width"):
         gateway.job_from_proto(gateway_pb2.GenerateRequest(prompt="a cat"), facts)
     assert gateway.job_from_proto(gateway_pb2.GenerateRequest(prompt="a cat", height=64, width=64), facts).height == 64
+
+
+def test_gateway_health_waits_for_every_stage(tmp_path):
+    """A gateway whose stages are not up reports NOT_SERVING, so health checks wait for the whole chain."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from sdmesh.client.stages import health_status
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nowhere = "127.0.0.1:1"
+    proc = subprocess.Popen([sys.executable, "-m", "sdmesh.client.cli", "serve", "gateway", "--port", str(port),
+                             "--encoder", nowhere, "--denoiser", nowhere, "--decoder", nowhere],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, status = time.monotonic() + 30, None
+        while time.monotonic() < deadline:
+            try:
+                status = health_status(f"127.0.0.1:{port}", timeout=1.0)
+                break
+            except grpc.RpcError:
+                time.sleep(0.2)
+        assert status == "NOT_SERVING"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
