@@ -22,6 +22,7 @@ from sdmesh.client.tensors import from_proto, to_proto
 from sdmesh.services import checkpoint, server
 from sdmesh.services.models.vae import VAEConfig
 from sdmesh.services.pipeline import MAX_IMAGES, DenoiserStage, InvalidRequest
+from sdmesh.services.weights import CheckpointError
 from sdmesh.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 
 MAX_SIDE = 4096  # pixels, as StableDiffusion.validate
@@ -47,7 +48,7 @@ def denoiser_facts(stage: DenoiserStage, folder: Path) -> DenoiserFacts:
     f = VAEConfig.from_json(checkpoint.read_config(folder, "vae")).scale_factor
     try:
         length = int(checkpoint.read_config(folder, "text_encoder").get("max_position_embeddings", 77))
-    except Exception:  # noqa: BLE001 - a UNet-only folder: CLIP's length is the usual one
+    except CheckpointError:  # a UNet-only folder: CLIP's length is the usual one
         length = 77
     sample = stage.unet.config.sample_size
     size = None if sample is None else ((sample, sample) if isinstance(sample, int) else tuple(sample))
