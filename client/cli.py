@@ -73,6 +73,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--precision", default="default", type=str.lower, choices=("default", "high", "highest"), help="matmul precision")
     r.add_argument("--attention", default="dot_product", choices=("dot_product", "flash"))
     r.add_argument("--jax-cache-dir", help="persistent JAX compilation cache (a second run skips compiling)")
+    m = p.add_argument_group("mesh", "devices along each axis of a stage's mesh; their product is the device count, "
+                                     "-1 fills with the devices left; all 1 (the default): one device, nothing sharded")
+    m.add_argument("--ici-data-parallelism", type=int, default=1, metavar="N", help="batch split across N devices")
+    m.add_argument("--ici-fsdp-parallelism", type=int, default=1, metavar="N", help="parameters' input features split across N devices")
+    m.add_argument("--ici-tensor-parallelism", type=int, default=1, metavar="N", help="output channels and features split across N devices")
 
 
 def _add_size_options(p: argparse.ArgumentParser) -> None:
@@ -243,12 +248,12 @@ def _size(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 def _load(args: argparse.Namespace) -> Any:
     try:
-        from sdmesh.services import pipeline
+        from sdmesh.services import pipeline, sharding
     except ImportError as e:
         raise UsageError(f"running models in this process needs the serve extra ({e.name} is missing): pip install 'sdmesh[serve]'") from e
     options = pipeline.RuntimeOptions(
         weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype, precision=args.precision,
-        attention=args.attention, jax_cache_dir=args.jax_cache_dir,
+        attention=args.attention, jax_cache_dir=args.jax_cache_dir, mesh=sharding.mesh_config(args),
     )
     t0 = time.perf_counter()
     pipe = pipeline.StableDiffusion.load(
@@ -384,6 +389,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = {
         "model": args.model, "weights_dtype": args.weights_dtype, "activations_dtype": args.activations_dtype,
         "precision": args.precision, "attention": args.attention, "devices": [str(d) for d in jax.devices()],
+        "mesh": dict(pipe.denoiser.mesh.shape) if pipe.denoiser.mesh is not None else None,
         **time_pipeline(pipe, request, args.repeat),
     }
     print(json.dumps(report, indent=2))

@@ -47,7 +47,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         return decoder_pb2.DecodeResponse(images=to_proto(self.decode(latents)))
 
     def ModelInfo(self, request, context):
-        devices, mesh = server.device_facts()
+        devices, mesh = server.device_facts(self.stage.mesh)
         config = self.stage.vae.config
         facts = {"latent_channels": self.latent_channels, "vae_scale_factor": self.stage.scale_factor,
                  "scaling_factor": config.scaling_factor, "max_images": MAX_IMAGES}

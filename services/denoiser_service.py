@@ -179,7 +179,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             yield latents_to_proto(latents)
 
     def ModelInfo(self, request, context):
-        devices, mesh = server.device_facts()
+        devices, mesh = server.device_facts(self.stage.mesh)
         facts = self.facts
         info = {"latent_channels": facts.latent_channels, "vae_scale_factor": facts.scale_factor,
                 "hidden_size": facts.context_dim, "max_length": facts.context_length, "max_steps": facts.max_steps,

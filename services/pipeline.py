@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdmesh.services import checkpoint
+from sdmesh.services import checkpoint, sharding
 from sdmesh.services.errors import InvalidRequest
 from sdmesh.services.models import text_encoder as te
 from sdmesh.services.models import unet as un
@@ -46,6 +46,7 @@ class RuntimeOptions:
     precision: str = "default"  # jax matmul precision: default | high | highest
     attention: str = "dot_product"  # or "flash"
     jax_cache_dir: str | None = None
+    mesh: sharding.MeshConfig | None = None  # None: one device, nothing sharded
 
     def __post_init__(self) -> None:
         for name in ("weights_dtype", "activations_dtype"):
@@ -182,8 +183,10 @@ def load_params(
     fix_key: Callable[[str], str | None],
     fix_tensor: Callable[[str, np.ndarray], np.ndarray] | None = None,
     source: str,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Any:
-    """Stream tensors from files into a checked Flax params tree, one tensor at a time onto the device."""
+    """Stream tensors from files into a checked Flax params tree, one tensor at a time onto the device
+    (or, given a mesh, straight onto its shards: no device ever holds a whole parameter it does not need)."""
 
     def pairs():
         for key, tensor in checkpoint.read_tensors(files):
@@ -191,7 +194,12 @@ def load_params(
             if fixed is not None:
                 yield fixed, (fix_tensor(fixed, tensor) if fix_tensor else tensor)
 
-    return convert(pairs(), shapes, dtype=dtype, place=lambda _path, a: jax.device_put(a), source=source)
+    place = sharding.place(mesh) if mesh is not None else lambda _path, a: jax.device_put(a)
+    return convert(pairs(), shapes, dtype=dtype, place=place, source=source)
+
+
+def stage_mesh(options: RuntimeOptions) -> jax.sharding.Mesh | None:
+    return None if options.mesh is None else sharding.make_mesh(options.mesh)
 
 
 def _unet_source(folder: Path, override: str | None, variant: str | None, allow_pickle: bool) -> tuple[dict, list[Path], str]:
@@ -233,23 +241,50 @@ class LoadOptions:
 
 
 class Programs:
-    """AOT-compiled programs, one per (name, input shapes): the unit a stage runs and times."""
+    """AOT-compiled programs, one per (name, input shapes): the unit a stage runs and times.
 
-    def __init__(self, precision: str):
-        self.precision = precision
+    Given a mesh, each program is one SPMD program over it: the params keep the shardings they
+    were placed with, the `batched` arguments are split by batch on `data`, the rest replicated,
+    and the output is split like the first batched argument.
+    """
+
+    def __init__(self, precision: str, mesh: jax.sharding.Mesh | None = None):
+        self.precision, self.mesh = precision, mesh
         self._compiled: dict[tuple, Any] = {}
 
-    def get(self, name: str, fn: Any, *args: Any) -> tuple[Any, float]:
-        """(compiled program, seconds spent compiling it now: 0 when it was already compiled)."""
+    def get(self, name: str, fn: Callable, *args: Any, batched: tuple[int, ...] = ()) -> tuple[Callable, float]:
+        """(compiled `fn` for these shapes, seconds spent compiling it now: 0 when it was already compiled)."""
         # args[0] is the params, fixed for the stage's life: the other inputs' shapes are the key
         rest = args[1:]
         key = (name, jax.tree_util.tree_structure(rest)) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(rest))
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        t0 = time.perf_counter()
-        with jax.default_matmul_precision(self.precision):
-            self._compiled[key] = fn.lower(*args).compile()
-        return self._compiled[key], time.perf_counter() - t0
+        shardings = None if self.mesh is None else self._shardings(args, batched)
+        compile_s = 0.0
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            with jax.default_matmul_precision(self.precision):  # read while tracing
+                if shardings is None:
+                    lowered = jax.jit(fn).lower(*args)
+                else:
+                    in_shardings, out_shardings = shardings
+                    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+                    lowered = jitted.lower(*jax.device_put(args, in_shardings))
+                self._compiled[key] = lowered.compile()
+            compile_s = time.perf_counter() - t0
+        program = self._compiled[key]
+        if shardings is None:
+            return program, compile_s
+        # inputs arrive on one device or split another way (another stage's output): move them onto the program's shardings
+        return lambda *a: program(*jax.device_put(a, shardings[0])), compile_s
+
+    def _shardings(self, args: tuple, batched: tuple[int, ...]) -> tuple[tuple, Any]:
+        """(in_shardings, out_shardings) on the mesh."""
+        mesh = self.mesh
+        params = jax.tree_util.tree_map(lambda a: a.sharding, args[0])
+        rest = tuple(
+            jax.tree_util.tree_map(lambda a: sharding.batch_sharding(mesh, a.shape) if i in batched else sharding.replicated(mesh), arg)
+            for i, arg in enumerate(args[1:], start=1)
+        )
+        return (params, *rest), sharding.batch_sharding(mesh, args[batched[0]].shape)
 
     @property
     def shapes(self) -> list[tuple]:
@@ -260,16 +295,18 @@ class TextEncoderStage:
     """Prompts → conditioning: the tokenizer and the CLIP text encoder."""
 
     def __init__(self, tokenizer: PromptTokenizer, encoder: te.CLIPTextEncoder, params: Any, options: RuntimeOptions):
-        self.tokenizer, self.encoder, self.params, self.options = tokenizer, encoder, params, options
-        self.programs = Programs(options.precision)
-        self._encode = jax.jit(functools.partial(encode_text, encoder))
+        self.tokenizer, self.encoder, self.options = tokenizer, encoder, options
+        self.mesh = stage_mesh(options)
+        self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
+        self.programs = Programs(options.precision, self.mesh)
+        self._encode = functools.partial(encode_text, encoder)
 
     @classmethod
     def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "TextEncoderStage":
         config = te.TextEncoderConfig.from_json(checkpoint.read_config(folder, "text_encoder"))
         encoder = te.CLIPTextEncoder(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
         params = load_params(load.files(folder, "text_encoder"), te.init_shapes(config), dtype=DTYPES[options.weights_dtype],
-                             fix_key=te.fix_checkpoint_key, source=f"{folder}/text_encoder")
+                             fix_key=te.fix_checkpoint_key, source=f"{folder}/text_encoder", mesh=stage_mesh(options))
         return cls(load_tokenizer(folder / "tokenizer"), encoder, params, options)
 
     @property
@@ -280,7 +317,7 @@ class TextEncoderStage:
         """(hidden states (P, L, D), per prompt the text truncation dropped ("" if none), compile seconds)."""
         tokens = self.tokenizer.tokenize(prompts)
         ids = jnp.asarray(tokens.input_ids, jnp.int32)
-        run, compile_s = self.programs.get("encode", self._encode, self.params, ids)
+        run, compile_s = self.programs.get("encode", self._encode, self.params, ids, batched=(1,))
         return run(self.params, ids), list(tokens.removed_text), compile_s
 
 
@@ -288,9 +325,11 @@ class DenoiserStage:
     """Conditioning + initial latents → final latents: the UNet under DDIM, in compiled chunks of steps."""
 
     def __init__(self, unet: un.UNet2DConditionModel, scheduler: ddim.DDIMConfig, params: Any, options: RuntimeOptions):
-        self.unet, self.scheduler, self.params, self.options = unet, scheduler, params, options
-        self.programs = Programs(options.precision)
-        self._denoise = jax.jit(functools.partial(denoise, unet, scheduler))
+        self.unet, self.scheduler, self.options = unet, scheduler, options
+        self.mesh = stage_mesh(options)
+        self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
+        self.programs = Programs(options.precision, self.mesh)
+        self._denoise = functools.partial(denoise, unet, scheduler)
         self._noise = jax.jit(initial_noise, static_argnums=1)  # the shape is static
 
     @classmethod
@@ -299,7 +338,7 @@ class DenoiserStage:
         config = un.UNetConfig.from_json(unet_json)
         unet = un.UNet2DConditionModel(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
         params = load_params(files, un.init_shapes(config), dtype=DTYPES[options.weights_dtype],
-                             fix_key=un.fix_checkpoint_key, source=label)
+                             fix_key=un.fix_checkpoint_key, source=label, mesh=stage_mesh(options))
         scheduler_json = fix_old_scheduler_config(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
         return cls(unet, ddim.DDIMConfig.from_json(scheduler_json), params, options)
 
@@ -341,7 +380,8 @@ class DenoiserStage:
         key = jax.random.fold_in(seed_key(seed), 1)
         eta_ = jnp.float32(eta)
         args = (self.params, schedule, jnp.int32(0), jnp.int32(0), latents, cond, uncond, scales, rescales, eta_, key)
-        program, compile_s = self.programs.get("denoise", self._denoise, *args)
+        # latents, cond, uncond and the per-sample guidance are split by batch on a mesh
+        program, compile_s = self.programs.get("denoise", self._denoise, *args, batched=(4, 5, 6, 7, 8))
         chunk = chunk or steps
         for start in range(0, steps, chunk):
             stop = min(start + chunk, steps)
@@ -356,16 +396,19 @@ class DecoderStage:
     """Latents → uint8 images: the VAE decoder (its encoder is here too, for img2img)."""
 
     def __init__(self, vae: va.AutoencoderKL, params: Any, options: RuntimeOptions):
-        self.vae, self.params, self.options = vae, params, options
-        self.programs = Programs(options.precision)
-        self._decode = jax.jit(functools.partial(decode, vae))
+        self.vae, self.options = vae, options
+        self.mesh = stage_mesh(options)
+        self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
+        self.programs = Programs(options.precision, self.mesh)
+        self._decode = functools.partial(decode, vae)
 
     @classmethod
     def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DecoderStage":
         config = va.VAEConfig.from_json(checkpoint.read_config(folder, "vae"))
         vae = va.AutoencoderKL(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
         params = load_params(load.files(folder, "vae"), va.init_shapes(config), dtype=DTYPES[options.weights_dtype],
-                             fix_key=va.fix_checkpoint_key, fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae")
+                             fix_key=va.fix_checkpoint_key, fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae",
+                             mesh=stage_mesh(options))
         return cls(vae, params, options)
 
     @property
@@ -374,7 +417,7 @@ class DecoderStage:
 
     def decode(self, latents: jax.Array) -> tuple[np.ndarray, float]:
         """((N, H, W, 3) uint8 images, compile seconds)."""
-        program, compile_s = self.programs.get("decode", self._decode, self.params, latents)
+        program, compile_s = self.programs.get("decode", self._decode, self.params, latents, batched=(1,))
         return np.asarray(program(self.params, latents)), compile_s
 
 

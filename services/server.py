@@ -279,11 +279,12 @@ def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
 
 def load_setup(args: Any) -> tuple[Any, Any, Any]:
     """(checkpoint folder, RuntimeOptions, LoadOptions) from `sdmesh serve` arguments; enables the JAX cache."""
-    from sdmesh.services import checkpoint, pipeline
+    from sdmesh.services import checkpoint, pipeline, sharding
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = pipeline.RuntimeOptions(weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype,
-                                      precision=args.precision, attention=args.attention, jax_cache_dir=args.jax_cache_dir)
+                                      precision=args.precision, attention=args.attention, jax_cache_dir=args.jax_cache_dir,
+                                      mesh=sharding.mesh_config(args))
     if options.jax_cache_dir:
         pipeline.enable_compilation_cache(options.jax_cache_dir)
     folder = checkpoint.resolve(args.model, revision=args.revision, variant=args.variant)
@@ -291,9 +292,11 @@ def load_setup(args: Any) -> tuple[Any, Any, Any]:
     return folder, options, load
 
 
-def device_facts() -> tuple[list[str], dict[str, int]]:
-    """(devices, mesh): every stage uses all devices JAX sees, as one data axis for now."""
+def device_facts(mesh: Any = None) -> tuple[list[str], dict[str, int]]:
+    """(devices, mesh axis sizes) of a stage: its mesh's, or without one every device JAX sees as one data axis."""
     import jax
 
+    if mesh is not None:
+        return [str(d) for d in mesh.devices.flat], dict(mesh.shape)
     devices = [str(d) for d in jax.devices()]
     return devices, {"data": len(devices)}

@@ -77,7 +77,7 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
         return encode_response_to_proto(job, *self.encode(job))
 
     def ModelInfo(self, request, context):
-        devices, mesh = server.device_facts()
+        devices, mesh = server.device_facts(self.stage.mesh)
         facts = {"max_length": self.stage.tokenizer.max_length, "hidden_size": self.stage.hidden_size}
         return common_pb2.ModelInfo(
             service="TextEncoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,

@@ -59,6 +59,8 @@ def _latents_file(tmp_path, shape, dtype):
         (["--latents", "LATENTS_DTYPE"], "expected float32"),
         (["--latents", "/nonexistent.npy"], "no such file"),
         (["--resolution", "abc"], "HEIGHTxWIDTH"),
+        (["--ici-data-parallelism", "2"], "make a mesh of 2 devices, but this stage uses 1"),  # this process has 1 device
+        (["--ici-fsdp-parallelism", "0"], "positive integer or -1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_checkpoints, tmp_path, capsys, extra, message):

@@ -352,10 +352,17 @@ def test_a_cancelled_or_expired_denoise_stops_within_one_chunk(stack, how):
 # --- the command ----------------------------------------------------------------------------
 
 
-def test_sdmesh_serve_starts_warms_up_serves_and_stops_on_sigterm(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("mesh_flags, mesh", [
+    ([], None),  # no mesh: reports every device JAX sees as the data axis
+    (["--ici-data-parallelism", "2", "--ici-tensor-parallelism", "-1"], {"data": 2, "fsdp": 1, "tensor": 4}),  # 8 host devices
+])
+def test_sdmesh_serve_starts_warms_up_serves_and_stops_on_sigterm(tiny_checkpoints, tmp_path, mesh_flags, mesh):
     command = [sys.executable, "-m", "sdmesh.client.cli", "serve", "decoder", "--model", str(tiny_checkpoints["sd2"]),
-               "--port", "0", "--shapes", f"1x{SIZE}x{SIZE}", "--jax-cache-dir", str(tmp_path / "jax")]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+               "--port", "0", "--shapes", f"1x{SIZE}x{SIZE}", "--jax-cache-dir", str(tmp_path / "jax"), *mesh_flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if mesh_flags:
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         address = None
         for line in process.stderr:
@@ -367,6 +374,9 @@ def test_sdmesh_serve_starts_warms_up_serves_and_stops_on_sigterm(tiny_checkpoin
         stages.wait_for_serving(address, timeout=10)
         info = stages.DecoderClient(address).model_info(timeout=10)
         assert [(s.batch, s.height, s.width) for s in info.compiled_shapes] == [(1, SIZE, SIZE)]
+        assert dict(info.mesh) == (mesh or {"data": len(info.devices)})
+        images = stages.DecoderClient(address).decode(np.zeros((1, 4, SIZE // 2, SIZE // 2), np.float32), timeout=10)
+        assert images.shape == (1, SIZE, SIZE, 3)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:

@@ -1,0 +1,70 @@
+"""Run the stages on several meshes and print what test_sharding checks, as JSON.
+
+JAX fixes its device count at first use, so this runs in its own process:
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_stages.py CHECKPOINT 8,1,1 2,2,2 ...
+The 1-device result comes from the same process (no mesh: the default device).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sdmesh.services.pipeline import GenerationRequest, RuntimeOptions, StableDiffusion
+from sdmesh.services.sharding import MeshConfig
+
+BATCH, STEPS = 8, 3  # 8 images so every data-axis size here divides the batch
+CONV = ("down_blocks_0", "resnets_0", "conv1", "kernel")      # (3, 3, 32, 32)
+DENSE = ("down_blocks_1", "attentions_0", "proj_in", "kernel")  # (64, 64)
+
+
+def leaf(params, path):
+    for name in path:
+        params = params[name]
+    return params
+
+
+def per_device_bytes(params) -> int:
+    """The most parameter bytes any one device holds."""
+    totals: dict[str, int] = {}
+    for a in jax.tree_util.tree_leaves(params):
+        for shard in a.addressable_shards:
+            totals[str(shard.device)] = totals.get(str(shard.device), 0) + shard.data.nbytes
+    return max(totals.values())
+
+
+def run(folder: Path, mesh: MeshConfig | None) -> dict:
+    pipe = StableDiffusion.load(str(folder), options=RuntimeOptions(mesh=mesh))
+    denoiser, decoder = pipe.denoiser, pipe.decoder
+    rng = np.random.default_rng(0)
+    cond = rng.standard_normal((BATCH, 77, denoiser.unet.config.context_dim), np.float32)
+    uncond = rng.standard_normal(cond.shape, np.float32)
+    latents = denoiser.noise(0, (BATCH, 8, 8, denoiser.latent_channels))
+    for _, latents, _ in denoiser.run(latents, cond, uncond, steps=STEPS, guidance_scale=7.5, eta=0.5, seed=1):
+        pass
+    images, _ = decoder.decode(latents)
+    # the three stages chained, each handing its sharded output to the next (same shapes: no new denoise/decode compile)
+    request = GenerationRequest(prompt=["a cat", "a dog"], num_images=BATCH // 2, steps=STEPS, eta=0.5, seed=2, height=16, width=16)
+    generated = pipe.generate(request).images
+    return {
+        "latents": np.asarray(latents).tolist(), "images": images.tolist(), "generated": generated.tolist(),
+        "latents_spec": str(latents.sharding.spec) if mesh else None,
+        "conv_shard": list(leaf(denoiser.params, CONV).addressable_shards[0].data.shape),
+        "dense_shard": list(leaf(denoiser.params, DENSE).addressable_shards[0].data.shape),
+        "unet_bytes": per_device_bytes(denoiser.params), "vae_bytes": per_device_bytes(decoder.params),
+    }
+
+
+def main(folder: str, *meshes: str) -> None:
+    out = {"devices": len(jax.devices()), "single": run(Path(folder), None)}
+    for shape in meshes:
+        data, fsdp, tensor = (int(s) for s in shape.split(","))
+        out[shape] = run(Path(folder), MeshConfig(data, fsdp, tensor))
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
