@@ -179,13 +179,17 @@ def make_stack():
         s.close()
 
 
+_HELD: list = []  # bound, never listening: no other server in the session can take these ports
+
+
 def free_address() -> str:
-    """A loopback address where nothing listens."""
+    """A loopback address where nothing listens (connections are refused) for the rest of the session."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
