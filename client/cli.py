@@ -7,6 +7,7 @@
     sdmesh up --model M [--port P] [--denoisers N]            the whole stack as local processes
     sdmesh generate PROMPT --server HOST:PORT                  text → PNGs through a gateway
     sdmesh health HOST:PORT                                    grpc.health.v1 probe (exit 0 when SERVING)
+    sdmesh top HOST:PORT [HOST:PORT ...] [--once]              live summary of services' metrics endpoints
 
 Imports of JAX and the models happen inside the commands that need them, so the
 light client (`pip install sdmesh`) starts fast and says what to install.
@@ -78,6 +79,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--ici-data-parallelism", type=int, default=1, metavar="N", help="batch split across N devices")
     m.add_argument("--ici-fsdp-parallelism", type=int, default=1, metavar="N", help="parameters' input features split across N devices")
     m.add_argument("--ici-tensor-parallelism", type=int, default=1, metavar="N", help="output channels and features split across N devices")
+    m.add_argument("--dcn-data-parallelism", type=int, default=1, metavar="N",
+                   help="batch split across N groups of processes (hosts); the --ici-* sizes then describe one group")
+    m.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="serve: span the stage over several processes with jax.distributed, process 0 listening here "
+                        "(default: env JAX_COORDINATOR_ADDRESS; none: one process)")
+    m.add_argument("--num-processes", type=_positive_int, metavar="N", help="serve: processes in the stage (default: env JAX_NUM_PROCESSES or the cluster's)")
+    m.add_argument("--process-id", type=int, metavar="I", help="serve: this process's index, 0 serves gRPC (default: env JAX_PROCESS_ID or the cluster's)")
 
 
 def _add_size_options(p: argparse.ArgumentParser) -> None:
@@ -123,7 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_up_parser(sub)
     _add_health_parser(sub)
+    _add_top_parser(sub)
     return parser
+
+
+def _add_top_parser(sub: Any) -> argparse.ArgumentParser:
+    """`sdmesh top ADDR...`: a live table from the services' Prometheus endpoints (client/top.py)."""
+    top = sub.add_parser("top", help="live summary of services' metrics",
+                         description="Scrape each service's Prometheus metrics endpoint (its --metrics-port) and print "
+                                     "one row per service: queue depth, batch occupancy, chunk and request latency, "
+                                     "images served and their rate, errors by status code.")
+    top.add_argument("addresses", nargs="+", metavar="HOST:PORT", help="metrics endpoints (http://HOST:PORT/metrics)")
+    top.add_argument("--interval", type=_finite_float, default=2.0, help="seconds between scrapes (default: %(default)s)")
+    top.add_argument("--once", action="store_true", help="print one table and exit (1 if an endpoint failed)")
+    top.add_argument("--timeout", type=_finite_float, default=5.0, help="seconds per scrape (default: %(default)s)")
+    return top
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from sdmesh.client import top
+
+    if args.interval <= 0 or args.timeout <= 0:
+        raise UsageError("--interval and --timeout must be positive")
+    try:
+        return top.main(args)
+    except top.ScrapeError as e:
+        raise UsageError(str(e)) from None
 
 
 def _add_health_parser(sub: Any) -> argparse.ArgumentParser:
@@ -167,6 +200,9 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
     up.add_argument("--max-inflight", type=_positive_int, default=32, help="requests the gateway holds at once (default: %(default)s)")
     up.add_argument("--start-timeout", type=_finite_float, default=900.0, help="seconds to wait for every service to report SERVING (default: %(default)s)")
     up.add_argument("--log-dir", type=Path, help="write each service's output to DIR/NAME.log (default: this terminal)")
+    up.add_argument("--metrics-base-port", type=int, metavar="PORT",
+                    help="serve each service's Prometheus metrics: the gateway on PORT, the stages on the ports after it "
+                         "(0: free ports); printed with the services (default: off)")
     return up
 
 
@@ -211,7 +247,16 @@ def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     stage.add_argument("--chunk-steps", type=_positive_int, default=5,
                        help="denoiser: steps per compiled chunk; progress events and cancellation checks come between "
                             "chunks, and every chunk runs the same program (default: %(default)s)")
+    stage.add_argument("--max-batch", type=_positive_int, default=8,
+                       help="rows per device call gathered from concurrent calls (encoder: texts, a negative prompt "
+                            "counting as one; denoiser: images in the running batch; decoder: images), padded to a power "
+                            "of two; 1 turns batching off (default: %(default)s)")
+    stage.add_argument("--batch-wait-ms", type=_finite_float, default=0.0,
+                       help="encoder and decoder, with --max-batch: how long the oldest waiting call may wait for others "
+                            "to fill its batch; 0 batches only calls already waiting (default: %(default)s)")
     _add_gateway_options(serve)
+    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged; default: off)")
     return serve
 
 
@@ -410,7 +455,8 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "make-checkpoint": cmd_make_checkpoint, "serve": cmd_serve, "up": cmd_up, "health": cmd_health}
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "make-checkpoint": cmd_make_checkpoint, "serve": cmd_serve, "up": cmd_up, "health": cmd_health,
+            "top": cmd_top}
 
 
 def main(argv: list[str] | None = None) -> int:

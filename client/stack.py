@@ -7,6 +7,8 @@
 Each child is `python -m sdmesh.client.cli serve SERVICE …`. The stages get free ports; the
 gateway is told every replica's address. `Stack` starts them, waits until each reports
 SERVING on grpc.health.v1, and stops them all: SIGTERM, then SIGKILL after a grace period.
+With `metrics_base_port`, each child also serves its Prometheus metrics (`--metrics-port`): the gateway
+on that port, the stages on the ports after it in order (0: free ports).
 Children run in their own session (a terminal's Ctrl-C reaches only `sdmesh up`, which then
 stops them in order) and, on Linux, get SIGTERM if `sdmesh up` itself dies: no orphans.
 """
@@ -38,6 +40,7 @@ class Child:
     argv: list[str]
     log: Path | None = None
     process: subprocess.Popen | None = None
+    metrics: str | None = None  # HOST:PORT of its Prometheus endpoint, if it serves one
 
     def describe_exit(self) -> str:
         code = self.process.returncode if self.process else None
@@ -77,24 +80,37 @@ class Stack:
 
     serve_args: options every stage gets (model, runtime, --shapes …); gateway_args: the gateway's own.
     log_dir: write each child's output to log_dir/NAME.log (default: inherit this process's stdout/stderr).
+    metrics_base_port: serve each child's metrics, the gateway's on this port and the stages' on the next ones
+    (0: free ports); None: none.
     """
 
     def __init__(self, serve_args: list[str], *, host: str = "127.0.0.1", port: int = 50051, denoisers: int = 1,
-                 gateway_args: list[str] = (), log_dir: Path | None = None):
+                 gateway_args: list[str] = (), log_dir: Path | None = None, metrics_base_port: int | None = None):
         if denoisers < 1:
             raise ValueError(f"denoisers must be at least 1, got {denoisers}")
         self.host, self.log_dir = host, log_dir
         names = ["encoder", *(f"denoiser-{i}" for i in range(denoisers)), "decoder"]
-        self.children = [self._child(name, name.split("-")[0], free_port(host), serve_args) for name in names]
+        metrics = self._metrics_ports(metrics_base_port, len(names) + 1)  # the gateway's first
+        self.children = [self._child(name, name.split("-")[0], free_port(host), serve_args, metrics[i + 1])
+                         for i, name in enumerate(names)]
         addresses = {stage: ",".join(c.address for c in self.children if c.service == stage) for stage in STAGES}
         routing = [a for stage in STAGES for a in (f"--{stage}", addresses[stage])]
-        self.children.append(self._child("gateway", "gateway", port or free_port(host), [*routing, *gateway_args]))
+        self.children.append(self._child("gateway", "gateway", port or free_port(host), [*routing, *gateway_args], metrics[0]))
         self._logs: list[TextIO] = []
 
-    def _child(self, name: str, service: str, port: int, args: list[str]) -> Child:
+    def _metrics_ports(self, base: int | None, n: int) -> list[int | None]:
+        if base is None:
+            return [None] * n
+        return [base + i for i in range(n)] if base else [free_port(self.host) for _ in range(n)]
+
+    def _child(self, name: str, service: str, port: int, args: list[str], metrics_port: int | None = None) -> Child:
         argv = [sys.executable, "-m", "sdmesh.client.cli", "serve", service, "--host", self.host, "--port", str(port), *args]
+        metrics = None
+        if metrics_port is not None:
+            argv += ["--metrics-port", str(metrics_port)]
+            metrics = f"{self.host}:{metrics_port}"
         log = self.log_dir / f"{name}.log" if self.log_dir else None
-        return Child(name, service, f"{self.host}:{port}", argv, log)
+        return Child(name, service, f"{self.host}:{port}", argv, log, metrics=metrics)
 
     @property
     def gateway(self) -> Child:
@@ -193,7 +209,8 @@ def main(args: argparse.Namespace) -> int:
     if args.max_queue is None:  # each stage can hold every request the gateway admits: none is refused downstream
         args.max_queue = args.max_inflight
     stack = Stack(serve_args(args), host=args.host, port=args.port, denoisers=args.denoisers,
-                  gateway_args=["--max-inflight", str(args.max_inflight)], log_dir=args.log_dir)
+                  gateway_args=["--max-inflight", str(args.max_inflight)], log_dir=args.log_dir,
+                  metrics_base_port=getattr(args, "metrics_base_port", None))
     # SIGTERM behaves as Ctrl-C: one path stops everything.
     signal.signal(signal.SIGTERM, _interrupt)
     reported: set[str] = set()
@@ -206,7 +223,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"sdmesh up: {e}", file=sys.stderr)
             return 1
         for c in stack.children:
-            print(f"  {c.name:<12} {c.address}  pid {c.process.pid}", file=sys.stderr)
+            metrics = f"  metrics http://{c.metrics}/metrics" if c.metrics else ""
+            print(f"  {c.name:<12} {c.address}  pid {c.process.pid}{metrics}", file=sys.stderr)
+        if any(c.metrics for c in stack.children):
+            print(f"  live summary: sdmesh top {' '.join(c.metrics for c in stack.children if c.metrics)}", file=sys.stderr)
         print(stack.address, flush=True)
         print("serving; Ctrl-C stops the stack", file=sys.stderr)
         while True:

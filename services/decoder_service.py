@@ -1,4 +1,11 @@
-"""Decoder.Decode over gRPC: latents (NCHW on the wire) → uint8 images, around `pipeline.DecoderStage`."""
+"""Decoder.Decode over gRPC: latents (NCHW on the wire) → uint8 images, around `pipeline.DecoderStage`.
+
+With --max-batch above 1, concurrent Decode calls of the same latent size share one device call
+(`batching.Batcher`): their latents are joined along N, padded to a compiled bucket, decoded once,
+and each call gets its own images back. The VAE decodes each image on its own (GroupNorm and the
+mid-block attention are per image), so an image does not depend on its batch-mates (measured:
+tests/test_batching.py).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdmesh.client.tensors import from_proto, to_proto
-from sdmesh.services import server
+from sdmesh.services import batching, server
+from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.pipeline import MAX_IMAGES, DecoderStage, InvalidRequest
 from sdmesh.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 
@@ -29,28 +37,44 @@ def latents_from_proto(request: decoder_pb2.DecodeRequest, latent_channels: int,
 
 
 class DecoderService(decoder_pb2_grpc.DecoderServicer):
-    def __init__(self, stage: DecoderStage, model: str):
+    """max_batch: images per device call; 1 runs each call alone, at its own size.
+    batch_wait: seconds the oldest waiting call may wait for others to fill its batch.
+    max_queue: calls that may wait (when batching; with max_batch 1 the server's DeviceQueue bounds them).
+    metrics: where batches, device calls and images are recorded (the server records its RPCs there too)."""
+
+    def __init__(self, stage: DecoderStage, model: str, *, max_batch: int = 1, batch_wait: float = 0.0,
+                 max_queue: int = server.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None):
         self.stage, self.model = stage, model
+        self.metrics = metrics or StageMetrics("decoder")
         self.compiled: set[tuple[int, int, int]] = set()  # (batch, height, width) in pixels
+        self.batcher = batching.Batcher(self.decode, max_batch=max_batch, batch_wait=batch_wait, max_queue=max_queue,
+                                        metrics=self.metrics, name="decoder")
 
     @property
     def latent_channels(self) -> int:
         return self.stage.vae.config.latent_channels
 
     def decode(self, latents_nhwc: np.ndarray) -> np.ndarray:
+        """One device call: (N, h, w, C) latents → (N, H, W, 3) uint8 images."""
         images, _ = self.stage.decode(jnp.asarray(latents_nhwc))
         self.compiled.add(images.shape[:3])
         return images
 
     def Decode(self, request, context):
+        # validated alone, first: a bad request must not fail a batch
         latents = latents_from_proto(request, self.latent_channels, self.stage.scale_factor)
-        return decoder_pb2.DecodeResponse(images=to_proto(self.decode(latents)))
+        # only latents of one size can share an array: the key is the shape of a row, (h, w, C)
+        future = self.batcher.submit(latents, key=latents.shape[1:], is_active=context.is_active)
+        images = batching.wait(future, context.is_active)
+        self.metrics.images_served(len(images))
+        return decoder_pb2.DecodeResponse(images=to_proto(images))
 
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)
         config = self.stage.vae.config
         facts = {"latent_channels": self.latent_channels, "vae_scale_factor": self.stage.scale_factor,
-                 "scaling_factor": config.scaling_factor, "max_images": MAX_IMAGES}
+                 "scaling_factor": config.scaling_factor, "max_images": MAX_IMAGES,
+                 "max_batch": self.batcher.max_batch, "batch_wait_ms": round(self.batcher.batch_wait * 1000, 3)}
         return common_pb2.ModelInfo(
             service="Decoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,
             activations_dtype=self.stage.options.activations_dtype, devices=devices, mesh=mesh,
@@ -60,9 +84,20 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         )
 
     def warm_up(self, shapes: list[tuple[int, int, int]]) -> None:
+        """Compile decode for each configured shape, and at each of its sizes for every bucket a batch is padded to."""
         f = self.stage.scale_factor
-        for batch, height, width in shapes:
+        for batch, height, width in warm_up_shapes(shapes, self.batcher.buckets):
             self.decode(np.zeros((batch, height // f, width // f, self.latent_channels), np.float32))
+
+    def close(self) -> None:
+        """Finish the calls waiting for the device, then stop batching."""
+        self.batcher.stop()
+
+
+def warm_up_shapes(shapes: list[tuple[int, int, int]], buckets: list[int]) -> list[tuple[int, int, int]]:
+    """(batch, height, width) to compile: the configured shapes, and every bucket at each configured size."""
+    sizes = {(h, w) for _, h, w in shapes}
+    return sorted(set(shapes) | {(b, h, w) for h, w in sizes for b in buckets})
 
 
 def stage_service(service: DecoderService, shapes: list[tuple[int, int, int]]) -> server.StageService:
@@ -74,7 +109,8 @@ def stage_service(service: DecoderService, shapes: list[tuple[int, int, int]]) -
     largest = max(MAX_IMAGES * (h * w * 3 + c * (h // f) * (w // f) * 4) for _, h, w in shapes)
     return server.StageService(
         name="sdmesh.v1.Decoder", servicer=service, add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
-        device_methods=frozenset({"Decode"}), warm_up=lambda: service.warm_up(shapes), max_message_bytes=largest,
+        device_methods=batching.device_methods(service.batcher, "Decode"), warm_up=lambda: service.warm_up(shapes),
+        max_message_bytes=largest, metrics=service.metrics,
     )
 
 
@@ -90,9 +126,12 @@ def default_shapes(stage: DecoderStage, folder: Any) -> list[tuple[int, int, int
 
 
 def main(args: Any) -> int:
-    shapes = server.parse_shapes(args.shapes)  # before loading: a typo should not cost a model load
+    # before loading: a typo should not cost a model load
+    shapes = server.parse_shapes(args.shapes)
+    batch = batching.options_from_args(args, max_rows=MAX_IMAGES)
     folder, options, load = server.load_setup(args)
     stage = DecoderStage.load(folder, options, load)
     shapes = shapes or default_shapes(stage, folder)
-    service = DecoderService(stage, args.model)
-    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue)
+    service = DecoderService(stage, args.model, **batch)
+    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue,
+                        metrics_port=getattr(args, "metrics_port", None))

@@ -1,25 +1,37 @@
-"""Denoiser.Denoise over gRPC: conditioning + initial noise → final latents, around `pipeline.DenoiserStage`.
+"""Denoiser.Denoise over gRPC: conditioning + initial noise → final latents, with step-level continuous batching.
 
-The loop runs in compiled chunks of `chunk` steps (one program for every chunk, step
-count and guidance value); after each chunk the stream carries Progress(step i of N),
-and a cancelled call or one past its deadline stops at that boundary. Initial noise
-from a seed is `DenoiserStage.noise(seed, …)`, and that seed also seeds the η stream,
-as `StableDiffusion.generate` does; with given latents, `noise_seed` seeds it.
-Latents are NCHW on the wire and NHWC inside.
+Every request becomes one slot per image (`DenoiserStage.slots`). One scheduler thread
+owns the device: it keeps a running batch per latent shape and runs compiled chunks of
+`chunk` steps; between chunks finished images leave, cancelled requests are dropped and
+waiting requests join (highest priority first, then first come, first served), each slot
+at its own step, step count, sampler and guidance — one compiled program serves them all.
+After each chunk a request's stream carries Progress(step i of N). At most `max_queue`
+requests wait; the next gets RESOURCE_EXHAUSTED at once.
+
+Initial noise from a seed is `DenoiserStage.noise(seed, …)`, and that seed also seeds
+the η stream, as `StableDiffusion.generate` does; with given latents, `noise_seed` seeds
+it. Latents are NCHW on the wire and NHWC inside.
 """
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
+import logging
 import math
-from collections.abc import Callable, Iterator
+import queue
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from sdmesh.client.tensors import from_proto, to_proto
 from sdmesh.services import checkpoint, server
+from sdmesh.services.denoise import RunningBatch, Slot, group_key
+from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.models.vae import VAEConfig
 from sdmesh.services.pipeline import MAX_IMAGES, DenoiserStage, InvalidRequest
 from sdmesh.services.weights import CheckpointError
@@ -28,6 +40,9 @@ from sdmesh.v1 import common_pb2, denoiser_pb2, denoiser_pb2_grpc
 MAX_SIDE = 4096  # pixels, as StableDiffusion.validate
 MAX_CONTEXT_LENGTH = 1024  # tokens per conditioning row; CLIP gives 77
 GUIDED, UNGUIDED = "denoise", "denoise-unguided"  # the two programs: with and without an unconditional pass
+DEFAULT_MAX_BATCH = 8
+
+log = logging.getLogger("sdmesh.denoiser")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +56,8 @@ class DenoiserFacts:
     max_steps: int
     default_size: tuple[int, int] | None  # (height, width) from the UNet's sample_size
     prediction_type: str
+    samplers: tuple[str, ...] = ("ddim",)
+    default_sampler: str = "ddim"
 
 
 def denoiser_facts(stage: DenoiserStage, folder: Path) -> DenoiserFacts:
@@ -56,7 +73,7 @@ def denoiser_facts(stage: DenoiserStage, folder: Path) -> DenoiserFacts:
         latent_channels=stage.latent_channels, context_dim=stage.unet.config.context_dim, context_length=length,
         scale_factor=f, max_steps=stage.max_steps,
         default_size=None if size is None else (size[0] * f, size[1] * f),
-        prediction_type=stage.scheduler.prediction_type,
+        prediction_type=stage.scheduler.prediction_type, samplers=stage.samplers, default_sampler=stage.default_sampler,
     )
 
 
@@ -72,10 +89,16 @@ class DenoiseJob:
     eta: float
     height: int  # pixels
     width: int
+    sampler: str | None = None  # None: the checkpoint's own
+    priority: int = 0
 
     @property
     def program(self) -> str:
         return UNGUIDED if self.uncond is None else GUIDED
+
+    @property
+    def images(self) -> int:
+        return int(self.cond.shape[0])
 
 
 def _finite_tensor(t, name: str, ndim: int) -> np.ndarray:
@@ -114,6 +137,10 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: Denoiser
     guidance_scale = _finite_number("guidance_scale", request.guidance_scale, -1000.0, 1000.0)
     guidance_rescale = _finite_number("guidance_rescale", request.guidance_rescale, 0.0, 1.0)
     eta = _finite_number("eta", request.eta, 0.0, 1000.0)
+    sampler = request.sampler or None
+    if sampler is not None and sampler not in facts.samplers:
+        raise InvalidRequest(f"sampler {sampler!r} is not one of {', '.join(facts.samplers)}")
+    extra = dict(sampler=sampler, priority=request.priority)
 
     f, c = facts.scale_factor, facts.latent_channels
     if request.WhichOneof("init") == "latents":
@@ -126,7 +153,7 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: Denoiser
             if asked and asked != got:
                 raise InvalidRequest(f"{name} {asked} disagrees with the latents' {got // f} × {f} = {got} pixels; send 0 or {got}")
         latents = np.ascontiguousarray(given.transpose(0, 2, 3, 1))  # NCHW → NHWC
-        return DenoiseJob(cond, uncond, latents, request.noise_seed, steps, guidance_scale, guidance_rescale, eta, height, width)
+        return DenoiseJob(cond, uncond, latents, request.noise_seed, steps, guidance_scale, guidance_rescale, eta, height, width, **extra)
     if request.WhichOneof("init") != "seed":
         raise InvalidRequest("give the initial noise: a seed, or latents (N, C, H/f, W/f)")
     height, width = request.height, request.width
@@ -137,7 +164,7 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: Denoiser
     for name, v in (("height", height), ("width", width)):
         if v % f or not f <= v <= MAX_SIDE:
             raise InvalidRequest(f"{name} must be a multiple of {f} from {f} to {MAX_SIDE} for this model, got {v}")
-    return DenoiseJob(cond, uncond, None, request.seed, steps, guidance_scale, guidance_rescale, eta, height, width)
+    return DenoiseJob(cond, uncond, None, request.seed, steps, guidance_scale, guidance_rescale, eta, height, width, **extra)
 
 
 def progress_to_proto(done: int, total: int) -> denoiser_pb2.DenoiseEvent:
@@ -148,34 +175,227 @@ def latents_to_proto(latents_nhwc: Any) -> denoiser_pb2.DenoiseEvent:
     return denoiser_pb2.DenoiseEvent(latents=to_proto(np.asarray(latents_nhwc, np.float32).transpose(0, 3, 1, 2)))
 
 
-class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, stage: DenoiserStage, facts: DenoiserFacts, model: str, chunk: int | None = None):
-        self.stage, self.facts, self.model, self.chunk = stage, facts, model, chunk
-        self.compiled: set[tuple[str, int, int, int]] = set()  # (program, batch, height, width)
+class Ticket:
+    """One Denoise call inside the scheduler: its slots, and the events its stream waits for."""
 
-    def run(self, job: DenoiseJob, active: Callable[[], bool] = lambda: True) -> Iterator[tuple[int, Any]]:
-        """(steps done, latents NHWC) after each chunk; stops before the next chunk once `active()` is false."""
-        f = self.facts.scale_factor
+    def __init__(self, job: DenoiseJob, seq: int):
+        self.job, self.seq = job, seq
+        self.events: queue.Queue = queue.Queue()  # (done, total) progress, then ("latents", array) or ("error", exc)
+        self.cancelled = threading.Event()
+        self.slots: list[Slot] = []
+        self.reported = 0
+
+    def __lt__(self, other: "Ticket") -> bool:  # heap order: higher priority, then earlier
+        return (-self.job.priority, self.seq) < (-other.job.priority, other.seq)
+
+
+class Scheduler:
+    """Step-level continuous batching: one thread, running batches per latent shape, bounded admission.
+
+    Tickets wait in a heap (priority, then arrival). Between chunks the thread admits the
+    head tickets while their images fit in `max_batch` slots (a request larger than that
+    runs alone), runs one chunk of the next non-empty batch (round robin over shapes),
+    reports progress, and lets finished and cancelled tickets leave.
+    """
+
+    def __init__(self, stage: DenoiserStage, facts: DenoiserFacts, *, chunk: int, max_batch: int, max_queue: int,
+                 buckets: tuple[int, ...], metrics: Any = None):
+        self.stage, self.facts, self.chunk, self.max_batch, self.max_queue = stage, facts, chunk, max_batch, max_queue
+        self.buckets, self.metrics = buckets, metrics
+        self._waiting: list[Ticket] = []
+        self._batches: dict[tuple, RunningBatch] = {}
+        self._tickets: list[Ticket] = []  # admitted, not finished
+        self._lock = threading.Condition()
+        self._seq = itertools.count()
+        self._turn = 0
+        self.compiled: set[tuple[str, int, int, int]] = set()  # (program, batch, height, width)
+        self.stats = {"chunks": 0, "peak_slots": 0, "peak_requests": 0, "shared_chunks": 0}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="sdmesh-denoiser", daemon=True)
+        self._thread.start()
+
+    # -- callers' side --
+
+    def submit(self, job: DenoiseJob) -> Ticket:
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise server.Overloaded(f"the denoiser is busy: {self.max_queue} requests already wait for a slot "
+                                        "(--max-queue); retry later or on another replica")
+            ticket = Ticket(job, next(self._seq))
+            heapq.heappush(self._waiting, ticket)
+            self._report_queue()
+            self._lock.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        ticket.cancelled.set()
+        with self._lock:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                heapq.heapify(self._waiting)
+                self._report_queue()
+            self._lock.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=5)
+
+    @property
+    def running_slots(self) -> int:
+        return sum(len(b) for b in self._batches.values())
+
+    # -- the device thread --
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(len(self._waiting))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not self.running_slots:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                admitted = self._admit()
+            try:
+                for ticket in admitted:
+                    self._join(ticket)
+                self._drop_cancelled()
+                self._run_one_chunk()
+            except Exception as error:  # noqa: BLE001 - fail the calls in flight, keep serving the next ones
+                log.exception("denoise chunk failed")
+                self._fail_all(error)
+
+    def _admit(self) -> list[Ticket]:
+        """Pop the head tickets that fit (caller holds the lock)."""
+        admitted = []
+        free = self.max_batch - self.running_slots
+        while self._waiting:
+            head = self._waiting[0]
+            fits = head.job.images <= free or (self.running_slots == 0 and not admitted)
+            if not fits:
+                break  # first come, first served: nobody overtakes the head
+            heapq.heappop(self._waiting)
+            if head.cancelled.is_set():
+                continue
+            admitted.append(head)
+            free -= head.job.images
+        if admitted:
+            self._report_queue()
+        return admitted
+
+    def _join(self, ticket: Ticket) -> None:
+        job, f = ticket.job, self.facts.scale_factor
         if job.latents is None:
-            latents = self.stage.noise(job.seed, (job.cond.shape[0], job.height // f, job.width // f, self.facts.latent_channels))
+            noise = self.stage.noise(job.seed, (job.images, job.height // f, job.width // f, self.facts.latent_channels))
         else:
-            latents = jnp.asarray(job.latents)
-        uncond = None if job.uncond is None else jnp.asarray(job.uncond)
-        chunks = self.stage.run(latents, jnp.asarray(job.cond), uncond, steps=job.steps, guidance_scale=job.guidance_scale,
-                                guidance_rescale=job.guidance_rescale, eta=job.eta, seed=job.seed, chunk=self.chunk)
-        for done, latents, _ in chunks:
-            self.compiled.add((job.program, job.cond.shape[0], job.height, job.width))
-            yield done, latents
-            if done < job.steps and not active():
-                chunks.close()
-                return
+            noise = job.latents
+        ticket.slots = self.stage.slots(noise, job.cond, job.uncond, steps=job.steps, guidance_scale=job.guidance_scale,
+                                        guidance_rescale=job.guidance_rescale, eta=job.eta, seed=job.seed,
+                                        sampler=job.sampler, owner=ticket)
+        key = group_key(ticket.slots[0])
+        if key not in self._batches:
+            self._batches[key] = self.stage.new_batch(self.buckets)
+        self._batches[key].join(ticket.slots)
+        self._tickets.append(ticket)
+
+    def _drop_cancelled(self) -> None:
+        for batch in self._batches.values():
+            batch.leave(lambda s: not s.owner.cancelled.is_set())
+        self._tickets = [t for t in self._tickets if not t.cancelled.is_set()]
+
+    def _run_one_chunk(self) -> None:
+        keys = [k for k, b in self._batches.items() if len(b)]
+        if not keys:
+            return
+        key = keys[self._turn % len(keys)]
+        self._turn += 1
+        batch = self._batches[key]
+        t0 = time.perf_counter()
+        compile_s = batch.run_chunk(self.chunk)
+        seconds = time.perf_counter() - t0 - compile_s
+        owners = {id(s.owner) for s in batch.slots}
+        self.stats["chunks"] += 1
+        self.stats["peak_slots"] = max(self.stats["peak_slots"], len(batch))
+        self.stats["peak_requests"] = max(self.stats["peak_requests"], len(owners))
+        self.stats["shared_chunks"] += len(owners) > 1
+        (h, w, _), _, _ = key
+        f = self.facts.scale_factor
+        self.compiled.add((GUIDED if batch.with_uncond else UNGUIDED, batch.capacity, h * f, w * f))
+        if self.metrics is not None:
+            self.metrics.observe_chunk(seconds)
+            self.metrics.observe_batch(len(batch), batch.capacity)
+        finished: dict[int, Ticket] = {}
+        for ticket in [t for t in self._tickets if any(s in batch.slots for s in t.slots)]:
+            job = ticket.job
+            evaluations = ticket.slots[0].plan.evaluations
+            done = min(s.step for s in ticket.slots) * job.steps // evaluations
+            if done > ticket.reported:
+                ticket.reported = done
+                ticket.events.put((done, job.steps))
+            if all(s.done for s in ticket.slots):
+                finished[id(ticket)] = ticket
+        if finished:
+            latents = {id(s): x for s, x in batch.leave(lambda s: id(s.owner) not in finished)}
+            for ticket in finished.values():
+                ticket.events.put(("latents", np.stack([latents[id(s)] for s in ticket.slots])))
+                if self.metrics is not None:
+                    self.metrics.images_served(ticket.job.images)
+            self._tickets = [t for t in self._tickets if id(t) not in finished]
+
+    def _fail_all(self, error: Exception) -> None:
+        for ticket in self._tickets:
+            ticket.events.put(("error", error))
+        self._tickets = []
+        self._batches = {}
+
+
+class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
+    def __init__(self, stage: DenoiserStage, facts: DenoiserFacts, model: str, chunk: int | None = None, *,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = server.DEFAULT_MAX_QUEUE,
+                 buckets: tuple[int, ...] | None = None, metrics: Any = None):
+        self.stage, self.facts, self.model = stage, facts, model
+        self.chunk = chunk or 5
+        buckets = tuple(sorted(set(buckets or ()) | {b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}))
+        self.scheduler = Scheduler(stage, facts, chunk=self.chunk, max_batch=max_batch, max_queue=max_queue,
+                                   buckets=buckets, metrics=metrics)
+
+    @property
+    def compiled(self) -> set[tuple[str, int, int, int]]:
+        return self.scheduler.compiled
+
+    def run(self, job: DenoiseJob, active=lambda: True) -> Iterator[tuple[int, np.ndarray | None]]:
+        """(steps done, None) after each chunk, then (steps, final latents NHWC); cancels once `active()` is false."""
+        ticket = self.scheduler.submit(job)
+        try:
+            while True:
+                try:
+                    event = ticket.events.get(timeout=0.05)
+                except queue.Empty:
+                    if not active():
+                        return
+                    continue
+                if event[0] == "latents":
+                    yield job.steps, event[1]
+                    return
+                if event[0] == "error":
+                    raise event[1]
+                yield event[0], None
+                if not active():
+                    return
+        finally:
+            self.scheduler.cancel(ticket)  # a no-op once finished; frees the slots of a call that went away
 
     def Denoise(self, request, context):
         job = denoise_job_from_proto(request, self.facts)
         latents = None
         for done, latents in self.run(job, context.is_active):
-            yield progress_to_proto(done, job.steps)
-        if context.is_active():
+            if latents is None:
+                yield progress_to_proto(done, job.steps)
+        if context.is_active() and latents is not None:
             yield latents_to_proto(latents)
 
     def ModelInfo(self, request, context):
@@ -183,7 +403,11 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         facts = self.facts
         info = {"latent_channels": facts.latent_channels, "vae_scale_factor": facts.scale_factor,
                 "hidden_size": facts.context_dim, "max_length": facts.context_length, "max_steps": facts.max_steps,
-                "prediction_type": facts.prediction_type, "chunk_steps": self.chunk or 0, "max_images": MAX_IMAGES}
+                "prediction_type": facts.prediction_type, "chunk_steps": self.chunk, "max_images": MAX_IMAGES,
+                "max_batch": self.scheduler.max_batch, "batch_buckets": ",".join(map(str, self.scheduler.buckets)),
+                "samplers": ",".join(facts.samplers), "default_sampler": facts.default_sampler,
+                "running_slots": self.scheduler.running_slots, "waiting_requests": len(self.scheduler._waiting),
+                **self.scheduler.stats}
         if facts.default_size is not None:
             info["default_height"], info["default_width"] = facts.default_size
         return common_pb2.ModelInfo(
@@ -195,8 +419,10 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         )
 
     def warm_up(self, shapes: list[tuple[int, int, int]]) -> None:
-        """Compile the guided program (and the noise draw) for each (batch, height, width): one step each."""
-        for batch, height, width in shapes:
+        """Compile the guided program at each configured size for that shape's batch and every bucket: one
+        request of that many images, one step each (the unguided program compiles when first needed)."""
+        sizes = {(h, w) for _, h, w in shapes}
+        for batch, height, width in sorted(set(shapes) | {(b, h, w) for h, w in sizes for b in self.scheduler.buckets}):
             cond = np.zeros((batch, self.facts.context_length, self.facts.context_dim), np.float32)
             job = DenoiseJob(cond, cond, None, 0, 1, 7.5, 0.0, 0.0, height, width)
             for _ in self.run(job):
@@ -217,15 +443,15 @@ def message_bytes(facts: DenoiserFacts, shapes: list[tuple[int, int, int]]) -> i
                for _, h, w in shapes)
 
 
-def stage_service(service: DenoiserService, shapes: list[tuple[int, int, int]]) -> server.StageService:
+def stage_service(service: DenoiserService, shapes: list[tuple[int, int, int]], metrics: Any = None) -> server.StageService:
     f = service.facts.scale_factor
     for b, h, w in shapes:
         if h % f or w % f or max(h, w) > MAX_SIDE or b > MAX_IMAGES:
             raise InvalidRequest(f"--shapes {b}x{h}x{w}: height and width must be multiples of {f} up to {MAX_SIDE}, batch ≤ {MAX_IMAGES}")
     return server.StageService(
         name="sdmesh.v1.Denoiser", servicer=service, add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,
-        device_methods=frozenset({"Denoise"}), warm_up=lambda: service.warm_up(shapes),
-        max_message_bytes=message_bytes(service.facts, shapes),
+        device_methods=frozenset(), warm_up=lambda: service.warm_up(shapes),  # the scheduler queues Denoise itself
+        max_message_bytes=message_bytes(service.facts, shapes), metrics=metrics,
     )
 
 
@@ -235,5 +461,8 @@ def main(args: Any) -> int:
     stage = DenoiserStage.load(folder, options, load)
     facts = denoiser_facts(stage, folder)
     shapes = shapes or default_shapes(facts)
-    service = DenoiserService(stage, facts, args.model, chunk=args.chunk_steps)
-    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue)
+    metrics = StageMetrics("denoiser")
+    service = DenoiserService(stage, facts, args.model, chunk=args.chunk_steps, max_batch=args.max_batch,
+                              max_queue=args.max_queue, buckets=tuple(b for b, _, _ in shapes), metrics=metrics)
+    return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port, max_queue=args.max_queue,
+                        metrics_port=args.metrics_port)

@@ -15,6 +15,9 @@ by a stage shutting down) before it returned its result is retried on another re
 pure function of its request given the seed, so rerunning it from the start gives the same
 latents. The client's deadline is passed down as each call's timeout, and a client that goes
 away cancels the call in flight.
+
+Metrics (services/metrics.py, stage="gateway"): requests in flight as the queue depth, each RPC's
+latency and non-OK status code, images served; `--metrics-port` serves them over HTTP.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
@@ -36,6 +40,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdmesh.client.tensors import TensorError, from_proto, to_proto
 from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.metrics import StageMetrics
+from sdmesh.services.server import ended_with
 from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, gateway_pb2,
                        gateway_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc)
 
@@ -397,9 +403,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     """Chains the stage pools; each RPC is validate → encode → denoise → decode → PNGs."""
 
     def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, *, max_inflight: int = 32,
-                 facts: ModelFacts | None = None):
+                 facts: ModelFacts | None = None, metrics: StageMetrics | None = None):
         self.encoders, self.denoisers, self.decoders = encoders, denoisers, decoders
         self.max_inflight = max_inflight
+        self.metrics = metrics or StageMetrics("gateway")
         self._inflight = 0
         self._lock = threading.Lock()
         self._facts = facts
@@ -423,11 +430,25 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     # -- RPCs --
 
     def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateEvent]:
+        t0 = time.perf_counter()
+        try:
+            yield from self._admitted(request, context)
+        finally:  # also when gRPC closes the stream of a client that went away
+            self._record(context, t0)
+
+    def _record(self, context: grpc.ServicerContext, t0: float) -> None:
+        self.metrics.observe_request(time.perf_counter() - t0)
+        code = ended_with(context)
+        if code != grpc.StatusCode.OK:
+            self.metrics.error(code.name)
+
+    def _admitted(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateEvent]:
         with self._lock:
             if self._inflight >= self.max_inflight:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the gateway has {self.max_inflight} requests in flight (its --max-inflight); retry later")
             self._inflight += 1
+            self.metrics.set_queue_depth(self._inflight)
         try:
             yield from self._generate(request, context)
         except InvalidRequest as e:
@@ -442,6 +463,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         finally:
             with self._lock:
                 self._inflight -= 1
+                self.metrics.set_queue_depth(self._inflight)
 
     def _generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateEvent]:
         down = Downstream(context)
@@ -472,10 +494,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         decoded = call_stage(self.decoders, down, decode, "Decode")
         images = from_proto(decoded.images, name="images", dtype="uint8", ndim=4)
         yield gateway_pb2.GenerateEvent(progress=common_pb2.Progress(stage="decode", step=1, total_steps=1))
-        yield gateway_pb2.GenerateEvent(result=gateway_pb2.GenerateResult(
-            images=png_bytes(images), seed=job.seed, truncation_notes=truncation_notes(encoded)))
+        result = gateway_pb2.GenerateResult(images=png_bytes(images), seed=job.seed, truncation_notes=truncation_notes(encoded))
+        self.metrics.images_served(len(images))
+        yield gateway_pb2.GenerateEvent(result=result)
 
     def ModelInfo(self, request: common_pb2.ModelInfoRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
+        t0 = time.perf_counter()
+        try:
+            return self._model_info(context)
+        finally:
+            self._record(context, t0)
+
+    def _model_info(self, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         down = Downstream(context)
         try:
             facts = self.facts(down)
@@ -557,6 +587,9 @@ def main(args: argparse.Namespace) -> int:
              for stage in ("encoder", "denoiser", "decoder")]
     service = GatewayService(*pools, max_inflight=args.max_inflight)
     server, port = build_server(service, f"{args.host}:{args.port}")
+    if getattr(args, "metrics_port", None) is not None:
+        bound = service.metrics.serve_http(args.metrics_port, args.host)
+        log.warning("sdmesh.v1.Gateway metrics on http://%s:%d/metrics", args.host, bound)
     for name in ("", "sdmesh.v1.Gateway"):  # until the stages answer (below)
         server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
     server.start()
@@ -580,4 +613,5 @@ def main(args: argparse.Namespace) -> int:
     server.stop(grace=5).wait()
     for pool in pools:
         pool.close()
+    service.metrics.close()
     return 0

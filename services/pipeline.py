@@ -1,7 +1,7 @@
 """Stable Diffusion text-to-image: three stages, each a pure function of (params, inputs).
 
     encode_text(params, ids)                       → conditioning (B, 77, D)
-    denoise(params, schedule, latents, cond, …)    → latents, a lax.fori_loop of DDIM steps
+    denoise.denoise_chunk(params, slots, …)        → latents, a lax.fori_loop over a running batch of slots
     decode(params, latents)                        → uint8 images (B, H, W, 3)
 
 `StableDiffusion` loads a checkpoint, jits each stage once per shape and chains
@@ -23,19 +23,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdmesh.services import checkpoint, sharding
+from sdmesh.services import checkpoint, samplers, sharding
+from sdmesh.services import denoise as dn
 from sdmesh.services.errors import InvalidRequest
 from sdmesh.services.models import text_encoder as te
 from sdmesh.services.models import unet as un
 from sdmesh.services.models import vae as va
 from sdmesh.services.models.attention import IMPLEMENTATIONS
-from sdmesh.services.samplers import ddim
+from sdmesh.services.samplers import ddim, table
 from sdmesh.services.tokenizer import PromptTokenizer, load_tokenizer
 from sdmesh.services.weights import CheckpointError, convert
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PRECISIONS = ("default", "high", "highest")
-MAX_STEPS = 1000  # no scheduler trains on more; the schedule arrays are padded to this so steps never recompile
+MAX_STEPS = dn.MAX_STEPS
 MAX_IMAGES = 64
 
 
@@ -71,6 +72,7 @@ class GenerationRequest:
     width: int | None = None
     seed: int | None = None  # None: a random seed, reported in the result
     latents: np.ndarray | None = None  # initial noise, NCHW float32 (N, C, H/f, W/f), as diffusers' `latents`
+    sampler: str | None = None  # None: the checkpoint's own (its scheduler config), else one of samplers.SAMPLER_NAMES
 
 
 @dataclasses.dataclass
@@ -89,64 +91,6 @@ def encode_text(encoder: te.CLIPTextEncoder, params: Any, ids: jax.Array) -> jax
     return encoder.apply({"params": params}, ids)
 
 
-def guided_output(
-    unet: un.UNet2DConditionModel,
-    params: Any,
-    x: jax.Array,
-    t: jax.Array,
-    cond: jax.Array,
-    uncond: jax.Array | None,
-    guidance_scale: jax.Array,
-    guidance_rescale: jax.Array,
-) -> jax.Array:
-    """The UNet's output under classifier-free guidance (Ho & Salimans 2022), in one batched call.
-
-    guidance_scale/guidance_rescale are (B,) so each sample may carry its own.
-    """
-    dtype = unet.dtype
-    if uncond is None:
-        return unet.apply({"params": params}, x.astype(dtype), t, cond).astype(jnp.float32)
-    both = unet.apply({"params": params}, jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([t, t]),
-                      jnp.concatenate([uncond, cond]))
-    out_uncond, out_cond = jnp.split(both.astype(jnp.float32), 2)
-    g = guidance_scale[:, None, None, None]
-    out = out_uncond + g * (out_cond - out_uncond)
-    # Guidance rescale (Lin et al. 2023, §3.4), as diffusers computes it: unbiased std over all but batch.
-    axes = tuple(range(1, out.ndim))
-    ratio = jnp.std(out_cond, axis=axes, keepdims=True, ddof=1) / jnp.std(out, axis=axes, keepdims=True, ddof=1)
-    r = guidance_rescale[:, None, None, None]
-    return jnp.where(r > 0, r * (out * ratio) + (1 - r) * out, out)
-
-
-def denoise(
-    unet: un.UNet2DConditionModel,
-    scheduler: ddim.DDIMConfig,
-    params: Any,
-    schedule: ddim.Schedule,
-    start: jax.Array,
-    stop: jax.Array,
-    latents: jax.Array,
-    cond: jax.Array,
-    uncond: jax.Array | None,
-    guidance_scale: jax.Array,
-    guidance_rescale: jax.Array,
-    eta: jax.Array,
-    key: jax.Array,
-) -> jax.Array:
-    """DDIM steps [start, stop) of `schedule` from `latents` (B, h, w, C) float32: one lax.fori_loop.
-
-    start/stop are traced, so one compiled program runs a whole request or any chunk of it.
-    """
-
-    def body(i: jax.Array, x: jax.Array) -> jax.Array:
-        t = jnp.broadcast_to(schedule.timesteps[i], (x.shape[0],))
-        out = guided_output(unet, params, x, t, cond, uncond, guidance_scale, guidance_rescale)
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return ddim.ddim_step(scheduler, out, x, schedule.alpha_prod[i], schedule.alpha_prod_prev[i], eta=eta, noise=noise)
-
-    return jax.lax.fori_loop(start, stop, body, latents)
-
-
 def decode(vae: va.AutoencoderKL, params: Any, latents: jax.Array) -> jax.Array:
     """Scaled latents (B, h, w, C) → uint8 images (B, H, W, 3), rounded as diffusers' postprocess does."""
     images = vae.apply({"params": params}, va.unscale_latents(latents, vae.config).astype(vae.dtype), method=va.AutoencoderKL.decode)
@@ -163,13 +107,6 @@ def initial_noise(key: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array
     """Gaussian latents (N, h, w, C); drawn as NCHW so a seed means the same noise as a --latents file of it."""
     n, h, w, c = shape
     return jax.random.normal(key, (n, c, h, w), jnp.float32).transpose(0, 2, 3, 1)
-
-
-def padded_schedule(config: ddim.DDIMConfig, steps: int) -> ddim.Schedule:
-    """The DDIM schedule padded to MAX_STEPS entries: the loop's bounds, not its arrays' shapes, say how many run."""
-    s = ddim.make_schedule(config, steps)
-    pad = MAX_STEPS - steps
-    return ddim.Schedule(*(np.pad(a, (0, pad), mode="edge") for a in s))
 
 
 # --- Loading ----------------------------------------------------------------------
@@ -245,38 +182,52 @@ class Programs:
 
     Given a mesh, each program is one SPMD program over it: the params keep the shardings they
     were placed with, the `batched` arguments are split by batch on `data`, the rest replicated,
-    and the output is split like the first batched argument.
+    and every output is split by batch.
     """
 
     def __init__(self, precision: str, mesh: jax.sharding.Mesh | None = None):
         self.precision, self.mesh = precision, mesh
         self._compiled: dict[tuple, Any] = {}
+        # On a mesh over several processes, process 0 sets this to `distributed.Leader.call`, which sends each
+        # call to the other processes before running it: an SPMD program runs only when every process runs it.
+        self.lockstep: Callable[..., Any] | None = None
 
     def get(self, name: str, fn: Callable, *args: Any, batched: tuple[int, ...] = ()) -> tuple[Callable, float]:
         """(compiled `fn` for these shapes, seconds spent compiling it now: 0 when it was already compiled)."""
         # args[0] is the params, fixed for the stage's life: the other inputs' shapes are the key
         rest = args[1:]
         key = (name, jax.tree_util.tree_structure(rest)) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(rest))
-        shardings = None if self.mesh is None else self._shardings(args, batched)
         compile_s = 0.0
         if key not in self._compiled:
             t0 = time.perf_counter()
+            shardings = None if self.mesh is None else self._shardings(fn, args, batched)
             with jax.default_matmul_precision(self.precision):  # read while tracing
                 if shardings is None:
                     lowered = jax.jit(fn).lower(*args)
                 else:
                     in_shardings, out_shardings = shardings
+                    if self.mesh.is_multi_process:  # see services/distributed.py
+                        from sdmesh.services import distributed
+
+                        # no process holds the others' inputs, and process 0 needs every output whole
+                        out_shardings, placed = sharding.replicated(self.mesh), distributed.abstract(args, in_shardings)
+                    else:
+                        placed = jax.device_put(args, in_shardings)
                     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
-                    lowered = jitted.lower(*jax.device_put(args, in_shardings))
-                self._compiled[key] = lowered.compile()
+                    lowered = jitted.lower(*placed)
+                self._compiled[key] = (lowered.compile(), shardings)
             compile_s = time.perf_counter() - t0
-        program = self._compiled[key]
+        program, shardings = self._compiled[key]
         if shardings is None:
             return program, compile_s
+        if self.mesh.is_multi_process:
+            from sdmesh.services import distributed
+
+            return distributed.program_call(program, shardings[0], self.lockstep, name, fn, batched), compile_s
         # inputs arrive on one device or split another way (another stage's output): move them onto the program's shardings
         return lambda *a: program(*jax.device_put(a, shardings[0])), compile_s
 
-    def _shardings(self, args: tuple, batched: tuple[int, ...]) -> tuple[tuple, Any]:
+    def _shardings(self, fn: Callable, args: tuple, batched: tuple[int, ...]) -> tuple[tuple, Any]:
         """(in_shardings, out_shardings) on the mesh."""
         mesh = self.mesh
         params = jax.tree_util.tree_map(lambda a: a.sharding, args[0])
@@ -284,7 +235,9 @@ class Programs:
             jax.tree_util.tree_map(lambda a: sharding.batch_sharding(mesh, a.shape) if i in batched else sharding.replicated(mesh), arg)
             for i, arg in enumerate(args[1:], start=1)
         )
-        return (params, *rest), sharding.batch_sharding(mesh, args[batched[0]].shape)
+        # every output is split by batch (the stages return per-sample arrays only)
+        out = jax.eval_shape(fn, *args)
+        return (params, *rest), jax.tree_util.tree_map(lambda a: sharding.batch_sharding(mesh, a.shape), out)
 
     @property
     def shapes(self) -> list[tuple]:
@@ -322,15 +275,21 @@ class TextEncoderStage:
 
 
 class DenoiserStage:
-    """Conditioning + initial latents → final latents: the UNet under DDIM, in compiled chunks of steps."""
+    """Conditioning + initial noise → final latents: the UNet under any sampler, as a running batch of slots.
 
-    def __init__(self, unet: un.UNet2DConditionModel, scheduler: ddim.DDIMConfig, params: Any, options: RuntimeOptions):
-        self.unet, self.scheduler, self.options = unet, scheduler, options
+    `slots(...)` turns a request into one `denoise.Slot` per image; `new_batch()` gives a
+    `denoise.RunningBatch` whose chunks run one compiled program for every sampler, step
+    count, guidance value and request mix. `run(...)` is the one-request path on top.
+    """
+
+    def __init__(self, unet: un.UNet2DConditionModel, scheduler_json: dict[str, Any], params: Any, options: RuntimeOptions):
+        self.unet, self.scheduler_json, self.options = unet, scheduler_json, options
+        self.scheduler = ddim.DDIMConfig.from_json(scheduler_json)  # the training schedule's facts (prediction type, range)
         self.mesh = stage_mesh(options)
         self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
         self.programs = Programs(options.precision, self.mesh)
-        self._denoise = functools.partial(denoise, unet, scheduler)
         self._noise = jax.jit(initial_noise, static_argnums=1)  # the shape is static
+        self._keys = jax.jit(_image_keys, static_argnums=1)
 
     @classmethod
     def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DenoiserStage":
@@ -340,7 +299,7 @@ class DenoiserStage:
         params = load_params(files, un.init_shapes(config), dtype=DTYPES[options.weights_dtype],
                              fix_key=un.fix_checkpoint_key, source=label, mesh=stage_mesh(options))
         scheduler_json = fix_old_scheduler_config(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
-        return cls(unet, ddim.DDIMConfig.from_json(scheduler_json), params, options)
+        return cls(unet, scheduler_json, params, options)
 
     @property
     def latent_channels(self) -> int:
@@ -350,9 +309,68 @@ class DenoiserStage:
     def max_steps(self) -> int:
         return min(MAX_STEPS, ddim.max_steps(self.scheduler))
 
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return samplers.SAMPLER_NAMES
+
+    @property
+    def default_sampler(self) -> str:
+        """The checkpoint's own sampler, named by its scheduler config (as diffusers' pipeline would use it)."""
+        return samplers.default_sampler(self.scheduler_json)
+
     def noise(self, seed: int, shape: tuple[int, int, int, int]) -> jax.Array:
-        """Initial latents (N, h, w, C) for a seed."""
+        """Initial latents (N, h, w, C) for a seed: unit Gaussian, before any sampler's init_noise_sigma."""
         return self._noise(seed_key(seed), shape)
+
+    def plan(self, steps: int, *, sampler: str | None = None, eta: float = 0.0, first: int = 0) -> table.Plan:
+        """The coefficient table of one image's run (see samplers.table)."""
+        sampler = sampler or self.default_sampler
+        if sampler not in samplers.SAMPLER_NAMES:
+            raise InvalidRequest(f"sampler {sampler!r} is not one of {', '.join(samplers.SAMPLER_NAMES)}")
+        try:
+            return samplers.make_plan(sampler, self.scheduler_json, steps, eta=eta, first=first)
+        except ValueError as e:  # e.g. a prediction type this sampler cannot use, or too many steps for it
+            raise InvalidRequest(f"sampler {sampler}: {e}") from None
+
+    def slots(
+        self,
+        noise: Any,
+        cond: Any,
+        uncond: Any | None,
+        *,
+        steps: int,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        sampler: str | None = None,
+        owner: Any = None,
+    ) -> list[dn.Slot]:
+        """One slot per image of a text-to-image request. `noise` (N, h, w, C) is unit Gaussian (`noise()` or given
+        latents); each image's η/ancestral noise comes from its own stream of `seed`, so batching never changes it."""
+        plan = self.plan(steps, sampler=sampler, eta=eta)
+        noise, cond = np.asarray(noise, np.float32), np.asarray(cond, np.float32)
+        uncond = None if uncond is None else np.asarray(uncond, np.float32)
+        keys = np.asarray(self._keys(seed_key(seed), noise.shape[0]))
+        return [
+            dn.Slot(plan=plan, x=plan.init_noise_sigma * noise[k], cond=cond[k], uncond=None if uncond is None else uncond[k],
+                    guidance=float(guidance_scale), rescale=float(guidance_rescale), key=keys[k], owner=owner)
+            for k in range(noise.shape[0])
+        ]
+
+    def new_batch(self, buckets: Sequence[int]) -> dn.RunningBatch:
+        """An empty running batch compiled at these batch sizes (a batch of n slots runs at the smallest ≥ n)."""
+        return dn.RunningBatch(self._run_chunk, self.unet.config.class_labels_shape, buckets)
+
+    def _run_chunk(self, with_uncond: bool, inputs: dn.SlotInputs, state: table.SlotState, cursor: dn.Cursor,
+                   iterations: int) -> tuple[table.SlotState, dn.Cursor, float]:
+        fn = functools.partial(dn.denoise_chunk, self.unet, with_uncond)
+        name = "denoise" if with_uncond else "denoise-unguided"
+        n = jnp.int32(iterations)
+        program, compile_s = self.programs.get(name, fn, self.params, inputs, state, cursor, n, batched=(1, 2, 3))
+        state, cursor = program(self.params, inputs, state, cursor, n)
+        jax.block_until_ready(state)
+        return state, cursor, compile_s
 
     def run(
         self,
@@ -365,31 +383,34 @@ class DenoiserStage:
         guidance_rescale: float = 0.0,
         eta: float = 0.0,
         seed: int = 0,
+        sampler: str | None = None,
         chunk: int | None = None,
-    ) -> Iterator[tuple[int, jax.Array, float]]:
-        """Yield (steps done, latents, compile seconds) after each chunk of `chunk` steps (default: all in one).
+    ) -> Iterator[tuple[int, jax.Array | None, float]]:
+        """One request alone: yield (steps done, latents, compile seconds) after each chunk of `chunk` steps.
 
-        The compiled program is the same for every chunk, step count and guidance value;
-        a caller that stops iterating stops the work at the next chunk boundary.
+        Latents (N, h, w, C) come with the last chunk (None before). A caller that stops
+        iterating stops the work at the next chunk boundary.
         """
-        batch = latents.shape[0]
-        schedule = jax.tree_util.tree_map(jnp.asarray, padded_schedule(self.scheduler, steps))
-        scales = jnp.full((batch,), guidance_scale, jnp.float32)
-        rescales = jnp.full((batch,), guidance_rescale, jnp.float32)
-        # η-noise draws from its own stream, so η never changes the initial noise a seed gives
-        key = jax.random.fold_in(seed_key(seed), 1)
-        eta_ = jnp.float32(eta)
-        args = (self.params, schedule, jnp.int32(0), jnp.int32(0), latents, cond, uncond, scales, rescales, eta_, key)
-        # latents, cond, uncond and the per-sample guidance are split by batch on a mesh
-        program, compile_s = self.programs.get("denoise", self._denoise, *args, batched=(4, 5, 6, 7, 8))
-        chunk = chunk or steps
-        for start in range(0, steps, chunk):
-            stop = min(start + chunk, steps)
-            latents = program(self.params, schedule, jnp.int32(start), jnp.int32(stop), latents, cond, uncond,
-                              scales, rescales, eta_, key)
-            latents.block_until_ready()
-            yield stop, latents, compile_s
-            compile_s = 0.0
+        slots = self.slots(latents, cond, uncond, steps=steps, guidance_scale=guidance_scale,
+                           guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler)
+        batch = self.new_batch([len(slots)])
+        batch.join(slots)
+        evaluations = slots[0].plan.evaluations
+        chunk = chunk or evaluations
+        while not slots[0].done:
+            compile_s = batch.run_chunk(min(chunk, evaluations - slots[0].step))
+            done = round(slots[0].step * steps / evaluations)  # PLMS evaluates steps + 1 times
+            if slots[0].done:
+                finished = batch.leave(lambda s: False)
+                yield steps, jnp.asarray(np.stack([x for _, x in finished])), compile_s
+            else:
+                yield done, None, compile_s
+
+
+def _image_keys(key: jax.Array, n: int) -> jax.Array:
+    """Key data of each image's own noise stream (η, ancestral samplers), apart from its initial noise."""
+    stream = jax.random.fold_in(key, 1)
+    return jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(stream, k)))(jnp.arange(n))
 
 
 class DecoderStage:
@@ -549,10 +570,11 @@ class StableDiffusion:
         else:
             latents = self.denoiser.noise(seed, (batch, height // f, width // f, self.denoiser.latent_channels))
         compile_denoise = 0.0
-        for done, latents, compile_s in self.denoiser.run(
+        for done, final, compile_s in self.denoiser.run(
             latents, cond, uncond, steps=request.steps, guidance_scale=request.guidance_scale,
-            guidance_rescale=request.guidance_rescale, eta=request.eta, seed=seed, chunk=chunk,
+            guidance_rescale=request.guidance_rescale, eta=request.eta, seed=seed, sampler=request.sampler, chunk=chunk,
         ):
+            latents = final if final is not None else latents
             compile_denoise += compile_s
             if progress is not None:
                 progress(done, request.steps)

@@ -17,6 +17,11 @@ chooses status codes, turns them into statuses (`status_for`):
 
 The same interceptor admits device RPCs through the `DeviceQueue`: one runs at a time,
 up to `max_queue` wait, and a call beyond that is refused rather than left waiting.
+
+Metrics (services/metrics.py): the interceptor records every `/sdmesh.*` RPC's latency and, when its
+status is not OK, its code (refusals and callers gone included); the `DeviceQueue` reports its depth.
+They go to the service's own `StageMetrics` (`StageService.metrics`, where the servicer records batches,
+chunks and images), and `serve(metrics_port=)` serves them over HTTP.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sdmesh.client.tensors import TensorError
 from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.weights import CheckpointError
 
 log = logging.getLogger("sdmesh.server")
@@ -48,6 +54,7 @@ MESSAGE_MARGIN = 1024 * 1024  # room for the fields around the tensors
 # Threads beyond the queue's: health Watch streams hold one each for as long as a gateway watches, and
 # ModelInfo, reflection and the calls refused when the queue is full need some while the queue is full.
 EXTRA_WORKERS = 32
+DEADLINE_SLACK_SECONDS = 0.1  # a call that ends this close to its deadline counts as DEADLINE_EXCEEDED (`ended_with`)
 
 
 class Overloaded(Exception):
@@ -68,6 +75,7 @@ class StageService:
     device_methods: frozenset[str]  # RPC names that run on the device and wait in the queue, e.g. {"Denoise"}
     warm_up: Callable[[], None]  # compiles the configured shapes: a warm-up call per shape
     max_message_bytes: int  # the largest request or response of the configured shapes
+    metrics: StageMetrics | None = None  # where the server records; the servicer records batches, chunks, images here too
 
 
 # --- errors → statuses: the one place ---------------------------------------------
@@ -85,10 +93,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 class DeviceQueue:
     """One call on the device at a time; at most `max_queue` more wait; past that, Overloaded at once."""
 
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, on_change: Callable[[int], None] | None = None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be ≥ 0, got {max_queue}")
         self.max_queue = max_queue
+        self._on_change = on_change or (lambda admitted: None)  # told the new count (the queue-depth gauge)
         self._device = threading.Lock()
         self._count = threading.Lock()
         self._admitted = 0  # running + waiting
@@ -104,6 +113,7 @@ class DeviceQueue:
             if self._admitted > self.max_queue:  # one running and max_queue waiting
                 raise Overloaded(f"the stage is busy: 1 call running and {self.max_queue} waiting (--max-queue); retry later or on another replica")
             self._admitted += 1
+            self._on_change(self._admitted)
         try:
             while not self._device.acquire(timeout=0.05):
                 if not context.is_active():  # cancelled or past its deadline while waiting: give up the place
@@ -115,13 +125,15 @@ class DeviceQueue:
         finally:
             with self._count:
                 self._admitted -= 1
+                self._on_change(self._admitted)
 
 
 class StatusInterceptor(grpc.ServerInterceptor):
-    """Turns handler exceptions into statuses (`status_for`) and queues device RPCs (`DeviceQueue`)."""
+    """Turns handler exceptions into statuses (`status_for`), queues device RPCs (`DeviceQueue`), and records
+    each RPC's latency and non-OK status code in `metrics`."""
 
-    def __init__(self, queue: DeviceQueue, device_methods: frozenset[str]):
-        self.queue, self.device_methods = queue, device_methods
+    def __init__(self, queue: DeviceQueue, device_methods: frozenset[str], metrics: StageMetrics | None = None):
+        self.queue, self.device_methods, self.metrics = queue, device_methods, metrics
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -142,6 +154,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
     def _unary(self, behaviour, queued: bool):
         def call(request, context):
+            t0 = time.perf_counter()
             try:
                 with self._admit(queued, context):
                     if context.is_active():
@@ -150,12 +163,15 @@ class StatusInterceptor(grpc.ServerInterceptor):
                 pass
             except Exception as e:  # noqa: BLE001 - this is the one place errors become statuses
                 _abort(context, e)
+            finally:
+                self._record(context, t0)
             return None
 
         return call
 
     def _streaming(self, behaviour, queued: bool):
         def call(request, context):
+            t0 = time.perf_counter()
             try:
                 with self._admit(queued, context):
                     if context.is_active():
@@ -164,8 +180,19 @@ class StatusInterceptor(grpc.ServerInterceptor):
                 pass
             except Exception as e:  # noqa: BLE001 - this is the one place errors become statuses
                 _abort(context, e)
+            finally:  # also when gRPC closes the generator of a call whose client went away
+                self._record(context, t0)
 
         return call
+
+    def _record(self, context: grpc.ServicerContext, t0: float) -> None:
+        """The call's latency, and its status code unless OK."""
+        if self.metrics is None:
+            return
+        self.metrics.observe_request(time.perf_counter() - t0)
+        code = ended_with(context)
+        if code != grpc.StatusCode.OK:
+            self.metrics.error(code.name)
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
@@ -173,6 +200,21 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=error)
     context.abort(code, message)
+
+
+def ended_with(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The status a call is ending with: the code it was aborted with or set, else CANCELLED or DEADLINE_EXCEEDED
+    if the client is gone (cancelled, or its deadline passed, while the call waited or ran), else OK."""
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        return code
+    if context.is_active():
+        return grpc.StatusCode.OK
+    # A client whose deadline passes cancels the call itself, which can reach us a little before our copy of the
+    # deadline (sent as a timeout, so it ends later by the transit time): a call gone that close to it timed out.
+    remaining = context.time_remaining()
+    timed_out = remaining is not None and remaining < DEADLINE_SLACK_SECONDS
+    return grpc.StatusCode.DEADLINE_EXCEEDED if timed_out else grpc.StatusCode.CANCELLED
 
 
 # --- the server ---------------------------------------------------------------------
@@ -183,17 +225,25 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
 
 
+def stage_name(service_name: str) -> str:
+    """The metrics' stage label of a gRPC service: "sdmesh.v1.TextEncoder" → "text_encoder"."""
+    short = service_name.rsplit(".", 1)[-1]
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(short))
+
+
 class StageServer:
-    """A gRPC server hosting one stage, with health (NOT_SERVING until warmed up) and reflection."""
+    """A gRPC server hosting one stage, with health (NOT_SERVING until warmed up), reflection and metrics
+    (the service's `StageMetrics`, or a new one; served over HTTP only by `serve(metrics_port=)`)."""
 
     def __init__(self, service: StageService, *, host: str = "127.0.0.1", port: int = 0,
                  max_queue: int = DEFAULT_MAX_QUEUE):
         self.service, self.host = service, host
-        self.queue = DeviceQueue(max_queue)
+        self.metrics = service.metrics or StageMetrics(stage_name(service.name))
+        self.queue = DeviceQueue(max_queue, on_change=self.metrics.set_queue_depth)
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_queue + 1 + EXTRA_WORKERS, thread_name_prefix="sdmesh-rpc"),
-            interceptors=[StatusInterceptor(self.queue, service.device_methods)],
+            interceptors=[StatusInterceptor(self.queue, service.device_methods, self.metrics)],
             options=channel_options(service.max_message_bytes),
         )
         service.add_to_server(service.servicer, self.server)
@@ -225,19 +275,38 @@ class StageServer:
         return time.perf_counter() - t0
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Report NOT_SERVING, refuse new calls, let running ones finish for `grace` seconds."""
+        """Report NOT_SERVING, refuse new calls, let running ones finish for `grace` seconds; stop serving metrics."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.metrics.close()
 
 
-def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAULT_MAX_QUEUE, grace: float = 5.0) -> int:
+def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAULT_MAX_QUEUE, grace: float = 5.0,
+          metrics_port: int | None = None) -> int:
     """Start, warm up, serve until SIGTERM or SIGINT, stop cleanly. Returns the exit status (0).
 
     Logs "<service> SERVING on HOST:PORT" once warm (with --port 0 that is how a launcher learns the port).
     A signal during warm-up ends the process at once: nothing is in flight yet.
+    metrics_port: serve Prometheus metrics on http://HOST:metrics_port/metrics from the start (0: any free
+    port; logged as "<service> metrics on http://HOST:PORT/metrics"); None: not served.
     """
+    from sdmesh.services import distributed  # stage services only: JAX is loaded already
+
+    if distributed.is_follower():
+        # no gRPC here: it runs every program process 0 sends it, until process 0 stops or dies
+        stage = distributed.stage_of(service.servicer)
+        code = distributed.follow(stage.programs, stage.params)
+        logging.shutdown()
+        os._exit(code)
     server = StageServer(service, host=host, port=port, max_queue=max_queue).start()
     log.warning("%s listening on %s (NOT_SERVING until warmed up)", service.name, server.address)
+    leader = None
+    if distributed.is_multi_process():  # process 0: every program call goes to the followers first
+        leader = distributed.Leader.open(on_lost=lambda _why: server._set(health_pb2.HealthCheckResponse.NOT_SERVING))
+        distributed.stage_of(service.servicer).programs.lockstep = leader.call
+    if metrics_port is not None:
+        bound = server.metrics.serve_http(metrics_port, host)
+        log.warning("%s metrics on http://%s/metrics", service.name, _host_port(host, bound))
     seconds = server.warm_up()
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -247,6 +316,8 @@ def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAU
         pass
     log.warning("%s stopping: NOT_SERVING, finishing calls in flight for up to %.0fs", service.name, grace)
     server.stop(grace)
+    if leader is not None:
+        leader.close()  # the followers exit too
     log.warning("%s stopped", service.name)
     # Everything is finished; skip interpreter teardown, where gRPC's and XLA's native threads can
     # abort the process ("terminate called ... exception not rethrown") after a clean stop.
@@ -254,6 +325,10 @@ def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAU
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- what every stage's main() shares -------------------------------------------------
@@ -279,9 +354,10 @@ def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
 
 def load_setup(args: Any) -> tuple[Any, Any, Any]:
     """(checkpoint folder, RuntimeOptions, LoadOptions) from `sdmesh serve` arguments; enables the JAX cache."""
-    from sdmesh.services import checkpoint, pipeline, sharding
+    from sdmesh.services import checkpoint, distributed, pipeline, sharding
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    distributed.initialize_from_args(args)  # before any device is touched: the mesh may span several processes
     options = pipeline.RuntimeOptions(weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype,
                                       precision=args.precision, attention=args.attention, jax_cache_dir=args.jax_cache_dir,
                                       mesh=sharding.mesh_config(args))

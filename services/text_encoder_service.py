@@ -3,6 +3,12 @@
 The prompts and, when asked, the negative prompts are encoded in ONE call of the stage
 (prompts first), as `StableDiffusion.generate` does, so a gateway chaining the services
 gets the in-process pipeline's numbers bit for bit.
+
+With --max-batch above 1, concurrent Encode calls share that call (`batching.Batcher`): each
+request's texts are rows of one batch, padded to a compiled bucket, and its rows come back
+to it with its own truncation notes. Every prompt is padded to the tokenizer's 77 tokens, so
+any requests can share a batch. CLIP encodes each row on its own, so a request's tensors do
+not depend on its batch-mates (measured: tests/test_batching.py).
 """
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from sdmesh.client.tensors import to_proto
-from sdmesh.services import server
+from sdmesh.services import batching, server
+from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.pipeline import MAX_IMAGES, InvalidRequest, TextEncoderStage
 from sdmesh.v1 import common_pb2, text_encoder_pb2, text_encoder_pb2_grpc
 
@@ -63,22 +70,35 @@ def encode_response_to_proto(job: EncodeJob, hidden: np.ndarray, removed: list[s
 
 
 class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
-    def __init__(self, stage: TextEncoderStage, model: str):
-        self.stage, self.model = stage, model
-        self.compiled: set[int] = set()  # rows per encode call
+    """max_batch: texts (rows: a prompt and its negative are two) per device call; 1 runs each call alone.
+    batch_wait: seconds the oldest waiting call may wait for others to fill its batch.
+    max_queue: calls that may wait (when batching; with max_batch 1 the server's DeviceQueue bounds them).
+    metrics: where batches and device calls are recorded (the server records its RPCs there too)."""
 
-    def encode(self, job: EncodeJob) -> tuple[np.ndarray, list[str]]:
-        hidden, removed, _ = self.stage.encode(job.prompts + job.negative_prompts)
-        self.compiled.add(len(job.prompts) + len(job.negative_prompts))
+    def __init__(self, stage: TextEncoderStage, model: str, *, max_batch: int = 1, batch_wait: float = 0.0,
+                 max_queue: int = server.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None):
+        self.stage, self.model = stage, model
+        self.metrics = metrics or StageMetrics("text_encoder")
+        self.compiled: set[int] = set()  # rows per encode call
+        self.batcher = batching.Batcher(self.encode_texts, max_batch=max_batch, batch_wait=batch_wait, max_queue=max_queue,
+                                        metrics=self.metrics, name="encoder")
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """One device call: (hidden (T, L, D) float32, per text the truncated text)."""
+        hidden, removed, _ = self.stage.encode(texts)
+        self.compiled.add(len(texts))
         return np.asarray(hidden, np.float32), removed
 
     def Encode(self, request, context):
-        job = encode_job_from_proto(request)
-        return encode_response_to_proto(job, *self.encode(job))
+        job = encode_job_from_proto(request)  # validated alone, first: a bad request must not fail a batch
+        future = self.batcher.submit(job.prompts + job.negative_prompts, is_active=context.is_active)
+        hidden, removed = batching.wait(future, context.is_active)
+        return encode_response_to_proto(job, hidden, list(removed))
 
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)
-        facts = {"max_length": self.stage.tokenizer.max_length, "hidden_size": self.stage.hidden_size}
+        facts = {"max_length": self.stage.tokenizer.max_length, "hidden_size": self.stage.hidden_size,
+                 "max_batch": self.batcher.max_batch, "batch_wait_ms": round(self.batcher.batch_wait * 1000, 3)}
         return common_pb2.ModelInfo(
             service="TextEncoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,
             activations_dtype=self.stage.options.activations_dtype, devices=devices, mesh=mesh,
@@ -87,9 +107,19 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
         )
 
     def warm_up(self, batches: list[int]) -> None:
-        """Compile encode for each batch of prompts, with their negatives (classifier-free guidance)."""
-        for b in batches:
-            self.encode(EncodeJob(["warm-up"] * b, [""] * b))
+        """Compile encode for each batch of prompts with their negatives (classifier-free guidance), and each
+        row count a batch is padded to."""
+        for rows in warm_up_rows(batches, self.batcher.buckets):
+            self.encode_texts(["warm-up"] * rows)
+
+    def close(self) -> None:
+        """Finish the calls waiting for the device, then stop batching."""
+        self.batcher.stop()
+
+
+def warm_up_rows(batches: list[int], buckets: list[int]) -> list[int]:
+    """Texts per device call to compile: each --shapes batch of prompts with its negatives, and every bucket."""
+    return sorted({2 * b for b in batches} | set(buckets))
 
 
 def stage_service(service: TextEncoderService, shapes: list[tuple[int, int, int]]) -> server.StageService:
@@ -103,14 +133,17 @@ def stage_service(service: TextEncoderService, shapes: list[tuple[int, int, int]
     return server.StageService(
         name="sdmesh.v1.TextEncoder", servicer=service,
         add_to_server=text_encoder_pb2_grpc.add_TextEncoderServicer_to_server,
-        device_methods=frozenset({"Encode"}), warm_up=lambda: service.warm_up(batches),
-        max_message_bytes=max(rows * length * width * 4, rows * MAX_PROMPT_CHARS * 4),
+        device_methods=batching.device_methods(service.batcher, "Encode"), warm_up=lambda: service.warm_up(batches),
+        max_message_bytes=max(rows * length * width * 4, rows * MAX_PROMPT_CHARS * 4), metrics=service.metrics,
     )
 
 
 def main(args: Any) -> int:
-    shapes = server.parse_shapes(args.shapes) or [(1, 0, 0)]  # before loading: a typo should not cost a model load
+    # before loading: a typo should not cost a model load
+    shapes = server.parse_shapes(args.shapes) or [(1, 0, 0)]
+    batch = batching.options_from_args(args, max_rows=2 * MAX_PROMPTS)
     folder, options, load = server.load_setup(args)
     stage = TextEncoderStage.load(folder, options, load)
-    service = TextEncoderService(stage, args.model)
-    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue)
+    service = TextEncoderService(stage, args.model, **batch)
+    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue,
+                        metrics_port=getattr(args, "metrics_port", None))

@@ -103,3 +103,42 @@ def test_max_steps_keeps_every_timestep_in_range():
     with pytest.raises(ValueError, match="use at most 999 steps"):
         ddim.timesteps(sd, 1000)
     assert ddim.max_steps(ddim.DDIMConfig(timestep_spacing="trailing")) == 1000
+
+
+def run_plan(plan, x, outputs, noises):
+    """Drive samplers.table.step through a plan for one sample, with given network outputs and noise."""
+    from sdmesh.services.samplers import table
+
+    state = table.initial_state(jnp.asarray(x))
+    one = lambda v: jnp.asarray([v], jnp.float32)  # noqa: E731
+    for i, (out, noise) in enumerate(zip(outputs, noises)):
+        row = jnp.asarray(plan.rows[i:i + 1], jnp.float32)
+        state = table.step(row, state, jnp.asarray(out), jnp.asarray(noise), one(plan.clip),
+                           one(plan.threshold_ratio), one(plan.threshold_max))
+    return np.asarray(state.x)
+
+
+@pytest.mark.parametrize("cfg,eta", list(itertools.product(CONFIGS, [0.0, 0.7])))
+def test_coefficient_table_walks_diffusers_trajectory(cfg, eta):
+    num_steps = 10
+    ref = DDIMScheduler(**cfg)
+    ref.set_timesteps(num_steps)
+    plan = ddim.make_plan(ddim.DDIMConfig.from_json(ref.config), num_steps, eta=eta)
+    np.testing.assert_array_equal(plan.rows[:, 0], ref.timesteps.numpy())
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    outputs = [rng.standard_normal((1, 4, 8, 8), dtype=np.float32) for _ in range(num_steps)]
+    noises = [rng.standard_normal((1, 4, 8, 8), dtype=np.float32) for _ in range(num_steps)]
+    x_ref = torch.from_numpy(x)
+    for t, out, noise in zip(ref.timesteps, outputs, noises):
+        x_ref = ref.step(torch.from_numpy(out), t, x_ref, eta=eta, variance_noise=torch.from_numpy(noise) if eta else None).prev_sample
+    assert_rel_close(run_plan(plan, x, outputs, noises), x_ref.numpy())
+
+
+def test_img2img_plan_is_the_tail_of_the_full_plan():
+    cfg = ddim.DDIMConfig.from_json(CONFIGS[1])
+    full, tail = ddim.make_plan(cfg, 20), ddim.make_plan(cfg, 20, first=6)
+    np.testing.assert_array_equal(tail.rows, full.rows[6:])
+    a = ddim.make_schedule(cfg, 20).alpha_prod[6]
+    assert tail.start_lat == pytest.approx(np.sqrt(a)) and tail.start_noise == pytest.approx(np.sqrt(1 - a))

@@ -1,10 +1,11 @@
-"""The whole text-to-image pipeline equals diffusers' StableDiffusionPipeline (DDIM) from the same latents."""
+"""The whole text-to-image pipeline equals diffusers' StableDiffusionPipeline from the same latents, under every sampler."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionPipeline)
 
 from sdmesh.services.pipeline import GenerationRequest, InvalidRequest, StableDiffusion
 
@@ -22,9 +23,11 @@ def loaded(tiny_checkpoints):
     return get
 
 
-def reference_images(folder, prompt, latents, **kwargs) -> np.ndarray:
+def reference_images(folder, prompt, latents, scheduler=DDIMScheduler, scheduler_options=None, **kwargs) -> np.ndarray:
+    """diffusers' images; `scheduler` None keeps the checkpoint's own."""
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config, **(scheduler_options or {}))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt, latents=torch.from_numpy(latents), output_type="np", **kwargs).images
     return (out * 255).round().astype(np.uint8)  # diffusers' own PIL conversion
@@ -50,10 +53,46 @@ def test_images_equal_diffusers_from_same_latents(tiny_checkpoints, loaded, flav
     pipe = loaded(flavor)
     latents = random_latents(pipe, 2, 32, seed=hash(flavor) % 1000)
     prompt = "a photograph of an astronaut riding a horse"
-    ours = pipe.generate(GenerationRequest(prompt=prompt, num_images=2, steps=4, height=32, width=32, latents=latents, **options))
+    ours = pipe.generate(GenerationRequest(prompt=prompt, num_images=2, steps=4, height=32, width=32, latents=latents,
+                                           sampler="ddim", **options))
     ref = reference_images(folder, prompt, latents, num_images_per_prompt=2, num_inference_steps=4, height=32, width=32, **options)
     diff = np.abs(ours.images.astype(int) - ref.astype(int))
     assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
+
+
+# our name → the diffusers scheduler (and options) it must equal; euler-ancestral draws its noise inside diffusers'
+# step, so it is compared step by step with supplied noise in test_samplers.py instead
+SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
+    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
+}
+
+
+@pytest.mark.parametrize("flavor", ["sd2", "sd1"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_equals_its_diffusers_scheduler_in_the_whole_pipeline(tiny_checkpoints, loaded, flavor, sampler):
+    folder, pipe = tiny_checkpoints[flavor], loaded(flavor)
+    latents = random_latents(pipe, 1, 32, seed=5)
+    options = dict(guidance_scale=6.0, negative_prompt="dark")
+    ours = pipe.generate(GenerationRequest(prompt="a red bicycle", steps=6, height=32, width=32, latents=latents,
+                                           sampler=sampler, **options))
+    scheduler, scheduler_options = SAMPLERS[sampler]
+    ref = reference_images(folder, "a red bicycle", latents, scheduler=scheduler, scheduler_options=scheduler_options,
+                           num_inference_steps=6, height=32, width=32, **options)
+    diff = np.abs(ours.images.astype(int) - ref.astype(int))
+    assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
+
+
+def test_the_checkpoints_own_sampler_is_the_default(tiny_checkpoints, loaded):
+    """SD 1.x ships PNDM (PLMS): with no sampler named we sample as diffusers' pipeline does with the checkpoint as is."""
+    folder, pipe = tiny_checkpoints["sd1"], loaded("sd1")
+    assert pipe.denoiser.default_sampler == "plms"
+    latents = random_latents(pipe, 1, 32, seed=6)
+    ours = pipe.generate(GenerationRequest(prompt="a cat", steps=5, height=32, width=32, latents=latents))
+    ref = reference_images(folder, "a cat", latents, scheduler=None, num_inference_steps=5, height=32, width=32)
+    assert np.abs(ours.images.astype(int) - ref.astype(int)).max() <= 2
 
 
 def test_chunked_run_equals_one_program_run(loaded):
@@ -151,6 +190,7 @@ def test_an_unusual_sd_shaped_config_matches_too(tmp_path, scheduler):
     pipe = StableDiffusion.load(str(folder))
     latents = np.random.default_rng(3).standard_normal((1, 4, 24 // 4, 40 // 4), dtype=np.float32)
     options = dict(guidance_scale=6.0, guidance_rescale=0.3, negative_prompt="dark")
-    ours = pipe.generate(GenerationRequest(prompt="a red bicycle", steps=3, height=24, width=40, latents=latents, **options))
+    ours = pipe.generate(GenerationRequest(prompt="a red bicycle", steps=3, height=24, width=40, latents=latents,
+                                           sampler="ddim", **options))
     ref = reference_images(folder, "a red bicycle", latents, num_inference_steps=3, height=24, width=40, **options)
     assert np.abs(ours.images.astype(int) - ref.astype(int)).max() <= 2

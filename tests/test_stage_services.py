@@ -302,24 +302,31 @@ class CountingDenoiser:
     """The real DenoiserStage, with each chunk slowed to 50 ms and counted, noting whether the client had cancelled by then."""
 
     def __init__(self, stage, cancelled: threading.Event):
-        self.stage, self.cancelled, self.starts, self.finished = stage, cancelled, [], threading.Event()
+        self.stage, self.cancelled, self.starts = stage, cancelled, []
 
     def __getattr__(self, name):
         return getattr(self.stage, name)
 
-    def run(self, *args, **kwargs):
-        chunks = self.stage.run(*args, **kwargs)
-        try:
-            while True:
-                self.starts.append(self.cancelled.is_set())
-                time.sleep(0.05)
-                try:
-                    item = next(chunks)
-                except StopIteration:
-                    return
-                yield item
-        finally:
-            self.finished.set()
+    def new_batch(self, buckets):
+        batch = self.stage.new_batch(buckets)
+        run = batch._run
+
+        def slowed(*args):
+            self.starts.append(self.cancelled.is_set())
+            time.sleep(0.05)
+            return run(*args)
+
+        batch._run = slowed
+        return batch
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
@@ -340,7 +347,7 @@ def test_a_cancelled_or_expired_denoise_stops_within_one_chunk(stack, how):
             assert next(iter(stream)) == stages.Progress("denoise", 1, 50)
             cancelled.set()
             stream.cancel()
-        assert counting.finished.wait(5), "the denoiser kept running after the call ended"
+        assert wait_until(lambda: service.scheduler.running_slots == 0, 5), "the denoiser kept running after the call ended"
         assert sum(counting.starts) <= 1, f"{sum(counting.starts)} chunks started after the call ended"
         assert len(counting.starts) < 20
         # the device is free again: the next call runs to the end
@@ -373,7 +380,8 @@ def test_sdmesh_serve_starts_warms_up_serves_and_stops_on_sigterm(tiny_checkpoin
         assert address, "the server never said it was serving"
         stages.wait_for_serving(address, timeout=10)
         info = stages.DecoderClient(address).model_info(timeout=10)
-        assert [(s.batch, s.height, s.width) for s in info.compiled_shapes] == [(1, SIZE, SIZE)]
+        # the configured shape, and the batch sizes concurrent calls are padded to (--max-batch 8 by default)
+        assert [(s.batch, s.height, s.width) for s in info.compiled_shapes] == [(b, SIZE, SIZE) for b in (1, 2, 4, 8)]
         assert dict(info.mesh) == (mesh or {"data": len(info.devices)})
         images = stages.DecoderClient(address).decode(np.zeros((1, 4, SIZE // 2, SIZE // 2), np.float32), timeout=10)
         assert images.shape == (1, SIZE, SIZE, 3)

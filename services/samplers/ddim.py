@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdmesh.services.samplers import table
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -182,3 +184,39 @@ def ddim_step(
     if noise is not None:
         x_prev = x_prev + std * noise
     return x_prev
+
+
+def make_plan(config: DDIMConfig, num_steps: int, *, eta: float = 0.0, first: int = 0) -> table.Plan:
+    """DDIM as a coefficient table (see samplers.table): rows first..num_steps−1 of a num_steps run.
+
+    `first` > 0 starts part-way, as img2img does (diffusers slices the same timesteps).
+    """
+    s = make_schedule(config, num_steps)
+    if not 0 <= first < num_steps:
+        raise ValueError(f"first must be in [0, {num_steps}), got {first}")
+    a = s.alpha_prod.astype(np.float64)[first:]
+    ap = s.alpha_prod_prev.astype(np.float64)[first:]
+    rows = table.empty_rows(len(a))
+    col = table.COL
+    rows[:, col["t"]] = s.timesteps[first:]
+    sa, sb = np.sqrt(a), np.sqrt(1 - a)
+    if config.prediction_type == "epsilon":
+        rows[:, col["x0_x"]], rows[:, col["x0_out"]] = 1 / sa, -sb / sa
+        rows[:, col["eps_out"]] = 1.0
+    elif config.prediction_type == "sample":
+        rows[:, col["x0_out"]] = 1.0
+        rows[:, col["eps_x"]], rows[:, col["eps_x0"]] = 1 / sb, -sa / sb
+    else:  # v_prediction
+        rows[:, col["x0_x"]], rows[:, col["x0_out"]] = sa, -sb
+        rows[:, col["eps_x"]], rows[:, col["eps_out"]] = sb, sa
+    # σ_t(η) of eq. 16: η = 0 is deterministic DDIM, η = 1 is DDPM-like.
+    std = eta * np.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+    rows[:, col["next_x"]] = 0.0
+    rows[:, col["next_x0"]] = np.sqrt(ap)
+    rows[:, col["next_eps"]] = np.sqrt(np.maximum(1 - ap - std**2, 0.0))
+    rows[:, col["next_noise"]] = std
+    table.set_blend(rows, sa, sb)
+    clip = config.clip_sample_range if config.clip_sample and not config.thresholding else math.inf
+    return table.Plan(rows=rows, init_noise_sigma=1.0, start_lat=float(sa[0]), start_noise=float(sb[0]), clip=clip,
+                      threshold_ratio=config.dynamic_thresholding_ratio if config.thresholding else 0.0,
+                      threshold_max=config.sample_max_value)

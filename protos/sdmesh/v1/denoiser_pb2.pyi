@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed")
+    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed", "sampler", "priority")
     COND_FIELD_NUMBER: _ClassVar[int]
     UNCOND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class DenoiseRequest(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     NOISE_SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     cond: _tensor_pb2.Tensor
     uncond: _tensor_pb2.Tensor
     seed: int
@@ -31,7 +33,9 @@ class DenoiseRequest(_message.Message):
     height: int
     width: int
     noise_seed: int
-    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ...) -> None: ...
+    sampler: str
+    priority: int
+    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "latents")

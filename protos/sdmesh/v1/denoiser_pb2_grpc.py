@@ -27,7 +27,9 @@ if _version_not_supported:
 
 
 class DenoiserStub:
-    """The DDIM UNet loop: conditioning + initial noise → final latents, streaming progress.
+    """The UNet sampling loop: conditioning + initial noise → final latents, streaming progress.
+    Requests share a running batch: between compiled chunks of steps, finished images leave
+    and waiting ones join, each at its own step, sampler and guidance.
     """
 
     def __init__(self, channel):
@@ -49,7 +51,9 @@ class DenoiserStub:
 
 
 class DenoiserServicer:
-    """The DDIM UNet loop: conditioning + initial noise → final latents, streaming progress.
+    """The UNet sampling loop: conditioning + initial noise → final latents, streaming progress.
+    Requests share a running batch: between compiled chunks of steps, finished images leave
+    and waiting ones join, each at its own step, sampler and guidance.
     """
 
     def Denoise(self, request, context):
@@ -86,7 +90,9 @@ def add_DenoiserServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Denoiser:
-    """The DDIM UNet loop: conditioning + initial noise → final latents, streaming progress.
+    """The UNet sampling loop: conditioning + initial noise → final latents, streaming progress.
+    Requests share a running batch: between compiled chunks of steps, finished images leave
+    and waiting ones join, each at its own step, sampler and guidance.
     """
 
     @staticmethod
