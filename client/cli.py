@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=_finite_float, default=7.5)
     gen.add_argument("--guidance-rescale", type=_finite_float, default=0.0)
     gen.add_argument("--eta", type=_finite_float, default=0.0, help="DDIM η: 0 is deterministic")
+    gen.add_argument("--sampler", help="ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras or plms "
+                                       "(default: the checkpoint's own, from its scheduler config)")
+    gen.add_argument("--priority", type=int, default=0, help="with --server: higher is served first when the denoiser is busy")
     _add_size_options(gen)
     gen.add_argument("--num-images", type=_positive_int, default=1)
     gen.add_argument("--seed", type=int, help="random seed (default: random, printed)")
@@ -197,6 +200,10 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
     up.add_argument("--shapes", help="BATCHxHEIGHTxWIDTH,... each stage compiles at start-up (default: 1 at the native size)")
     up.add_argument("--max-queue", type=int, help="per stage: calls that may wait for the device (default: --max-inflight)")
     up.add_argument("--chunk-steps", type=_positive_int, help="denoiser steps per compiled chunk (progress and cancellation points)")
+    up.add_argument("--max-batch", type=_positive_int, help="per stage: rows per device call gathered from concurrent calls "
+                                                            "(the denoiser's running batch; default: serve's)")
+    up.add_argument("--batch-wait-ms", type=_finite_float, help="encoder and decoder: how long a call may wait for others "
+                                                               "to fill its batch (default: serve's, 0)")
     up.add_argument("--max-inflight", type=_positive_int, default=32, help="requests the gateway holds at once (default: %(default)s)")
     up.add_argument("--start-timeout", type=_finite_float, default=900.0, help="seconds to wait for every service to report SERVING (default: %(default)s)")
     up.add_argument("--log-dir", type=Path, help="write each service's output to DIR/NAME.log (default: this terminal)")
@@ -382,7 +389,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
             for event in client.stream(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                        steps=args.steps, guidance_scale=args.guidance_scale,
                                        guidance_rescale=args.guidance_rescale, eta=args.eta, height=height,
-                                       width=width, seed=args.seed):
+                                       width=width, seed=args.seed, sampler=args.sampler, priority=args.priority):
                 if isinstance(event, GenerateResult):
                     result = event
                 elif event.stage == "denoise":
@@ -405,7 +412,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = pipeline.GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, eta=args.eta,
-        height=height, width=width, seed=args.seed, latents=latents,
+        height=height, width=width, seed=args.seed, latents=latents, sampler=args.sampler,
     )
     pipe.validate(request)  # fail before compiling anything
     chunk = max(1, args.steps // 20)  # ~20 progress updates; the compiled program is the same for every chunk

@@ -54,11 +54,14 @@ class GenerateResult:
 
 def generate_request(prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
                      guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
-                     width: int | None = None, seed: int | None = None, eta: float = 0.0) -> gateway_pb2.GenerateRequest:
-    """The GenerateRequest for these arguments (None means the gateway's default: native size, a random seed)."""
+                     width: int | None = None, seed: int | None = None, eta: float = 0.0, sampler: str | None = None,
+                     priority: int = 0) -> gateway_pb2.GenerateRequest:
+    """The GenerateRequest for these arguments (None means the gateway's default: native size, a random seed,
+    the checkpoint's own sampler)."""
     request = gateway_pb2.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt or "", num_images=num_images, num_inference_steps=steps,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta,
+        sampler=sampler or "", priority=priority,
     )
     if seed is not None:
         request.seed = seed
@@ -113,11 +116,12 @@ class Client:
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
-                 width: int | None = None, seed: int | None = None, eta: float = 0.0, timeout: float | None = None) -> GenerateResult:
+                 width: int | None = None, seed: int | None = None, eta: float = 0.0, sampler: str | None = None,
+                 priority: int = 0, timeout: float | None = None) -> GenerateResult:
         """Text → images. height/width None: the model's native size; seed None: random (returned in the result)."""
         for event in self.stream(prompt, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
-                                 width=width, seed=seed, eta=eta, timeout=timeout):
+                                 width=width, seed=seed, eta=eta, sampler=sampler, priority=priority, timeout=timeout):
             if isinstance(event, GenerateResult):
                 return event
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")
@@ -162,10 +166,11 @@ class AsyncClient:
     async def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
                        guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
                        width: int | None = None, seed: int | None = None, eta: float = 0.0,
+                       sampler: str | None = None, priority: int = 0,
                        timeout: float | None = None) -> GenerateResult:
         async for event in self.stream(prompt, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
                                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
-                                       width=width, seed=seed, eta=eta, timeout=timeout):
+                                       width=width, seed=seed, eta=eta, sampler=sampler, priority=priority, timeout=timeout):
             if isinstance(event, GenerateResult):
                 return event
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")

@@ -141,9 +141,9 @@ class DenoiserClient:
 
     def denoise(self, cond: np.ndarray, uncond: np.ndarray | None = None, *, seed: int | None = None,
                 latents: np.ndarray | None = None, steps: int, guidance_scale: float, guidance_rescale: float = 0.0,
-                eta: float = 0.0, height: int = 0, width: int = 0, noise_seed: int = 0,
-                timeout: float | None = None) -> DenoiseStream:
-        """Start the DDIM loop from `seed`'s noise or from `latents` (N, C, h, w); height/width 0: the default or the latents'.
+                eta: float = 0.0, height: int = 0, width: int = 0, noise_seed: int = 0, sampler: str | None = None,
+                priority: int = 0, timeout: float | None = None) -> DenoiseStream:
+        """Start the sampling loop from `seed`'s noise or from `latents` (N, C, h, w); height/width 0: the default or the latents'.
 
         With a seed, the seed also seeds the η stream; with latents, `noise_seed` does.
         """
@@ -151,7 +151,8 @@ class DenoiserClient:
             raise ValueError("give exactly one of seed and latents")
         request = denoiser_pb2.DenoiseRequest(
             cond=to_proto(np.asarray(cond, np.float32)), num_inference_steps=steps, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, eta=eta, height=height, width=width, noise_seed=noise_seed)
+            guidance_rescale=guidance_rescale, eta=eta, height=height, width=width, noise_seed=noise_seed,
+            sampler=sampler or "", priority=priority)
         if uncond is not None:
             request.uncond.CopyFrom(to_proto(np.asarray(uncond, np.float32)))
         if seed is not None:

@@ -139,7 +139,7 @@ def denoise_chunk(
 # --- host side: slots and the running batch ------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a slot is itself: compared by identity
 class Slot:
     """One image's work: everything its slot needs, host-side numpy."""
 

@@ -319,6 +319,8 @@ class Job:
     height: int
     width: int
     seed: int
+    sampler: str = ""  # "": the checkpoint's own (the denoiser checks the name)
+    priority: int = 0
 
     @property
     def guided(self) -> bool:
@@ -356,7 +358,7 @@ def job_from_proto(request: gateway_pb2.GenerateRequest, facts: ModelFacts, *, d
         seed = draw_seed() if draw_seed else random.SystemRandom().randrange(2**32)
     return Job(prompt=request.prompt, negative_prompt=request.negative_prompt, num_images=num_images, steps=steps,
                guidance_scale=float(guidance), guidance_rescale=float(request.guidance_rescale), eta=float(request.eta),
-               height=height, width=width, seed=seed)
+               height=height, width=width, seed=seed, sampler=request.sampler, priority=request.priority)
 
 
 def encode_request(job: Job) -> text_encoder_pb2.EncodeRequest:
@@ -371,7 +373,7 @@ def denoise_request(job: Job, response: text_encoder_pb2.EncodeResponse) -> deno
     request = denoiser_pb2.DenoiseRequest(
         cond=to_proto(cond), seed=job.seed, noise_seed=job.seed, num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale, guidance_rescale=job.guidance_rescale, eta=job.eta,
-        height=job.height, width=job.width,
+        height=job.height, width=job.width, sampler=job.sampler, priority=job.priority,
     )
     if job.guided:
         uncond = np.repeat(from_proto(response.uncond, name="uncond", dtype="float32", ndim=3), job.num_images, axis=0)

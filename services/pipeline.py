@@ -188,9 +188,9 @@ class Programs:
     def __init__(self, precision: str, mesh: jax.sharding.Mesh | None = None):
         self.precision, self.mesh = precision, mesh
         self._compiled: dict[tuple, Any] = {}
-        # On a mesh over several processes, process 0 sets this to `distributed.Leader.call`, which sends each
-        # call to the other processes before running it: an SPMD program runs only when every process runs it.
-        self.lockstep: Callable[..., Any] | None = None
+        # On a mesh over several processes, process 0 sets this to its `distributed.Leader`, which sends each
+        # compile and call to the other processes first: an SPMD program runs only when every process runs it.
+        self.lockstep: Any = None
 
     def get(self, name: str, fn: Callable, *args: Any, batched: tuple[int, ...] = ()) -> tuple[Callable, float]:
         """(compiled `fn` for these shapes, seconds spent compiling it now: 0 when it was already compiled)."""
@@ -201,6 +201,8 @@ class Programs:
         if key not in self._compiled:
             t0 = time.perf_counter()
             shardings = None if self.mesh is None else self._shardings(fn, args, batched)
+            if self.lockstep is not None:  # the other processes compile it meanwhile
+                self.lockstep.compile(name, fn, batched, args)
             with jax.default_matmul_precision(self.precision):  # read while tracing
                 if shardings is None:
                     lowered = jax.jit(fn).lower(*args)
@@ -533,6 +535,8 @@ class StableDiffusion:
                 f"this UNet takes {self.unet.config.in_channels} input channels for {self.unet.config.out_channels} latent "
                 "channels (an inpainting or depth model); text-to-image needs a plain text-to-image checkpoint"
             )
+        if request.sampler is not None:
+            self.denoiser.plan(request.steps, sampler=request.sampler, eta=request.eta)  # raises InvalidRequest
         if request.latents is not None:
             f = self.vae_scale_factor
             want = (len(prompts) * request.num_images, self.denoiser.latent_channels, height // f, width // f)

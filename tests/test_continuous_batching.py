@@ -1,0 +1,197 @@
+"""Step-level continuous batching in the denoiser: requests join and leave a running batch between chunks.
+
+Each request's latents equal the same request run alone, whatever it shared the batch with;
+requests with different step counts, guidance and samplers really share it (the service's own
+counters say so); a cancelled request leaves and the others finish unchanged; the waiting
+queue is bounded; priority decides who joins first. In-process servers on loopback, tiny checkpoint.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import assert_rel_close
+from sdmesh.client import stages
+from sdmesh.services import denoiser_service, server
+from sdmesh.services.pipeline import DenoiserStage, TextEncoderStage
+
+SIZE = 16  # tiny checkpoint: latents 8×8
+
+
+@pytest.fixture(scope="module")
+def stages_loaded(tiny_checkpoints):
+    folder = tiny_checkpoints["sd2"]
+    encoder, denoiser = TextEncoderStage.load(folder), DenoiserStage.load(folder)
+    hidden, _, _ = encoder.encode(["a red cube", "a blue ball", "a green tree", ""])
+    return folder, denoiser, np.asarray(hidden)
+
+
+class Slowed:
+    """The real stage, each chunk slowed by `delay` so concurrent calls arrive while a batch runs."""
+
+    def __init__(self, stage, delay: float):
+        self.stage, self.delay = stage, delay
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+    def new_batch(self, buckets):
+        batch = self.stage.new_batch(buckets)
+        run = batch._run
+
+        def slowed(*args):
+            time.sleep(self.delay)
+            return run(*args)
+
+        batch._run = slowed
+        return batch
+
+
+def start(stages_loaded, *, max_batch=4, max_queue=8, chunk=1, delay=0.0):
+    folder, stage, _ = stages_loaded
+    facts = denoiser_service.denoiser_facts(stage, folder)
+    service = denoiser_service.DenoiserService(Slowed(stage, delay), facts, "tiny", chunk=chunk, max_batch=max_batch,
+                                               max_queue=max_queue)
+    running = server.StageServer(denoiser_service.stage_service(service, [(1, SIZE, SIZE)]), max_queue=max_queue).start()
+    return service, running, stages.DenoiserClient(running.address)
+
+
+# a mix: different step counts, guidance (one without), rescale, η and samplers
+REQUESTS = [
+    dict(prompt=0, seed=1, steps=6, guidance_scale=7.5),
+    dict(prompt=1, seed=2, steps=3, guidance_scale=3.0, guidance_rescale=0.5, sampler="dpm++2m"),
+    dict(prompt=2, seed=3, steps=9, guidance_scale=1.0),  # no unconditional half
+    dict(prompt=0, seed=4, steps=5, guidance_scale=5.0, eta=0.8),
+    dict(prompt=1, seed=5, steps=4, guidance_scale=6.0, sampler="euler-ancestral"),
+    dict(prompt=2, seed=6, steps=7, guidance_scale=4.0, sampler="plms"),
+]
+
+
+def send(client, hidden, r, **extra):
+    cond = hidden[r["prompt"]][None]
+    uncond = hidden[3][None] if r["guidance_scale"] > 1 else None
+    options = {k: v for k, v in r.items() if k != "prompt"}
+    return client.denoise(cond, uncond, height=SIZE, width=SIZE, **options, **extra)
+
+
+def test_batched_requests_equal_each_request_alone_and_really_share_the_batch(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded, max_batch=4, delay=0.05)
+    try:
+        alone = [send(client, hidden, r).result() for r in REQUESTS]
+        assert service.scheduler.stats["peak_requests"] == 1  # one at a time so far
+        with futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+            together = list(pool.map(lambda r: send(client, hidden, r).result(), REQUESTS))
+        for a, t in zip(alone, together):
+            assert_rel_close(t, a, 1e-5)
+        info = client.model_info()
+        # requests of different step counts, guidance and samplers ran in the same chunks, up to max_batch at once
+        assert int(info.facts["peak_requests"]) >= 3 and int(info.facts["shared_chunks"]) > 0
+        assert int(info.facts["peak_slots"]) <= 4
+        assert info.facts["running_slots"] == "0" and info.facts["waiting_requests"] == "0"
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_cancelled_request_leaves_and_the_others_finish_unchanged(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded, max_batch=4, delay=0.05)
+    try:
+        long = dict(prompt=0, seed=9, steps=40, guidance_scale=7.5)
+        expected = [send(client, hidden, r).result() for r in REQUESTS[:2]]
+        doomed = send(client, hidden, long)
+        progress = iter(doomed)
+        next(progress)  # it is running
+        with futures.ThreadPoolExecutor(2) as pool:
+            pending = [pool.submit(lambda r=r: send(client, hidden, r).result()) for r in REQUESTS[:2]]
+            time.sleep(0.2)
+            doomed.cancel()
+            results = [p.result(timeout=60) for p in pending]
+        for got, want in zip(results, expected):
+            assert_rel_close(got, want, 1e-5)
+        deadline = time.monotonic() + 5
+        while service.scheduler.running_slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert service.scheduler.running_slots == 0, "the cancelled request kept its slot"
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_burst_past_the_queue_gets_resource_exhausted_for_the_excess_only(stages_loaded):
+    _, _, hidden = stages_loaded
+    # one slot, two waiting: of eight calls sent at once, some run or wait and the rest are refused at once
+    service, running, client = start(stages_loaded, max_batch=1, max_queue=2, delay=0.1)
+    try:
+        request = dict(prompt=0, seed=1, steps=3, guidance_scale=7.5)
+        expected = send(client, hidden, request).result()
+
+        def call(_):
+            try:
+                return send(client, hidden, request).result()
+            except grpc.RpcError as e:
+                return e.code()
+
+        with futures.ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(call, range(8)))
+        served = [o for o in outcomes if isinstance(o, np.ndarray)]
+        refused = [o for o in outcomes if not isinstance(o, np.ndarray)]
+        assert refused and all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code in refused)
+        assert 3 <= len(served) < 8  # the running one and the waiting ones all finish
+        for got in served:
+            np.testing.assert_array_equal(got, expected)
+    finally:
+        running.stop(grace=0)
+
+
+def test_higher_priority_joins_first(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded, max_batch=1, max_queue=8, delay=0.05)
+    try:
+        finished = []
+        first = send(client, hidden, dict(prompt=0, seed=1, steps=6, guidance_scale=7.5))
+        progress = iter(first)
+        next(progress)  # the device is busy with `first`; the next three wait
+
+        def run(name, priority):
+            send(client, hidden, dict(prompt=1, seed=2, steps=2, guidance_scale=7.5), priority=priority).result()
+            finished.append(name)
+
+        threads = []
+        for name, priority in (("low", 0), ("also-low", 0), ("high", 5)):
+            threads.append(threading.Thread(target=run, args=(name, priority)))
+            threads[-1].start()
+            time.sleep(0.05)  # arrival order: low, also-low, high
+        list(progress)
+        for t in threads:
+            t.join(60)
+        assert finished == ["high", "low", "also-low"]
+    finally:
+        running.stop(grace=0)
+
+
+def test_guidance_scale_one_runs_without_the_unconditional_half(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded, max_batch=2)
+    try:
+        send(client, hidden, dict(prompt=0, seed=1, steps=2, guidance_scale=1.0)).result()
+        programs = {(s.program, s.batch) for s in client.model_info().compiled_shapes}
+        assert ("denoise-unguided", 1) in programs
+    finally:
+        running.stop(grace=0)
+
+
+def test_an_unknown_sampler_is_invalid_argument_naming_the_valid_ones(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded)
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            send(client, hidden, dict(prompt=0, seed=1, steps=2, guidance_scale=7.5, sampler="heun")).result()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "dpm++2m" in caught.value.details()
+    finally:
+        running.stop(grace=0)
