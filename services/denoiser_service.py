@@ -41,6 +41,7 @@ MAX_SIDE = 4096  # pixels, as StableDiffusion.validate
 MAX_CONTEXT_LENGTH = 1024  # tokens per conditioning row; CLIP gives 77
 GUIDED, UNGUIDED = "denoise", "denoise-unguided"  # the two programs: with and without an unconditional pass
 DEFAULT_MAX_BATCH = 8
+POLICIES = ("continuous", "request")  # join between chunks, or only when the running batch has emptied
 
 log = logging.getLogger("sdmesh.denoiser")
 
@@ -58,6 +59,8 @@ class DenoiserFacts:
     prediction_type: str
     samplers: tuple[str, ...] = ("ddim",)
     default_sampler: str = "ddim"
+    extra_channels: int = 0  # UNet input channels beyond the latents (inpainting 5, depth 1, x4 upscaler 3)
+    class_labels_shape: tuple[int, ...] | None = None  # per-sample class label shape, None: the UNet takes none
 
 
 def denoiser_facts(stage: DenoiserStage, folder: Path) -> DenoiserFacts:
@@ -74,6 +77,8 @@ def denoiser_facts(stage: DenoiserStage, folder: Path) -> DenoiserFacts:
         scale_factor=f, max_steps=stage.max_steps,
         default_size=None if size is None else (size[0] * f, size[1] * f),
         prediction_type=stage.scheduler.prediction_type, samplers=stage.samplers, default_sampler=stage.default_sampler,
+        extra_channels=stage.unet.config.in_channels - stage.latent_channels,
+        class_labels_shape=stage.unet.config.class_labels_shape,
     )
 
 
@@ -91,6 +96,11 @@ class DenoiseJob:
     width: int
     sampler: str | None = None  # None: the checkpoint's own
     priority: int = 0
+    init_latents: np.ndarray | None = None  # (N, h, w, C) NHWC: start part-way from these, at `strength`
+    strength: float = 1.0
+    extra: np.ndarray | None = None  # (N, h, w, E): channels joining the UNet input
+    blend_mask: np.ndarray | None = None  # (N, h, w, 1): latent blending towards init_latents (1 repaints)
+    class_labels: np.ndarray | None = None  # (N, *class_labels_shape)
 
     @property
     def program(self) -> str:
@@ -153,7 +163,8 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: Denoiser
             if asked and asked != got:
                 raise InvalidRequest(f"{name} {asked} disagrees with the latents' {got // f} × {f} = {got} pixels; send 0 or {got}")
         latents = np.ascontiguousarray(given.transpose(0, 2, 3, 1))  # NCHW → NHWC
-        return DenoiseJob(cond, uncond, latents, request.noise_seed, steps, guidance_scale, guidance_rescale, eta, height, width, **extra)
+        job = DenoiseJob(cond, uncond, latents, request.noise_seed, steps, guidance_scale, guidance_rescale, eta, height, width, **extra)
+        return with_image_conditioning(job, request, facts)
     if request.WhichOneof("init") != "seed":
         raise InvalidRequest("give the initial noise: a seed, or latents (N, C, H/f, W/f)")
     height, width = request.height, request.width
@@ -164,7 +175,53 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: Denoiser
     for name, v in (("height", height), ("width", width)):
         if v % f or not f <= v <= MAX_SIDE:
             raise InvalidRequest(f"{name} must be a multiple of {f} from {f} to {MAX_SIDE} for this model, got {v}")
-    return DenoiseJob(cond, uncond, None, request.seed, steps, guidance_scale, guidance_rescale, eta, height, width, **extra)
+    job = DenoiseJob(cond, uncond, None, request.seed, steps, guidance_scale, guidance_rescale, eta, height, width, **extra)
+    return with_image_conditioning(job, request, facts)
+
+
+def _nhwc(request: denoiser_pb2.DenoiseRequest, name: str, channels: int, job: DenoiseJob, f: int, what: str) -> np.ndarray:
+    array = _finite_tensor(getattr(request, name), name, 4)
+    want = (job.images, channels, job.height // f, job.width // f)
+    if array.shape != want:
+        raise InvalidRequest(f"{name} has shape {list(array.shape)}; this request needs NCHW {list(want)} ({what})")
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+
+
+def with_image_conditioning(job: DenoiseJob, request: denoiser_pb2.DenoiseRequest, facts: DenoiserFacts) -> DenoiseJob:
+    """The image-conditioning fields of a DenoiseRequest, checked against the UNet; raises InvalidRequest."""
+    f, c, e = facts.scale_factor, facts.latent_channels, facts.extra_channels
+    changes: dict[str, Any] = {}
+    if request.HasField("init_latents"):
+        changes["init_latents"] = _nhwc(request, "init_latents", c, job, f, "the init image's latents, Decoder.EncodeImage")
+        strength = request.strength if request.HasField("strength") else 1.0
+        changes["strength"] = _finite_number("strength", strength, 1e-6, 1.0)
+    elif request.HasField("strength"):
+        raise InvalidRequest("strength needs init_latents (the init image's latents from Decoder.EncodeImage)")
+    if e and not request.HasField("extra"):
+        raise InvalidRequest(f"this UNet takes {e} conditioning channels beyond the latents (an inpainting, depth or upscaling "
+                             "model): send them as extra (N, E, h, w)")
+    if request.HasField("extra"):
+        if not e:
+            raise InvalidRequest("extra was given but this UNet takes only the latents; drop it or use an inpainting/depth model")
+        changes["extra"] = _nhwc(request, "extra", e, job, f, f"{e} channels beyond the latents")
+    if request.HasField("blend_mask"):
+        if "init_latents" not in changes:
+            raise InvalidRequest("blend_mask needs init_latents: the latents to keep where the mask is 0")
+        mask = _nhwc(request, "blend_mask", 1, job, f, "1 repaints, 0 keeps")
+        if mask.min() < 0 or mask.max() > 1:
+            raise InvalidRequest("blend_mask values must lie in [0, 1]")
+        changes["blend_mask"] = mask
+    shape = facts.class_labels_shape
+    if shape is not None and not request.HasField("class_labels"):
+        raise InvalidRequest("this UNet has a class embedding (the x4 upscaler: the noise level); send class_labels")
+    if request.HasField("class_labels"):
+        if shape is None:
+            raise InvalidRequest("class_labels were given but this UNet has no class embedding; drop them")
+        labels = _finite_tensor(request.class_labels, "class_labels", 1 + len(shape))
+        if labels.shape != (job.images, *shape):
+            raise InvalidRequest(f"class_labels have shape {list(labels.shape)}; need {[job.images, *shape]}")
+        changes["class_labels"] = labels
+    return dataclasses.replace(job, **changes) if changes else job
 
 
 def progress_to_proto(done: int, total: int) -> denoiser_pb2.DenoiseEvent:
@@ -184,6 +241,7 @@ class Ticket:
         self.cancelled = threading.Event()
         self.slots: list[Slot] = []
         self.reported = 0
+        self.total = job.steps  # steps this request runs (fewer when it starts part-way)
 
     def __lt__(self, other: "Ticket") -> bool:  # heap order: higher priority, then earlier
         return (-self.job.priority, self.seq) < (-other.job.priority, other.seq)
@@ -199,8 +257,11 @@ class Scheduler:
     """
 
     def __init__(self, stage: DenoiserStage, facts: DenoiserFacts, *, chunk: int, max_batch: int, max_queue: int,
-                 buckets: tuple[int, ...], metrics: Any = None):
+                 buckets: tuple[int, ...], metrics: Any = None, policy: str = "continuous"):
+        if policy not in POLICIES:
+            raise InvalidRequest(f"--batching must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.stage, self.facts, self.chunk, self.max_batch, self.max_queue = stage, facts, chunk, max_batch, max_queue
+        self.policy = policy
         self.buckets, self.metrics = buckets, metrics
         self._waiting: list[Ticket] = []
         self._batches: dict[tuple, RunningBatch] = {}
@@ -271,7 +332,9 @@ class Scheduler:
 
     def _admit(self) -> list[Ticket]:
         """Pop the head tickets that fit (caller holds the lock)."""
-        admitted = []
+        admitted: list[Ticket] = []
+        if self.policy == "request" and self.running_slots:
+            return admitted  # request-level batching: a batch forms from the waiting requests and runs to its end
         free = self.max_batch - self.running_slots
         while self._waiting:
             head = self._waiting[0]
@@ -295,12 +358,20 @@ class Scheduler:
             noise = job.latents
         ticket.slots = self.stage.slots(noise, job.cond, job.uncond, steps=job.steps, guidance_scale=job.guidance_scale,
                                         guidance_rescale=job.guidance_rescale, eta=job.eta, seed=job.seed,
-                                        sampler=job.sampler, owner=ticket)
+                                        sampler=job.sampler, owner=ticket, init_latents=job.init_latents,
+                                        strength=job.strength, noise_at_full_strength=self._inpainting(job),
+                                        extra=job.extra, class_labels=job.class_labels, blend_mask=job.blend_mask)
+        ticket.total = min(job.steps, ticket.slots[0].plan.evaluations)  # img2img runs fewer; PLMS evaluates once more
         key = group_key(ticket.slots[0])
         if key not in self._batches:
             self._batches[key] = self.stage.new_batch(self.buckets)
         self._batches[key].join(ticket.slots)
         self._tickets.append(ticket)
+
+    def _inpainting(self, job: DenoiseJob) -> bool:
+        """Inpainting (latent blending, or a 9-channel UNet: mask + masked-image latents) starts from pure noise at
+        strength 1, as StableDiffusionInpaintPipeline does; img2img and depth always noise the init latents."""
+        return job.blend_mask is not None or self.facts.extra_channels == self.facts.latent_channels + 1
 
     def _drop_cancelled(self) -> None:
         for batch in self._batches.values():
@@ -332,10 +403,10 @@ class Scheduler:
         for ticket in [t for t in self._tickets if any(s in batch.slots for s in t.slots)]:
             job = ticket.job
             evaluations = ticket.slots[0].plan.evaluations
-            done = min(s.step for s in ticket.slots) * job.steps // evaluations
+            done = min(s.step for s in ticket.slots) * ticket.total // evaluations
             if done > ticket.reported:
                 ticket.reported = done
-                ticket.events.put((done, job.steps))
+                ticket.events.put((done, ticket.total))
             if all(s.done for s in ticket.slots):
                 finished[id(ticket)] = ticket
         if finished:
@@ -356,19 +427,20 @@ class Scheduler:
 class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, stage: DenoiserStage, facts: DenoiserFacts, model: str, chunk: int | None = None, *,
                  max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = server.DEFAULT_MAX_QUEUE,
-                 buckets: tuple[int, ...] | None = None, metrics: Any = None):
+                 buckets: tuple[int, ...] | None = None, metrics: Any = None, policy: str = "continuous"):
         self.stage, self.facts, self.model = stage, facts, model
         self.chunk = chunk or 5
         buckets = tuple(sorted(set(buckets or ()) | {b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}))
         self.scheduler = Scheduler(stage, facts, chunk=self.chunk, max_batch=max_batch, max_queue=max_queue,
-                                   buckets=buckets, metrics=metrics)
+                                   buckets=buckets, metrics=metrics, policy=policy)
 
     @property
     def compiled(self) -> set[tuple[str, int, int, int]]:
         return self.scheduler.compiled
 
-    def run(self, job: DenoiseJob, active=lambda: True) -> Iterator[tuple[int, np.ndarray | None]]:
-        """(steps done, None) after each chunk, then (steps, final latents NHWC); cancels once `active()` is false."""
+    def run(self, job: DenoiseJob, active=lambda: True) -> Iterator[tuple[int, int, np.ndarray | None]]:
+        """(steps done, steps in all, None) after each chunk, then (total, total, final latents NHWC); cancels the
+        request once `active()` is false."""
         ticket = self.scheduler.submit(job)
         try:
             while True:
@@ -379,11 +451,11 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                         return
                     continue
                 if event[0] == "latents":
-                    yield job.steps, event[1]
+                    yield ticket.total, ticket.total, event[1]
                     return
                 if event[0] == "error":
                     raise event[1]
-                yield event[0], None
+                yield event[0], event[1], None
                 if not active():
                     return
         finally:
@@ -392,9 +464,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def Denoise(self, request, context):
         job = denoise_job_from_proto(request, self.facts)
         latents = None
-        for done, latents in self.run(job, context.is_active):
+        for done, total, latents in self.run(job, context.is_active):
             if latents is None:
-                yield progress_to_proto(done, job.steps)
+                yield progress_to_proto(done, total)
         if context.is_active() and latents is not None:
             yield latents_to_proto(latents)
 
@@ -404,7 +476,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         info = {"latent_channels": facts.latent_channels, "vae_scale_factor": facts.scale_factor,
                 "hidden_size": facts.context_dim, "max_length": facts.context_length, "max_steps": facts.max_steps,
                 "prediction_type": facts.prediction_type, "chunk_steps": self.chunk, "max_images": MAX_IMAGES,
-                "max_batch": self.scheduler.max_batch, "batch_buckets": ",".join(map(str, self.scheduler.buckets)),
+                "max_batch": self.scheduler.max_batch, "batching": self.scheduler.policy, "batch_buckets": ",".join(map(str, self.scheduler.buckets)),
                 "samplers": ",".join(facts.samplers), "default_sampler": facts.default_sampler,
                 "running_slots": self.scheduler.running_slots, "waiting_requests": len(self.scheduler._waiting),
                 **self.scheduler.stats}
@@ -463,6 +535,7 @@ def main(args: Any) -> int:
     shapes = shapes or default_shapes(facts)
     metrics = StageMetrics("denoiser")
     service = DenoiserService(stage, facts, args.model, chunk=args.chunk_steps, max_batch=args.max_batch,
-                              max_queue=args.max_queue, buckets=tuple(b for b, _, _ in shapes), metrics=metrics)
+                              max_queue=args.max_queue, buckets=tuple(b for b, _, _ in shapes), metrics=metrics,
+                              policy=args.batching)
     return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port, max_queue=args.max_queue,
                         metrics_port=args.metrics_port)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdmesh.services import checkpoint, samplers, sharding
+from sdmesh.services import checkpoint, conditioning, modes, samplers, sharding
 from sdmesh.services import denoise as dn
 from sdmesh.services.errors import InvalidRequest
 from sdmesh.services.models import text_encoder as te
@@ -73,6 +74,12 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed, reported in the result
     latents: np.ndarray | None = None  # initial noise, NCHW float32 (N, C, H/f, W/f), as diffusers' `latents`
     sampler: str | None = None  # None: the checkpoint's own (its scheduler config), else one of samplers.SAMPLER_NAMES
+    # Image-conditioned generation (services/modes.py says which checkpoint takes what):
+    init_image: np.ndarray | None = None  # (H, W, 3) uint8 RGB: img2img, inpainting, depth; the x4 upscaler's low-res image
+    mask_image: np.ndarray | None = None  # (H, W) uint8: inpainting, white repaints
+    strength: float | None = None  # with init_image: (0, 1]; None: 0.8 (img2img, depth) or 1 (inpainting)
+    depth_map: np.ndarray | None = None  # (H, W) float: depth checkpoints
+    noise_level: int | None = None  # x4 upscaler: None → 20
 
 
 @dataclasses.dataclass
@@ -292,6 +299,14 @@ class DenoiserStage:
         self.programs = Programs(options.precision, self.mesh)
         self._noise = jax.jit(initial_noise, static_argnums=1)  # the shape is static
         self._keys = jax.jit(_image_keys, static_argnums=1)
+        self.low_res_alphas: np.ndarray | None = None  # the x4 upscaler's low-res noise schedule
+        self.max_noise_level = conditioning.DEFAULT_MAX_NOISE_LEVEL
+
+    @property
+    def kind(self) -> str:
+        """text | inpaint | depth | upscale: what the UNet's input channels say it is for (services/modes.py)."""
+        c = self.unet.config
+        return modes.model_kind(c.in_channels, c.out_channels, c.class_labels_shape is not None)
 
     @classmethod
     def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DenoiserStage":
@@ -301,7 +316,12 @@ class DenoiserStage:
         params = load_params(files, un.init_shapes(config), dtype=DTYPES[options.weights_dtype],
                              fix_key=un.fix_checkpoint_key, source=label, mesh=stage_mesh(options))
         scheduler_json = fix_old_scheduler_config(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
-        return cls(unet, scheduler_json, params, options)
+        stage = cls(unet, scheduler_json, params, options)
+        if is_upscaler(folder):
+            stage.low_res_alphas = conditioning.low_res_alphas_cumprod(
+                checkpoint.read_config(folder, "low_res_scheduler", "scheduler_config.json"))
+            stage.max_noise_level = conditioning.max_noise_level(model_index(folder))
+        return stage
 
     @property
     def latent_channels(self) -> int:
@@ -347,16 +367,49 @@ class DenoiserStage:
         seed: int = 0,
         sampler: str | None = None,
         owner: Any = None,
+        init_latents: Any | None = None,
+        strength: float = 1.0,
+        noise_at_full_strength: bool = False,
+        extra: Any | None = None,
+        class_labels: Any | None = None,
+        blend_mask: Any | None = None,
     ) -> list[dn.Slot]:
-        """One slot per image of a text-to-image request. `noise` (N, h, w, C) is unit Gaussian (`noise()` or given
-        latents); each image's η/ancestral noise comes from its own stream of `seed`, so batching never changes it."""
-        plan = self.plan(steps, sampler=sampler, eta=eta)
+        """One slot per image. `noise` (N, h, w, C) is unit Gaussian (`noise()` or given latents); each image's
+        η/ancestral noise comes from its own stream of `seed`, so batching never changes it.
+
+        Image-conditioned runs (all (N, h, w, ·) NHWC): `init_latents` start the run part-way, at `strength`
+        (StableDiffusionImg2ImgPipeline's get_timesteps; with `noise_at_full_strength`, strength 1 starts from
+        pure noise as the inpainting pipeline does); `extra` channels join the UNet input; `class_labels` feed a
+        class embedding; `blend_mask` (1 repaints) blends towards the noised `init_latents` after every step.
+        """
         noise, cond = np.asarray(noise, np.float32), np.asarray(cond, np.float32)
         uncond = None if uncond is None else np.asarray(uncond, np.float32)
+        first = 0
+        if init_latents is not None:
+            if not 0.0 < strength <= 1.0:
+                raise InvalidRequest(f"strength must be in (0, 1], got {strength}")
+            init_steps = min(int(steps * strength), steps)  # diffusers' get_timesteps
+            if init_steps < 1:
+                raise InvalidRequest(f"strength {strength} × {steps} steps leaves no step to run; raise either")
+            first = steps - init_steps
+            init_latents = np.asarray(init_latents, np.float32)
+        plan = self.plan(steps, sampler=sampler, eta=eta, first=first)
+        pure_noise = init_latents is None or (noise_at_full_strength and strength >= 1.0)
         keys = np.asarray(self._keys(seed_key(seed), noise.shape[0]))
+
+        def start(k: int) -> np.ndarray:
+            if pure_noise:
+                return plan.init_noise_sigma * noise[k]
+            return plan.start_lat * init_latents[k] + plan.start_noise * noise[k]
+
+        def row(a: Any | None, k: int) -> np.ndarray | None:
+            return None if a is None else np.asarray(a[k], np.float32)
+
         return [
-            dn.Slot(plan=plan, x=plan.init_noise_sigma * noise[k], cond=cond[k], uncond=None if uncond is None else uncond[k],
-                    guidance=float(guidance_scale), rescale=float(guidance_rescale), key=keys[k], owner=owner)
+            dn.Slot(plan=plan, x=start(k), cond=cond[k], uncond=None if uncond is None else uncond[k],
+                    guidance=float(guidance_scale), rescale=float(guidance_rescale), key=keys[k], owner=owner,
+                    extra=row(extra, k), class_label=row(class_labels, k),
+                    blend=None if blend_mask is None else (row(blend_mask, k), init_latents[k], noise[k]))
             for k in range(noise.shape[0])
         ]
 
@@ -387,14 +440,17 @@ class DenoiserStage:
         seed: int = 0,
         sampler: str | None = None,
         chunk: int | None = None,
+        **conditioning: Any,
     ) -> Iterator[tuple[int, jax.Array | None, float]]:
         """One request alone: yield (steps done, latents, compile seconds) after each chunk of `chunk` steps.
 
         Latents (N, h, w, C) come with the last chunk (None before). A caller that stops
-        iterating stops the work at the next chunk boundary.
+        iterating stops the work at the next chunk boundary. `conditioning`: the image-conditioned
+        keywords of `slots` (init_latents, strength, extra, class_labels, blend_mask, …).
         """
         slots = self.slots(latents, cond, uncond, steps=steps, guidance_scale=guidance_scale,
-                           guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler)
+                           guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler, **conditioning)
+        steps = min(steps, slots[0].plan.evaluations)  # img2img runs fewer; PLMS evaluates once more
         batch = self.new_batch([len(slots)])
         batch.join(slots)
         evaluations = slots[0].plan.evaluations
@@ -424,10 +480,14 @@ class DecoderStage:
         self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
         self.programs = Programs(options.precision, self.mesh)
         self._decode = functools.partial(decode, vae)
+        self._encode_image = functools.partial(va.encode_image, vae)
 
     @classmethod
     def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DecoderStage":
-        config = va.VAEConfig.from_json(checkpoint.read_config(folder, "vae"))
+        vae_json = checkpoint.read_config(folder, "vae")
+        if is_upscaler(folder):
+            vae_json = conditioning.fix_upscaler_vae_config(vae_json)  # as StableDiffusionUpscalePipeline.__init__ does
+        config = va.VAEConfig.from_json(vae_json)
         vae = va.AutoencoderKL(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
         params = load_params(load.files(folder, "vae"), va.init_shapes(config), dtype=DTYPES[options.weights_dtype],
                              fix_key=va.fix_checkpoint_key, fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae",
@@ -442,6 +502,21 @@ class DecoderStage:
         """((N, H, W, 3) uint8 images, compile seconds)."""
         program, compile_s = self.programs.get("decode", self._decode, self.params, latents, batched=(1,))
         return np.asarray(program(self.params, latents)), compile_s
+
+    def encode_image(self, images: Any, *, seed: int | None = None, stream: int = 0,
+                     noise: Any | None = None) -> tuple[np.ndarray, float]:
+        """Images (N, H, W, 3) float32 in [-1, 1] → (scaled latents (N, h, w, C), compile seconds).
+
+        The posterior sample's noise comes from `stream` of `seed` (None: the posterior mean), or is given.
+        """
+        images = jnp.asarray(images, jnp.float32)
+        if noise is None and seed is not None:
+            f, c = self.scale_factor, self.vae.config.latent_channels
+            shape = (images.shape[0], images.shape[1] // f, images.shape[2] // f, c)
+            noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(seed_key(seed), 3), stream), shape, jnp.float32)
+        args = (self.params, images) if noise is None else (self.params, images, jnp.asarray(noise, jnp.float32))
+        program, compile_s = self.programs.get("encode-image", self._encode_image, *args, batched=tuple(range(1, len(args))))
+        return np.asarray(program(*args)), compile_s
 
 
 class StableDiffusion:
@@ -499,8 +574,9 @@ class StableDiffusion:
 
     # -- running --
 
-    def validate(self, request: GenerationRequest) -> tuple[list[str], list[str], int, int]:
-        """Check a request before any work; returns (prompts, negative prompts, height, width). Raises InvalidRequest."""
+    def validate(self, request: GenerationRequest) -> tuple[list[str], list[str], modes.ModeInputs]:
+        """Check a request before any work; returns (prompts, negative prompts, the mode with its output size, no
+        images encoded yet). Raises InvalidRequest."""
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidRequest("prompt must be a string or a non-empty list of strings")
@@ -523,35 +599,56 @@ class StableDiffusion:
             raise InvalidRequest(f"eta must be ≥ 0, got {request.eta}")
         if request.seed is not None and (not isinstance(request.seed, int) or not 0 <= request.seed < 2**64):
             raise InvalidRequest(f"seed must be an integer between 0 and 2^64−1, got {request.seed!r}")
-        default_h, default_w = self.default_size if request.height is None or request.width is None else (0, 0)
-        height = default_h if request.height is None else request.height
-        width = default_w if request.width is None else request.width
-        m = self.size_multiple
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v < m or v % m or v > 4096:
-                raise InvalidRequest(f"{name} must be a multiple of {m} between {m} and 4096 for this model, got {v}")
-        if self.unet.config.in_channels != self.unet.config.out_channels:
-            raise InvalidRequest(
-                f"this UNet takes {self.unet.config.in_channels} input channels for {self.unet.config.out_channels} latent "
-                "channels (an inpainting or depth model); text-to-image needs a plain text-to-image checkpoint"
-            )
         if request.sampler is not None:
             self.denoiser.plan(request.steps, sampler=request.sampler, eta=request.eta)  # raises InvalidRequest
+        rows = len(prompts) * request.num_images
+        c, f = self.denoiser.latent_channels, self.vae_scale_factor
+        # the mode's checks, with a stand-in encoder: nothing runs on the device yet
+        mode = self._mode(request, rows, seed=0, encode=lambda img, _: np.zeros((1, img.shape[1] // f, img.shape[2] // f, c), np.float32))
+        if mode.mode == "text-to-image":
+            default_h, default_w = self.default_size if request.height is None or request.width is None else (0, 0)
+            height = default_h if request.height is None else request.height
+            width = default_w if request.width is None else request.width
+            m = self.size_multiple
+            for name, v in (("height", height), ("width", width)):
+                if not isinstance(v, int) or v < m or v % m or v > 4096:
+                    raise InvalidRequest(f"{name} must be a multiple of {m} between {m} and 4096 for this model, got {v}")
+            mode = dataclasses.replace(mode, height=height, width=width, latent_size=(height // f, width // f))
         if request.latents is not None:
-            f = self.vae_scale_factor
-            want = (len(prompts) * request.num_images, self.denoiser.latent_channels, height // f, width // f)
+            want = (rows, c, *mode.latent_size)
             lat = request.latents
             if not isinstance(lat, np.ndarray) or lat.dtype != np.float32 or lat.shape != want:
                 got = f"{lat.dtype} {lat.shape}" if isinstance(lat, np.ndarray) else type(lat).__name__
                 raise InvalidRequest(f"latents must be float32 NCHW of shape {want} for this request, got {got}")
             if not np.isfinite(lat).all():
                 raise InvalidRequest("latents contain NaN or infinity")
-        return prompts, negatives, height, width
+        return prompts, negatives, mode
+
+    def _mode(self, request: GenerationRequest, rows: int, *, seed: int,
+              encode: Callable[[np.ndarray, int], np.ndarray], low_res_noise: np.ndarray | None = None) -> modes.ModeInputs:
+        for name in ("init_image", "mask_image"):
+            value = getattr(request, name)
+            if value is not None and (not isinstance(value, np.ndarray) or value.dtype != np.uint8
+                                      or value.ndim != (3 if name == "init_image" else 2)
+                                      or (name == "init_image" and value.shape[-1] != 3)):
+                want = "(H, W, 3) uint8 RGB" if name == "init_image" else "(H, W) uint8"
+                raise InvalidRequest(f"{name} must be a {want} array (services.images decodes PNG/JPEG bytes into one)")
+        return modes.prepare(
+            self.denoiser.kind, rows=rows, init_image=request.init_image, mask_image=request.mask_image,
+            depth_map=request.depth_map, strength=request.strength, noise_level=request.noise_level,
+            scale_factor=self.vae_scale_factor, encode=encode, seed=seed, height=request.height, width=request.width,
+            low_res_alphas=self.denoiser.low_res_alphas, max_noise_level=self.denoiser.max_noise_level,
+            low_res_noise=low_res_noise)
 
     def generate(self, request: GenerationRequest, progress: Callable[[int, int], None] | None = None,
-                 chunk: int | None = None) -> GenerationResult:
-        """Text → images. `progress(step, total)` is called between compiled chunks of `chunk` steps."""
-        prompts, negatives, height, width = self.validate(request)
+                 chunk: int | None = None, noise: dict[str, np.ndarray] | None = None) -> GenerationResult:
+        """Text (and images) → images. `progress(step, total)` is called between compiled chunks of `chunk` steps.
+
+        `noise` supplies draws that otherwise come from the seed, to reproduce another implementation's:
+        "image" / "masked_image" (posterior samples, NHWC like the latents) and "low_res" (the x4 upscaler's).
+        """
+        prompts, negatives, mode = self.validate(request)
+        noise = noise or {}
         t_start = time.perf_counter()
         n = request.num_images
         guided = request.guidance_scale > 1.0  # as diffusers: no unconditional pass at scale ≤ 1
@@ -564,33 +661,66 @@ class StableDiffusion:
         cond.block_until_ready()
         encode_s = time.perf_counter() - t0 - compile_encode
 
-        t0 = time.perf_counter()
-        f = self.vae_scale_factor
         seed = request.seed
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**32))
+        t0 = time.perf_counter()
+        compile_image = 0.0
+        if mode.mode not in ("text-to-image", "upscale"):
+            def encode(images: np.ndarray, stream: int) -> np.ndarray:
+                nonlocal compile_image
+                given = noise.get("image" if stream == modes.IMAGE_STREAM else "masked_image")
+                latents, compile_s = self.decoder.encode_image(images, seed=seed, stream=stream, noise=given)
+                compile_image += compile_s
+                return latents
+
+            mode = self._mode(request, batch, seed=seed, encode=encode)
+        elif mode.mode == "upscale":
+            mode = self._mode(request, batch, seed=seed, encode=None, low_res_noise=noise.get("low_res"))
+        image_s = time.perf_counter() - t0 - compile_image
+
+        t0 = time.perf_counter()
+        h, w = mode.latent_size
         if request.latents is not None:
             latents = jnp.asarray(request.latents.transpose(0, 2, 3, 1))  # NCHW → NHWC
         else:
-            latents = self.denoiser.noise(seed, (batch, height // f, width // f, self.denoiser.latent_channels))
+            latents = self.denoiser.noise(seed, (batch, h, w, self.denoiser.latent_channels))
+        conditioning = dict(init_latents=mode.init_latents, strength=mode.strength,
+                            noise_at_full_strength=mode.noise_at_full_strength, extra=mode.extra,
+                            class_labels=mode.class_labels, blend_mask=mode.blend_mask)
+        first = 0 if mode.init_latents is None else request.steps - min(int(request.steps * mode.strength), request.steps)
+        total = min(request.steps - first, self.denoiser.plan(request.steps, sampler=request.sampler, eta=request.eta,
+                                                              first=first).evaluations)  # steps this run takes
         compile_denoise = 0.0
         for done, final, compile_s in self.denoiser.run(
             latents, cond, uncond, steps=request.steps, guidance_scale=request.guidance_scale,
             guidance_rescale=request.guidance_rescale, eta=request.eta, seed=seed, sampler=request.sampler, chunk=chunk,
+            **conditioning,
         ):
             latents = final if final is not None else latents
             compile_denoise += compile_s
             if progress is not None:
-                progress(done, request.steps)
+                progress(done, total)
         denoise_s = time.perf_counter() - t0 - compile_denoise
 
         t0 = time.perf_counter()
         images, compile_decode = self.decoder.decode(latents)
         decode_s = time.perf_counter() - t0 - compile_decode
-        timings = {"compile": compile_encode + compile_denoise + compile_decode, "encode": encode_s,
-                   "denoise": denoise_s, "decode": decode_s, "total": time.perf_counter() - t_start}
+        timings = {"compile": compile_encode + compile_image + compile_denoise + compile_decode, "encode": encode_s,
+                   "encode_image": image_s, "denoise": denoise_s, "decode": decode_s,
+                   "total": time.perf_counter() - t_start}
         return GenerationResult(images=images, seed=seed,
                                 truncated=[r for r in removed[: len(prompts)] if r], timings=timings)
+
+
+def model_index(folder: Path) -> dict[str, Any]:
+    """The checkpoint's model_index.json ({} for a folder without one, e.g. a UNet on its own)."""
+    path = Path(folder) / "model_index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_upscaler(folder: Path) -> bool:
+    return model_index(folder).get("_class_name") == "StableDiffusionUpscalePipeline"
 
 
 def enable_compilation_cache(directory: str) -> None:

@@ -6,6 +6,12 @@ writes exactly what users download, minus trained weights.
 
     sdmesh make-checkpoint tiny-sd2 models/tiny-sd2      # seconds; what tests and the demo use
     sdmesh make-checkpoint full-sd2 models/full-sd2      # SD 2.x architecture, ~5 GB, about a minute
+
+The image-conditioned SD 2 checkpoints have tiny specs too, each saved by its own diffusers
+pipeline class so the folder layout (model_index.json, extra components) is the real one:
+"tiny-sd2-inpaint" (9-channel UNet), "tiny-sd2-depth" (5-channel UNet, plus a tiny DPT depth
+estimator that sdmesh never runs: depth maps come with the request) and "tiny-sd2-upscale"
+(the x4 upscaler: 7-channel UNet with a noise-level table, 3-level VAE, a DDPM low_res_scheduler).
 """
 from __future__ import annotations
 
@@ -92,18 +98,84 @@ FULL_SD2 = {
     "pad_token": "!",
 }
 
-SPECS = {"tiny-sd2": TINY["sd2"], "tiny-sd1": TINY["sd1"], "full-sd2": FULL_SD2}
+_TINY_SD2_UNET = TINY["sd2"]["unet"]
+
+# stabilityai/stable-diffusion-2-inpainting: the SD 2 UNet with 9 input channels (latents, mask,
+# masked-image latents), ε-prediction, shipped with a PNDM scheduler config.
+TINY["sd2-inpaint"] = {
+    **TINY["sd2"],
+    "pipeline": "inpaint",
+    "unet": dict(_TINY_SD2_UNET, in_channels=9, upcast_attention=False),
+    "scheduler": dict(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, set_alpha_to_one=False,
+        prediction_type="epsilon", skip_prk_steps=True,
+    ),
+    "scheduler_class": "PNDMScheduler",
+    "scheduler_json_extra": {"clip_sample": False},
+}
+
+# stabilityai/stable-diffusion-2-depth: 5 input channels (latents, depth), ε-prediction, a DPT depth
+# estimator beside it (here tiny; the pipeline class needs one to save a real layout).
+TINY["sd2-depth"] = {
+    **TINY["sd2"],
+    "pipeline": "depth",
+    "unet": dict(_TINY_SD2_UNET, in_channels=5, upcast_attention=False),
+    "scheduler": dict(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False, prediction_type="epsilon",
+    ),
+    "depth_estimator": dict(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8,
+        neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, backbone_out_indices=[0, 1, 2, 3], head_hidden_size=8,
+        is_hybrid=False,
+    ),
+}
+
+# stabilityai/stable-diffusion-x4-upscaler: latents at the low-res image's size, 7 input channels
+# (latents, noised low-res RGB), the noise level as class label (num_class_embeds), attention only
+# below the first level (only_cross_attention in the first three), a 3-level VAE (×4) with its own
+# scaling_factor, and a DDPM low_res_scheduler that noises the low-res image (up to max_noise_level).
+TINY["sd2-upscale"] = {
+    **TINY["sd2"],
+    "pipeline": "upscale",
+    "unet": dict(
+        sample_size=16, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+        cross_attention_dim=32, attention_head_dim=8, num_class_embeds=1000, only_cross_attention=(True, True, True, False),
+        use_linear_projection=True, norm_num_groups=8,
+    ),
+    "vae": dict(
+        TINY_VAE, block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, sample_size=64, scaling_factor=0.08333,
+    ),
+    "scheduler": dict(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False, prediction_type="v_prediction",
+    ),
+    "low_res_scheduler": dict(
+        beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, clip_sample=False, num_train_timesteps=1000,
+        variance_type="fixed_small",
+    ),
+    "max_noise_level": 350,
+}
+
+SPECS = {
+    "tiny-sd2": TINY["sd2"], "tiny-sd1": TINY["sd1"], "full-sd2": FULL_SD2,
+    "tiny-sd2-inpaint": TINY["sd2-inpaint"], "tiny-sd2-depth": TINY["sd2-depth"], "tiny-sd2-upscale": TINY["sd2-upscale"],
+}
 
 
 def build(directory: str | Path, spec: dict[str, Any], *, seed: int = 0, perturb: float = 0.0) -> Path:
-    """Save a StableDiffusionPipeline with random weights to `directory` and return it.
+    """Save the spec's diffusers pipeline (StableDiffusionPipeline unless `spec["pipeline"]` names
+    another) with random weights to `directory` and return it.
 
     `perturb` adds N(0, perturb²) to every parameter: diffusers zero-initialises some
     layers (e.g. the UNet's conv_out), and a parity test should not pass by multiplying by zero.
     """
     try:
         import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     except ImportError as e:
         raise RuntimeError(
@@ -128,12 +200,40 @@ def build(directory: str | Path, spec: dict[str, Any], *, seed: int = 0, perturb
             for module in (text_encoder, unet, vae):
                 for p in module.parameters():
                     p.add_(torch.randn_like(p) * perturb)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = _pipeline(spec, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(directory, safe_serialization=True)
     if spec.get("scheduler_json_extra"):
         path = directory / "scheduler" / "scheduler_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **spec["scheduler_json_extra"]}, indent=2))
     return directory
+
+
+def _pipeline(spec: dict[str, Any], **components: Any) -> Any:
+    """The diffusers pipeline object the spec's checkpoint is saved from (what its model_index.json names)."""
+    import diffusers
+
+    kind = spec.get("pipeline", "text2img")
+    if kind == "text2img":
+        return diffusers.StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    if kind == "inpaint":
+        return diffusers.StableDiffusionInpaintPipeline(**components, safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False)
+    if kind == "depth":
+        from transformers import DPTConfig, DPTForDepthEstimation
+
+        try:  # the PIL-backed processor: DPTImageProcessor proper needs torchvision, which we do not install
+            from transformers import DPTImageProcessorPil as processor
+        except ImportError:  # transformers before the split
+            from transformers import DPTImageProcessor as processor
+        size = spec["depth_estimator"]["image_size"]
+        return diffusers.StableDiffusionDepth2ImgPipeline(
+            **components, depth_estimator=DPTForDepthEstimation(DPTConfig(**spec["depth_estimator"])).eval(),
+            feature_extractor=processor(size={"height": size, "width": size}),
+        )
+    if kind == "upscale":
+        return diffusers.StableDiffusionUpscalePipeline(
+            **components, low_res_scheduler=diffusers.DDPMScheduler(**spec["low_res_scheduler"]),
+            max_noise_level=spec["max_noise_level"],
+        )
+    raise ValueError(f"unknown pipeline kind {kind!r} in reference spec")

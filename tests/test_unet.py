@@ -24,6 +24,11 @@ from sdmesh.services.weights import CheckpointError, convert
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 TINY = dict(block_out_channels=(32, 64, 64), down_block_types=SD_DOWN, up_block_types=SD_UP, norm_num_groups=8)
+TWO_LEVELS = dict(
+    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, layers_per_block=1, attention_head_dim=4,
+    cross_attention_dim=32,
+)
 
 # name → (diffusers.UNet2DConditionModel kwargs, latent size, timesteps for a batch of 2)
 CASES = {
@@ -99,6 +104,57 @@ CASES = {
         16,
         np.array([0, 1]),
     ),
+    # stabilityai/stable-diffusion-x4-upscaler's unet/config.json at toy widths: 7 input channels
+    # (latents + noised low-res RGB), a learned noise-level table (class_labels), attention only
+    # in the last three levels, self-attention replaced by cross-attention (only_cross_attention)
+    # in all but the innermost, 8 heads everywhere, linear projections.
+    "upscale": (
+        dict(
+            block_out_channels=(32, 32, 64, 64),
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+            norm_num_groups=8,
+            layers_per_block=2,
+            in_channels=7,
+            out_channels=4,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            num_class_embeds=1000,
+            only_cross_attention=(True, True, True, False),
+            use_linear_projection=True,
+        ),
+        16,
+        np.array([1, 981]),
+    ),
+    # SD 2 depth: 5 input channels (latents + normalised depth), otherwise SD 2-shaped.
+    "depth": (
+        dict(TINY, layers_per_block=1, in_channels=5, out_channels=4, attention_head_dim=(2, 4, 4),
+             use_linear_projection=True, cross_attention_dim=32),
+        16,
+        np.array([500, 20]),
+    ),
+    # The other class-embedding types (cheap to carry; no SD 2 checkpoint uses them), on two levels.
+    "class_timestep": (
+        dict(TWO_LEVELS, class_embed_type="timestep"),
+        8,
+        np.array([10, 700]),
+    ),
+    "class_projection_concat": (
+        dict(TWO_LEVELS, class_embed_type="projection", projection_class_embeddings_input_dim=12,
+             class_embeddings_concat=True, time_embedding_act_fn="silu"),
+        8,
+        np.array([10, 700]),
+    ),
+    "class_identity": (
+        dict(TWO_LEVELS, class_embed_type="identity"),
+        8,
+        np.array([10, 700]),
+    ),
+    "class_simple_projection": (
+        dict(TWO_LEVELS, class_embed_type="simple_projection", projection_class_embeddings_input_dim=6),
+        8,
+        np.array([10, 700]),
+    ),
 }
 BATCH = 2
 TEXT_TOKENS = 7
@@ -143,6 +199,13 @@ def inputs(name: str) -> dict[str, np.ndarray]:
     }
     if kwargs.get("time_cond_proj_dim"):
         out["timestep_cond"] = rng.standard_normal((BATCH, kwargs["time_cond_proj_dim"]), dtype=np.float32)
+    shape = UNetConfig.from_json(kwargs).class_labels_shape
+    if kwargs.get("num_class_embeds") and kwargs.get("class_embed_type") is None:
+        out["class_labels"] = np.array([20, 350], np.int64)  # the upscaler's noise levels: an index into the table
+    elif shape == ():
+        out["class_labels"] = np.array([3.0, 640.5], np.float32)
+    elif shape is not None:
+        out["class_labels"] = rng.standard_normal((BATCH, *shape), dtype=np.float32)
     return out
 
 
@@ -152,8 +215,10 @@ def reference_output(name: str) -> np.ndarray:
     t = CASES[name][2]
     t_ref = t if isinstance(t, int) else torch.from_numpy(np.asarray(t))  # python int, 0-d or (B,) tensor
     cond = torch.from_numpy(x["timestep_cond"]) if "timestep_cond" in x else None
+    labels = torch.from_numpy(x["class_labels"]) if "class_labels" in x else None
     with torch.no_grad():
-        out = reference(name)(torch.from_numpy(x["sample"]), t_ref, torch.from_numpy(x["context"]), timestep_cond=cond)
+        out = reference(name)(torch.from_numpy(x["sample"]), t_ref, torch.from_numpy(x["context"]), timestep_cond=cond,
+                              class_labels=labels)
     return to_nhwc(out.sample)
 
 
@@ -164,8 +229,9 @@ def run_flax(name: str, *, dtype=jnp.float32, param_dtype=None) -> np.ndarray:
     model = UNet2DConditionModel(config, dtype=dtype)
     x = inputs(name)
     cond = jnp.asarray(x["timestep_cond"]) if "timestep_cond" in x else None
-    apply = jax.jit(lambda p, s, t, c, tc: model.apply({"params": p}, s, t, c, tc))
-    out = apply(params, x["sample"].transpose(0, 2, 3, 1), jnp.asarray(CASES[name][2]), x["context"], cond)
+    labels = jnp.asarray(x["class_labels"]) if "class_labels" in x else None
+    apply = jax.jit(lambda p, s, t, c, tc, cl: model.apply({"params": p}, s, t, c, tc, cl))
+    out = apply(params, x["sample"].transpose(0, 2, 3, 1), jnp.asarray(CASES[name][2]), x["context"], cond, labels)
     return np.asarray(out.astype(jnp.float32))
 
 
@@ -273,8 +339,8 @@ def test_full_size_configs_match_diffusers_names_and_shapes(config, num_params):
         ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"]),
         ("up_block_types", ["UpBlock2D", "SimpleCrossAttnUpBlock2D"]),
         ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-        ("class_embed_type", "timestep"),
-        ("num_class_embeds", 10),
+        ("class_embed_type", "learned"),
+        ("class_embed_type", "projection"),  # without projection_class_embeddings_input_dim
         ("addition_embed_type", "text_time"),
         ("encoder_hid_dim", 64),
         ("dual_cross_attention", True),
@@ -292,3 +358,68 @@ def test_unsupported_options_raise_naming_the_option(option, value):
     )
     with pytest.raises(ValueError, match=option):
         UNetConfig.from_json(dict(base, **{option: value}))
+
+
+# stabilityai/stable-diffusion-x4-upscaler's unet/config.json (diffusers 0.8.0 era keys).
+X4_UPSCALER_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.8.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [256, 512, 512, 1024],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 7,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": 1000,
+    "only_cross_attention": [True, True, True, False],
+    "out_channels": 4,
+    "sample_size": 128,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
+def test_x4_upscaler_config_matches_diffusers_names_and_shapes():
+    kwargs = {k: v for k, v in X4_UPSCALER_CONFIG.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**kwargs)
+    config = UNetConfig.from_json(X4_UPSCALER_CONFIG)
+    assert config.class_labels_shape == ()  # one integer noise level per sample
+    shapes = init_shapes(config)
+    assert shapes["class_embedding"]["embedding"].shape == (1000, 1024)
+    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes)) == sum(p.numel() for p in unet.parameters())
+    zero = np.zeros((), np.float32)
+    convert(((k, np.broadcast_to(zero, tuple(v.shape))) for k, v in unet.state_dict().items()), shapes)
+
+
+def test_class_labels_are_required_where_the_config_has_a_class_embedding_and_refused_elsewhere():
+    unet = reference("upscale")
+    config = UNetConfig.from_json(dict(unet.config))
+    params = convert(state_dict_pairs(unet), init_shapes(config))
+    x = inputs("upscale")
+    sample = x["sample"].transpose(0, 2, 3, 1)
+    with pytest.raises(ValueError, match="class_labels must be given"):
+        UNet2DConditionModel(config).apply({"params": params}, sample, 1, x["context"])
+    # the noise level is an input that matters: another level, another output
+    apply = jax.jit(lambda labels: UNet2DConditionModel(config).apply({"params": params}, sample, 1, x["context"],
+                                                                       class_labels=labels))
+    a, b = apply(np.array([20, 20])), apply(np.array([20, 21]))
+    assert np.array_equal(a[0], b[0]) and not np.allclose(a[1], b[1])
+
+    sd2 = reference("sd2")
+    sd2_config = UNetConfig.from_json(dict(sd2.config))
+    sd2_params = convert(state_dict_pairs(sd2), init_shapes(sd2_config))
+    x2 = inputs("sd2")
+    with pytest.raises(ValueError, match="no class embedding"):
+        UNet2DConditionModel(sd2_config).apply(
+            {"params": sd2_params}, x2["sample"].transpose(0, 2, 3, 1), 1, x2["context"], class_labels=np.array([1, 2])
+        )

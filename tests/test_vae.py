@@ -18,6 +18,7 @@ from conftest import assert_rel_close, rel_error
 from sdmesh.services.models.vae import (
     AutoencoderKL,
     VAEConfig,
+    encode_image,
     fix_checkpoint_key,
     fix_checkpoint_tensor,
     init_shapes,
@@ -38,6 +39,9 @@ CONFIGS = {
     "no_mid_attention": dict(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False
     ),
+    # stabilityai/stable-diffusion-x4-upscaler's VAE at toy widths: 3 levels (factor 4), 2 resnets per
+    # level, its own scaling_factor.
+    "x4_upscaler": dict(block_out_channels=(16, 32, 64), layers_per_block=2, norm_num_groups=8, scaling_factor=0.08333),
 }
 IMAGE_SIZE = 32
 
@@ -244,3 +248,42 @@ def test_latent_scaling_helpers_invert_each_other():
     z = np.linspace(-3, 3, 12, dtype=np.float32)
     np.testing.assert_allclose(np.asarray(scale_latents(z, cfg)), (z - 0.1159) * 0.3611, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(unscale_latents(scale_latents(z, cfg), cfg)), z, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- encode_image
+
+
+@pytest.mark.parametrize("name", ["two_blocks", "x4_upscaler"])
+def test_encode_image_samples_the_posterior_like_diffusers_with_the_same_noise(name):
+    """img2img/inpaint: scaling_factor · vae.encode(x).latent_dist.sample(generator) = scaled (mean + std · noise)."""
+    cfg, params = flax_model(name)
+    x = random_images()
+    with torch.no_grad():
+        dist = reference(name).encode(to_nchw(x)).latent_dist
+        generator = torch.Generator().manual_seed(0)
+        expected = to_nhwc(dist.sample(generator) * reference(name).config.scaling_factor)
+    noise = to_nhwc(torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(0)))  # the draw sample() made
+    actual = encode_image(AutoencoderKL(cfg), params, jnp.asarray(x), jnp.asarray(noise))
+    assert actual.shape == (2, IMAGE_SIZE // cfg.scale_factor, IMAGE_SIZE // cfg.scale_factor, 4)
+    assert_rel_close(actual, expected)
+
+
+def test_encode_image_without_noise_is_the_scaled_mean():
+    """diffusers' retrieve_latents(..., sample_mode="argmax") = latent_dist.mode() = the mean."""
+    cfg, params = flax_model("two_blocks")
+    x = random_images()
+    with torch.no_grad():
+        expected = to_nhwc(reference("two_blocks").encode(to_nchw(x)).latent_dist.mode() * cfg.scaling_factor)
+    assert_rel_close(encode_image(AutoencoderKL(cfg), params, jnp.asarray(x)), expected)
+
+
+def test_x4_upscaler_vae_decodes_its_scaled_latents_like_the_upscale_pipeline():
+    """StableDiffusionUpscalePipeline: vae.decode(latents / scaling_factor) with scaling_factor 0.08333, 4× the latent size."""
+    cfg, params = flax_model("x4_upscaler")
+    assert cfg.scale_factor == 4 and cfg.scaling_factor == 0.08333
+    latents = random_latents(cfg) * cfg.scaling_factor  # what the UNet hands over
+    with torch.no_grad():
+        expected = to_nhwc(reference("x4_upscaler").decode(to_nchw(latents) / 0.08333).sample)
+    actual = decode(params, cfg, np.asarray(unscale_latents(latents, cfg)))
+    assert actual.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert_rel_close(actual, expected)

@@ -1,6 +1,7 @@
 """The Stable Diffusion denoiser: a Flax port of diffusers' `UNet2DConditionModel`.
 
-Covers what SD 1.x / 2.x / 2.1 (and their inpainting variants) use: the
+Covers what SD 1.x / 2.x / 2.1 and their image-conditioned variants (inpainting, depth,
+the x4 upscaler's noise-level class embedding) use: the
 CrossAttnDownBlock2D / DownBlock2D / UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D /
 UpBlock2D blocks, Transformer2DModel with GEGLU feed-forward, and the sinusoidal
 timestep embedding. Anything else in a config raises `ValueError` naming the option.
@@ -30,6 +31,8 @@ from sdmesh.services.models.layers import Conv2d, GroupNorm
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+# None: a learned table when num_class_embeds is set, else no class conditioning.
+_CLASS_EMBED_TYPES = (None, "timestep", "identity", "projection", "simple_projection")
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu,
@@ -62,9 +65,14 @@ class UNetConfig:
 
     Options that only matter to block types or embeddings we do not implement
     (`resnet_skip_time_act`, `resnet_out_scale_factor`, `cross_attention_norm`,
-    `mid_block_only_cross_attention`, `addition_*`, `projection_class_*`,
-    `class_embeddings_concat`) are accepted and, as in diffusers for these
-    blocks, have no effect. `dropout` is irrelevant at inference.
+    `mid_block_only_cross_attention`, `addition_*`) are accepted and, as in
+    diffusers for these blocks, have no effect. `dropout` is irrelevant at inference.
+
+    Class conditioning (`class_labels` in `__call__`) follows diffusers' `_set_class_embedding`:
+    `num_class_embeds` alone is a learned table (the x4 upscaler's noise level);
+    `class_embed_type` "timestep" | "identity" | "projection" | "simple_projection" embeds
+    a float label instead. The result is added to the time embedding, or concatenated
+    with it under `class_embeddings_concat`.
     """
 
     sample_size: int | tuple[int, int] | None = None
@@ -176,6 +184,17 @@ class UNetConfig:
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
     @property
+    def class_labels_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape of `class_labels` ((): one label each), or None when the UNet takes none."""
+        if self.class_embed_type is None:
+            return None if self.num_class_embeds is None else ()
+        if self.class_embed_type == "timestep":
+            return ()
+        if self.class_embed_type == "identity":
+            return (self.time_embed_dim,)
+        return (self.projection_class_embeddings_input_dim,)
+
+    @property
     def context_dim(self) -> int:
         """Width of `encoder_hidden_states` (one value; validated to be the same for all blocks)."""
         return self._per_block(self.cross_attention_dim)[0]
@@ -196,9 +215,13 @@ class UNetConfig:
                 raise unsupported("up_block_types", t, _UP_BLOCKS)
         if self.mid_block_type not in _MID_BLOCKS:
             raise unsupported("mid_block_type", self.mid_block_type, _MID_BLOCKS)
+        if self.class_embed_type not in _CLASS_EMBED_TYPES:
+            raise unsupported("class_embed_type", self.class_embed_type, _CLASS_EMBED_TYPES)
+        if self.class_embed_type in ("projection", "simple_projection") and self.projection_class_embeddings_input_dim is None:
+            raise ValueError(
+                f"UNetConfig: class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim (as in diffusers)"
+            )
         must_be = {
-            "class_embed_type": None,
-            "num_class_embeds": None,
             "addition_embed_type": None,
             "encoder_hid_dim": None,
             "encoder_hid_dim_type": None,
@@ -618,6 +641,21 @@ class UNetMidBlock2DCrossAttn(_Block):
 # --------------------------------------------------------------------------- the UNet
 
 
+def _class_embedding(cfg: UNetConfig, dtype: Any) -> nn.Module | None:
+    """diffusers' `_set_class_embedding`: the module named `class_embedding`, or None (also for "identity")."""
+    dim = cfg.time_embed_dim
+    if cfg.class_embed_type is None:
+        return None if cfg.num_class_embeds is None else nn.Embed(cfg.num_class_embeds, dim, dtype=dtype, name="class_embedding")
+    if cfg.class_embed_type == "timestep":
+        return TimestepEmbedding(dim, act_fn=cfg.act_fn, dtype=dtype, name="class_embedding")
+    if cfg.class_embed_type == "projection":
+        # diffusers builds this one with TimestepEmbedding's default act_fn, not the config's
+        return TimestepEmbedding(dim, act_fn="silu", dtype=dtype, name="class_embedding")
+    if cfg.class_embed_type == "simple_projection":
+        return nn.Dense(dim, dtype=dtype, name="class_embedding")
+    return None  # identity: the labels are the embedding
+
+
 class UNet2DConditionModel(nn.Module):
     """ε/v-prediction UNet. NHWC in, NHWC out, in the activation `dtype`."""
 
@@ -639,6 +677,7 @@ class UNet2DConditionModel(nn.Module):
             cond_proj_dim=cfg.time_cond_proj_dim,
             dtype=self.dtype,
         )
+        self.class_embedding = _class_embedding(cfg, self.dtype)
 
         heads = cfg.heads_per_block
         layers = cfg.layers_per_block_list
@@ -695,10 +734,12 @@ class UNet2DConditionModel(nn.Module):
         timesteps: jax.Array | int | float,
         encoder_hidden_states: jax.Array,
         timestep_cond: jax.Array | None = None,
+        class_labels: jax.Array | None = None,
     ) -> jax.Array:
         """sample (B, H, W, C_in), timesteps () or (B,), encoder_hidden_states (B, L, cross_attention_dim)
         → (B, H, W, out_channels). `timestep_cond` (B, time_cond_proj_dim) only for configs with
-        `time_cond_proj_dim`."""
+        `time_cond_proj_dim`; `class_labels` (B, *config.class_labels_shape) only for configs with a
+        class embedding (the x4 upscaler: the integer noise level)."""
         cfg = self.config
         batch = sample.shape[0]
         if cfg.center_input_sample:
@@ -713,6 +754,12 @@ class UNet2DConditionModel(nn.Module):
             downscale_freq_shift=cfg.freq_shift,
         ).astype(self.dtype)  # (B, C0)
         emb = self.time_embedding(t_emb, timestep_cond)  # (B, time_embed_dim)
+        if cfg.class_labels_shape is not None:
+            class_emb = self._embed_class(class_labels, batch)  # (B, time_embed_dim)
+            # concat: the blocks' time_emb_proj then take 2·time_embed_dim inputs
+            emb = jnp.concatenate([emb, class_emb], axis=-1) if cfg.class_embeddings_concat else emb + class_emb
+        elif class_labels is not None:
+            raise ValueError("class_labels were given but this UNet's config has no class embedding")
         if cfg.time_embedding_act_fn is not None:
             emb = _activation(cfg.time_embedding_act_fn)(emb)
         context = encoder_hidden_states.astype(self.dtype)
@@ -739,6 +786,23 @@ class UNet2DConditionModel(nn.Module):
         x = _activation(cfg.act_fn)(self.conv_norm_out(x))
         return self.conv_out(x)
 
+    def _embed_class(self, class_labels: jax.Array | None, batch: int) -> jax.Array:
+        """class_labels (B, ...) → (B, time_embed_dim), as diffusers' `get_class_embed`."""
+        cfg = self.config
+        if class_labels is None:
+            raise ValueError("this UNet's config has a class embedding, so class_labels must be given "
+                             "(the x4 upscaler: the noise level of its low-res image)")
+        labels = jnp.asarray(class_labels)
+        labels = jnp.broadcast_to(labels, (batch, *labels.shape[1:]) if labels.ndim else (batch,))
+        if cfg.class_embed_type is None:  # a learned table, indexed by integer label
+            return self.class_embedding(labels.astype(jnp.int32))
+        if cfg.class_embed_type == "timestep":  # the same sinusoid as the timestep, then its own MLP
+            labels = timestep_embedding(
+                labels, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift
+            )
+        labels = labels.astype(self.dtype)
+        return labels if cfg.class_embed_type == "identity" else self.class_embedding(labels)
+
 
 # --------------------------------------------------------------------------- loading support
 
@@ -753,7 +817,9 @@ def init_shapes(config: UNetConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
     sample = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
     context = jnp.zeros((1, 1, config.context_dim), jnp.float32)
     cond = None if config.time_cond_proj_dim is None else jnp.zeros((1, config.time_cond_proj_dim), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, cond)
+    label_shape = config.class_labels_shape
+    labels = None if label_shape is None else jnp.zeros((1, *label_shape), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, cond, labels)
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), variables["params"])
 
 

@@ -12,8 +12,9 @@ named `<attr>_<i>` by linen, which is exactly that mapping.
     latents (B, H/f, W/f, latent_channels), raw (unscaled)
       → post_quant_conv → Decoder → images (B, H, W, 3)
 
-with f = `VAEConfig.scale_factor`. Latent scaling (`scaling_factor`,
-`shift_factor`) is left to the pipeline: see `scale_latents` / `unscale_latents`.
+with f = `VAEConfig.scale_factor` (8 for SD, 4 for the x4 upscaler's 3-level VAE). Latent scaling
+(`scaling_factor`, `shift_factor`) is left to the pipeline: see `scale_latents` / `unscale_latents`,
+and `encode_image` for images → scaled latents (img2img, inpainting).
 """
 from __future__ import annotations
 
@@ -435,6 +436,21 @@ class AutoencoderKL(nn.Module):
         """Encode then decode the mean: touches every parameter, so `init` builds the whole tree."""
         mean, _ = self.encode(images)
         return self.decode(mean)
+
+
+def encode_image(vae: AutoencoderKL, params: Any, images: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+    """Images (B, H, W, C) in [-1, 1] → scaled latents (B, H/f, W/f, latent_channels), ready for the UNet.
+
+    diffusers' `scaling_factor * retrieve_latents(vae.encode(images), generator)` as the img2img and
+    inpaint pipelines call it: with `noise` (shaped like the posterior mean, standard normal) the
+    posterior sample mean + exp(logvar / 2) · noise (`latent_dist.sample(generator)`); without, the
+    mean (`sample_mode="argmax"`).
+    """
+    mean, logvar = vae.apply({"params": params}, images.astype(vae.dtype), method=AutoencoderKL.encode)
+    z = mean.astype(jnp.float32)
+    if noise is not None:
+        z = z + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise
+    return scale_latents(z, vae.config)
 
 
 def init_shapes(config: VAEConfig, dtype: Any = jnp.float32) -> dict[str, Any]:

@@ -18,3 +18,17 @@ class DecodeResponse(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _tensor_pb2.Tensor
     def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class EncodeImageRequest(_message.Message):
+    __slots__ = ("images", "seed")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    images: _tensor_pb2.Tensor
+    seed: int
+    def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class EncodeImageResponse(_message.Message):
+    __slots__ = ("latents",)
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    latents: _tensor_pb2.Tensor
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class DecoderStub:
-    """The VAE: latents → images.
+    """The VAE: latents → images, and (for image-conditioned generation) images → latents.
     """
 
     def __init__(self, channel):
@@ -41,6 +41,11 @@ class DecoderStub:
                 request_serializer=sdmesh_dot_v1_dot_decoder__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=sdmesh_dot_v1_dot_decoder__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.EncodeImage = channel.unary_unary(
+                '/sdmesh.v1.Decoder/EncodeImage',
+                request_serializer=sdmesh_dot_v1_dot_decoder__pb2.EncodeImageRequest.SerializeToString,
+                response_deserializer=sdmesh_dot_v1_dot_decoder__pb2.EncodeImageResponse.FromString,
+                _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/sdmesh.v1.Decoder/ModelInfo',
                 request_serializer=sdmesh_dot_v1_dot_common__pb2.ModelInfoRequest.SerializeToString,
@@ -49,10 +54,16 @@ class DecoderStub:
 
 
 class DecoderServicer:
-    """The VAE: latents → images.
+    """The VAE: latents → images, and (for image-conditioned generation) images → latents.
     """
 
     def Decode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EncodeImage(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +83,11 @@ def add_DecoderServicer_to_server(servicer, server):
                     request_deserializer=sdmesh_dot_v1_dot_decoder__pb2.DecodeRequest.FromString,
                     response_serializer=sdmesh_dot_v1_dot_decoder__pb2.DecodeResponse.SerializeToString,
             ),
+            'EncodeImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.EncodeImage,
+                    request_deserializer=sdmesh_dot_v1_dot_decoder__pb2.EncodeImageRequest.FromString,
+                    response_serializer=sdmesh_dot_v1_dot_decoder__pb2.EncodeImageResponse.SerializeToString,
+            ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
                     request_deserializer=sdmesh_dot_v1_dot_common__pb2.ModelInfoRequest.FromString,
@@ -86,7 +102,7 @@ def add_DecoderServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Decoder:
-    """The VAE: latents → images.
+    """The VAE: latents → images, and (for image-conditioned generation) images → latents.
     """
 
     @staticmethod
@@ -106,6 +122,33 @@ class Decoder:
             '/sdmesh.v1.Decoder/Decode',
             sdmesh_dot_v1_dot_decoder__pb2.DecodeRequest.SerializeToString,
             sdmesh_dot_v1_dot_decoder__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdmesh.v1.Decoder/EncodeImage',
+            sdmesh_dot_v1_dot_decoder__pb2.EncodeImageRequest.SerializeToString,
+            sdmesh_dot_v1_dot_decoder__pb2.EncodeImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,169 @@
+"""Image-conditioned generation equals diffusers' pipelines, image for image, from the same draws.
+
+img2img, inpainting (a 9-channel checkpoint, and latent blending on an ordinary one),
+depth-conditioned generation with a given depth map, and x4 upscaling, each through
+`StableDiffusion.generate` against the diffusers pipeline of that mode on a tiny
+random-weight checkpoint, fp32, ≤ 2/255 per pixel. The reference draws its noise from a
+torch generator; we replay that generator's draws in the pipeline's order and hand them to
+ours (`latents`, and `noise=` for the VAE posterior samples and the low-res image's noise).
+"""
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdmesh.services import reference
+from sdmesh.services.pipeline import GenerationRequest, InvalidRequest, StableDiffusion
+
+RNG = np.random.default_rng(0)
+PROMPT, NEGATIVE = "a lighthouse on a cliff", "blurry"
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("modes")
+    built = {name: reference.build(root / name, reference.SPECS[f"tiny-sd2-{name}"], seed=3, perturb=0.02)
+             for name in ("inpaint", "depth", "upscale")}
+    return {"text": tiny_checkpoints["sd2"], **built}
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    cache: dict[str, StableDiffusion] = {}
+
+    def get(name: str) -> StableDiffusion:
+        if name not in cache:
+            cache[name] = StableDiffusion.load(str(folders[name]))
+        return cache[name]
+
+    return get
+
+
+def draws(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    """The torch generator's successive draws (NCHW), as the reference pipeline makes them."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).numpy() for shape in shapes]
+
+
+def nhwc(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def reference_images(pipe, seed: int, **kwargs) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(seed), output_type="np",
+               **kwargs).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def assert_images_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert ours.shape == ref.shape, f"{ours.shape} != {ref.shape}"
+    diff = np.abs(ours.astype(int) - ref.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+
+
+def image(h: int, w: int) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("ddim", diffusers.DDIMScheduler),
+                                               ("dpm++2m", diffusers.DPMSolverMultistepScheduler)])
+def test_img2img_equals_diffusers(folders, loaded, sampler, scheduler):
+    pixels, steps, strength, seed = image(32, 32), 6, 0.6, 7
+    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders["text"], safety_checker=None,
+                                                                         requires_safety_checker=False)
+    ref_pipe.scheduler = scheduler.from_config(ref_pipe.scheduler.config)
+    ref = reference_images(ref_pipe, seed, image=Image.fromarray(pixels), strength=strength, num_inference_steps=steps,
+                           guidance_scale=7.5)
+    posterior, noise = draws(seed, (1, 4, 16, 16), (1, 4, 16, 16))  # the image's posterior sample, then the noise
+    ours = loaded("text").generate(GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, init_image=pixels, strength=strength, steps=steps, guidance_scale=7.5,
+        sampler=sampler, latents=noise), noise={"image": nhwc(posterior)})
+    assert_images_close(ours.images, ref)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_inpainting_an_ordinary_checkpoint_blends_as_diffusers_does(folders, loaded, strength):
+    pixels, seed = image(32, 32), 9
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:20, 10:30] = 255
+    ref_pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folders["text"], safety_checker=None,
+                                                                         requires_safety_checker=False)
+    ref = reference_images(ref_pipe, seed, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask),
+                           strength=strength, num_inference_steps=5, guidance_scale=6.0, height=32, width=32)
+    # a 4-channel UNet: the image's posterior (for blending), the noise, then the masked image's (unused)
+    posterior, noise, _ = draws(seed, (1, 4, 16, 16), (1, 4, 16, 16), (1, 4, 16, 16))
+    ours = loaded("text").generate(GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, init_image=pixels, mask_image=mask, strength=strength, steps=5,
+        guidance_scale=6.0, sampler="ddim", latents=noise), noise={"image": nhwc(posterior)})
+    assert_images_close(ours.images, ref)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_checkpoint_equals_diffusers_with_its_own_scheduler(folders, loaded, strength):
+    pixels, seed = image(16, 16), 5
+    mask = np.zeros((16, 16), np.uint8)
+    mask[3:10, 5:15] = 255
+    ref_pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folders["inpaint"], safety_checker=None,
+                                                                         requires_safety_checker=False)
+    ref = reference_images(ref_pipe, seed, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask),
+                           strength=strength, num_inference_steps=4, guidance_scale=7.5)
+    shape = (1, 4, 8, 8)
+    if strength == 1.0:  # pure noise, then the masked image's posterior
+        noise, masked = draws(seed, shape, shape)
+        given = {"masked_image": nhwc(masked)}
+    else:  # the image's posterior, the noise, the masked image's posterior
+        posterior, noise, masked = draws(seed, shape, shape, shape)
+        given = {"image": nhwc(posterior), "masked_image": nhwc(masked)}
+    pipe = loaded("inpaint")
+    ours = pipe.generate(GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, init_image=pixels, mask_image=mask,
+                                           strength=strength, steps=4, guidance_scale=7.5, latents=noise), noise=given)
+    assert_images_close(ours.images, ref)
+
+
+def test_depth_checkpoint_with_a_given_depth_map_equals_diffusers(folders, loaded):
+    pixels, seed = image(16, 12), 4
+    depth = (RNG.random((1, 37, 29)) * 5).astype(np.float32)
+    ref_pipe = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(folders["depth"])
+    ref = reference_images(ref_pipe, seed, image=Image.fromarray(pixels), depth_map=torch.from_numpy(depth),
+                           strength=0.7, num_inference_steps=6, guidance_scale=7.5)
+    posterior, noise = draws(seed, (1, 4, 8, 6), (1, 4, 8, 6))
+    ours = loaded("depth").generate(GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, init_image=pixels, depth_map=depth[0], strength=0.7, steps=6,
+        guidance_scale=7.5, latents=noise), noise={"image": nhwc(posterior)})
+    assert_images_close(ours.images, ref)
+
+
+def test_x4_upscaler_equals_diffusers(folders, loaded):
+    pixels, seed = image(12, 20), 2
+    ref_pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(folders["upscale"])
+    ref = reference_images(ref_pipe, seed, image=Image.fromarray(pixels), noise_level=30, num_inference_steps=4,
+                           guidance_scale=7.5)
+    low_res_noise, noise = draws(seed, (1, 3, 12, 20), (1, 4, 12, 20))  # the low-res image's noise, then the latents
+    ours = loaded("upscale").generate(GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, init_image=pixels, noise_level=30, steps=4, guidance_scale=7.5,
+        latents=noise), noise={"low_res": nhwc(low_res_noise)})
+    assert ours.images.shape == (1, 48, 80, 3)  # 4× the low-res image
+    assert_images_close(ours.images, ref)
+
+
+@pytest.mark.parametrize("checkpoint,fields,message", [
+    ("inpaint", dict(), "give init_image and mask_image"),
+    ("inpaint", dict(init_image=np.zeros((16, 16, 3), np.uint8)), "give mask_image"),
+    ("text", dict(init_image=np.zeros((16, 16, 3), np.uint8), mask_image=np.zeros((8, 8), np.uint8)), "same size"),
+    ("text", dict(mask_image=np.zeros((16, 16), np.uint8)), "needs an init image"),
+    ("text", dict(init_image=np.zeros((15, 16, 3), np.uint8)), "multiple of 2"),
+    ("text", dict(init_image=np.zeros((16, 16, 3), np.uint8), strength=1.5), "strength"),
+    ("text", dict(init_image=np.zeros((16, 16, 3), np.uint8), depth_map=np.zeros((4, 4))), "depth checkpoints"),
+    ("text", dict(init_image=np.zeros((16, 16, 4), np.uint8)), "(H, W, 3) uint8"),
+    ("depth", dict(init_image=np.zeros((16, 16, 3), np.uint8)), "give depth_map"),
+    ("upscale", dict(), "low-resolution image"),
+    ("upscale", dict(init_image=np.zeros((8, 8, 3), np.uint8), noise_level=351), "noise_level"),
+    ("text", dict(noise_level=20), "x4 upscaler"),
+])
+def test_bad_image_requests_are_refused_with_the_fix(loaded, checkpoint, fields, message):
+    with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+        loaded(checkpoint).validate(GenerationRequest(prompt="a cat", steps=2, **fields))
