@@ -202,6 +202,7 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
     up.add_argument("--chunk-steps", type=_positive_int, help="denoiser steps per compiled chunk (progress and cancellation points)")
     up.add_argument("--max-batch", type=_positive_int, help="per stage: rows per device call gathered from concurrent calls "
                                                             "(the denoiser's running batch; default: serve's)")
+    up.add_argument("--batching", choices=("continuous", "request"), help="the denoiser's batching (default: serve's, continuous)")
     up.add_argument("--batch-wait-ms", type=_finite_float, help="encoder and decoder: how long a call may wait for others "
                                                                "to fill its batch (default: serve's, 0)")
     up.add_argument("--max-inflight", type=_positive_int, default=32, help="requests the gateway holds at once (default: %(default)s)")
@@ -258,6 +259,9 @@ def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                        help="rows per device call gathered from concurrent calls (encoder: texts, a negative prompt "
                             "counting as one; denoiser: images in the running batch; decoder: images), padded to a power "
                             "of two; 1 turns batching off (default: %(default)s)")
+    stage.add_argument("--batching", choices=("continuous", "request"), default="continuous",
+                       help="denoiser: continuous lets requests join and leave the running batch between chunks; "
+                            "request lets a batch form only when the last one has finished (default: %(default)s)")
     stage.add_argument("--batch-wait-ms", type=_finite_float, default=0.0,
                        help="encoder and decoder, with --max-batch: how long the oldest waiting call may wait for others "
                             "to fill its batch; 0 batches only calls already waiting (default: %(default)s)")

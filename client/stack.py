@@ -195,7 +195,7 @@ def serve_args(args: argparse.Namespace) -> list[str]:
     """The `sdmesh serve` options every stage gets, from `sdmesh up`'s."""
     out = ["--model", str(args.model)]
     for flag in ("revision", "variant", "unet_checkpoint", "weights_dtype", "activations_dtype", "precision", "attention",
-                 "jax_cache_dir", "shapes", "max_queue", "chunk_steps", "max_batch", "batch_wait_ms"):
+                 "jax_cache_dir", "shapes", "max_queue", "chunk_steps", "max_batch", "batch_wait_ms", "batching"):
         value = getattr(args, flag, None)
         if value is not None:
             out += [f"--{flag.replace('_', '-')}", str(value)]
