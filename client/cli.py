@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", help="ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras or plms "
                                        "(default: the checkpoint's own, from its scheduler config)")
     gen.add_argument("--priority", type=int, default=0, help="with --server: higher is served first when the denoiser is busy")
+    img = gen.add_argument_group("image-conditioned generation", "PNG or JPEG files; the output has the init image's size "
+                                 "(4× it for the x4 upscaler)")
+    img.add_argument("--init-image", type=Path, help="img2img, inpainting and depth: the image to start from; "
+                                                     "x4 upscaler: the low-resolution image")
+    img.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (same size as --init-image)")
+    img.add_argument("--strength", type=_finite_float, help="how much of the schedule runs from the init image, (0, 1] "
+                                                            "(default: 0.8 img2img and depth, 1 inpainting)")
+    img.add_argument("--depth-map", type=Path, help="depth checkpoints: a grayscale PNG (8 or 16 bit) or a .npy array")
+    img.add_argument("--noise-level", type=int, help="x4 upscaler: noise added to the low-res image (default: 20)")
     _add_size_options(gen)
     gen.add_argument("--num-images", type=_positive_int, default=1)
     gen.add_argument("--seed", type=int, help="random seed (default: random, printed)")
@@ -127,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="write the results here")
 
     make = sub.add_parser("make-checkpoint", help="write a random-weight diffusers checkpoint (needs the dev extra)")
-    make.add_argument("spec", choices=("tiny-sd2", "tiny-sd1", "full-sd2"))
+    make.add_argument("spec", choices=("tiny-sd2", "tiny-sd1", "full-sd2", "tiny-sd2-inpaint", "tiny-sd2-depth", "tiny-sd2-upscale"))
     make.add_argument("directory", type=Path)
     make.add_argument("--seed", type=int, default=0)
 
@@ -352,6 +361,33 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+def _read_file(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+
+
+def _image_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The image-conditioning flags as bytes, for the wire (the gateway decodes them)."""
+    return {"init_image": _read_file(args.init_image, "--init-image"), "mask_image": _read_file(args.mask, "--mask"),
+            "depth_map": _read_file(args.depth_map, "--depth-map"), "strength": args.strength,
+            "noise_level": args.noise_level}
+
+
+def _decoded_image_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The image-conditioning flags decoded for the in-process pipeline (bad files end with one line)."""
+    from sdmesh.services import images
+
+    raw = _image_inputs(args)
+    return {"init_image": None if raw["init_image"] is None else images.decode_image(raw["init_image"], what="--init-image"),
+            "mask_image": None if raw["mask_image"] is None else images.decode_mask(raw["mask_image"], what="--mask"),
+            "depth_map": None if raw["depth_map"] is None else images.decode_depth(raw["depth_map"], what="--depth-map"),
+            "strength": raw["strength"], "noise_level": raw["noise_level"]}
+
+
 def _write_images(images: list[Any], output_dir: Path) -> None:
     """image_{i}.png in output_dir, printing each path."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -393,7 +429,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
             for event in client.stream(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                        steps=args.steps, guidance_scale=args.guidance_scale,
                                        guidance_rescale=args.guidance_rescale, eta=args.eta, height=height,
-                                       width=width, seed=args.seed, sampler=args.sampler, priority=args.priority):
+                                       width=width, seed=args.seed, sampler=args.sampler, priority=args.priority,
+                                       **_image_inputs(args)):
                 if isinstance(event, GenerateResult):
                     result = event
                 elif event.stage == "denoise":
@@ -416,7 +453,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = pipeline.GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images, steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, eta=args.eta,
-        height=height, width=width, seed=args.seed, latents=latents, sampler=args.sampler,
+        height=height, width=width, seed=args.seed, latents=latents, sampler=args.sampler, **_decoded_image_inputs(args),
     )
     pipe.validate(request)  # fail before compiling anything
     chunk = max(1, args.steps // 20)  # ~20 progress updates; the compiled program is the same for every chunk

@@ -55,17 +55,46 @@ class GenerateResult:
 def generate_request(prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
                      guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
                      width: int | None = None, seed: int | None = None, eta: float = 0.0, sampler: str | None = None,
-                     priority: int = 0) -> gateway_pb2.GenerateRequest:
+                     priority: int = 0, init_image: Any = None, mask_image: Any = None, strength: float | None = None,
+                     depth_map: Any = None, noise_level: int | None = None) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (None means the gateway's default: native size, a random seed,
-    the checkpoint's own sampler)."""
+    the checkpoint's own sampler).
+
+    Images (init_image, mask_image, depth_map) may be PNG/JPEG bytes, a PIL image, or a uint8 array; a float
+    depth map array is sent as .npy.
+    """
     request = gateway_pb2.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt or "", num_images=num_images, num_inference_steps=steps,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta,
-        sampler=sampler or "", priority=priority,
+        sampler=sampler or "", priority=priority, init_image=image_bytes(init_image), mask_image=image_bytes(mask_image),
+        depth_map=image_bytes(depth_map),
     )
     if seed is not None:
         request.seed = seed
+    if strength is not None:
+        request.strength = strength
+    if noise_level is not None:
+        request.noise_level = noise_level
     return request
+
+
+def image_bytes(image: Any) -> bytes:
+    """PNG/JPEG bytes as they are; a PIL image or uint8 array as PNG; a float array as .npy (depth maps); None as b""."""
+    if image is None:
+        return b""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+        np.save(buffer, image, allow_pickle=False)
+    else:
+        (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def event_from_proto(event: gateway_pb2.GenerateEvent) -> Progress | GenerateResult:
@@ -114,14 +143,11 @@ class Client:
         finally:
             call.cancel()  # a no-op once the call has finished
 
-    def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
-                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
-                 width: int | None = None, seed: int | None = None, eta: float = 0.0, sampler: str | None = None,
-                 priority: int = 0, timeout: float | None = None) -> GenerateResult:
-        """Text → images. height/width None: the model's native size; seed None: random (returned in the result)."""
-        for event in self.stream(prompt, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
-                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
-                                 width=width, seed=seed, eta=eta, sampler=sampler, priority=priority, timeout=timeout):
+    def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> GenerateResult:
+        """Text (and images) → images. `options` are generate_request's: negative_prompt, num_images, steps,
+        guidance_scale, guidance_rescale, height, width (None: native size), seed (None: random, returned), eta,
+        sampler, priority, init_image, mask_image, strength, depth_map, noise_level."""
+        for event in self.stream(prompt, timeout=timeout, **options):
             if isinstance(event, GenerateResult):
                 return event
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")
@@ -163,14 +189,9 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def generate(self, prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
-                       guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
-                       width: int | None = None, seed: int | None = None, eta: float = 0.0,
-                       sampler: str | None = None, priority: int = 0,
-                       timeout: float | None = None) -> GenerateResult:
-        async for event in self.stream(prompt, negative_prompt=negative_prompt, num_images=num_images, steps=steps,
-                                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height,
-                                       width=width, seed=seed, eta=eta, sampler=sampler, priority=priority, timeout=timeout):
+    async def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> GenerateResult:
+        """As Client.generate."""
+        async for event in self.stream(prompt, timeout=timeout, **options):
             if isinstance(event, GenerateResult):
                 return event
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")

@@ -1,4 +1,5 @@
-"""Decoder.Decode over gRPC: latents (NCHW on the wire) → uint8 images, around `pipeline.DecoderStage`.
+"""Decoder.Decode over gRPC: latents (NCHW on the wire) → uint8 images, around `pipeline.DecoderStage`;
+and Decoder.EncodeImage, the VAE's encoder, for image-conditioned generation (img2img, inpainting, depth).
 
 With --max-batch above 1, concurrent Decode calls of the same latent size share one device call
 (`batching.Batcher`): their latents are joined along N, padded to a compiled bucket, decoded once,
@@ -15,6 +16,7 @@ import numpy as np
 
 from sdmesh.client.tensors import from_proto, to_proto
 from sdmesh.services import batching, server
+from sdmesh.services.images import preprocess_image
 from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.pipeline import MAX_IMAGES, DecoderStage, InvalidRequest
 from sdmesh.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
@@ -34,6 +36,25 @@ def latents_from_proto(request: decoder_pb2.DecodeRequest, latent_channels: int,
     if not np.isfinite(latents).all():
         raise InvalidRequest("latents contain NaN or infinity")
     return np.ascontiguousarray(latents.transpose(0, 2, 3, 1))
+
+
+def images_from_proto(request: decoder_pb2.EncodeImageRequest, scale_factor: int) -> tuple[np.ndarray, int | None]:
+    """(images (N, H, W, 3) float32 in [-1, 1], seed or None) after checking them; raises InvalidRequest/TensorError."""
+    if not request.HasField("images"):
+        raise InvalidRequest("images is missing: send (N, H, W, 3) uint8 RGB, or float32 in [-1, 1]")
+    images = from_proto(request.images, name="images", ndim=4)
+    dtype = images.dtype.name
+    if dtype not in ("uint8", "float32"):
+        raise InvalidRequest(f"images must be uint8 RGB or float32 in [-1, 1], got {dtype}")
+    n, h, w, c = images.shape
+    if c != 3 or not 1 <= n <= MAX_IMAGES or min(h, w) < scale_factor or h % scale_factor or w % scale_factor or max(h, w) > MAX_SIDE:
+        raise InvalidRequest(f"images have shape {list(images.shape)}; need (N, H, W, 3) with N from 1 to {MAX_IMAGES} and "
+                             f"H, W multiples of {scale_factor} up to {MAX_SIDE}")
+    if dtype == "uint8":
+        images = preprocess_image(images)  # as the in-process pipeline does, bit for bit
+    elif not np.isfinite(images).all() or np.abs(images).max() > 1.0:
+        raise InvalidRequest("float32 images must lie in [-1, 1] (and be finite)")
+    return images, (request.seed if request.HasField("seed") else None)
 
 
 class DecoderService(decoder_pb2_grpc.DecoderServicer):
@@ -68,6 +89,11 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         images = batching.wait(future, context.is_active)
         self.metrics.images_served(len(images))
         return decoder_pb2.DecodeResponse(images=to_proto(images))
+
+    def EncodeImage(self, request, context):
+        images, seed = images_from_proto(request, self.stage.scale_factor)
+        latents, _ = self.stage.encode_image(images, seed=seed, stream=request.stream)
+        return decoder_pb2.EncodeImageResponse(latents=to_proto(np.ascontiguousarray(latents.transpose(0, 3, 1, 2))))
 
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from sdmesh.client.tensors import from_proto, to_proto
-from sdmesh.services import checkpoint, server
+from sdmesh.services import checkpoint, modes, server
 from sdmesh.services.denoise import RunningBatch, Slot, group_key
 from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.models.vae import VAEConfig
@@ -59,6 +59,8 @@ class DenoiserFacts:
     prediction_type: str
     samplers: tuple[str, ...] = ("ddim",)
     default_sampler: str = "ddim"
+    kind: str = "text"  # text | inpaint | depth | upscale (services/modes.py)
+    max_noise_level: int = 350  # the x4 upscaler's
     extra_channels: int = 0  # UNet input channels beyond the latents (inpainting 5, depth 1, x4 upscaler 3)
     class_labels_shape: tuple[int, ...] | None = None  # per-sample class label shape, None: the UNet takes none
 
@@ -77,6 +79,7 @@ def denoiser_facts(stage: DenoiserStage, folder: Path) -> DenoiserFacts:
         scale_factor=f, max_steps=stage.max_steps,
         default_size=None if size is None else (size[0] * f, size[1] * f),
         prediction_type=stage.scheduler.prediction_type, samplers=stage.samplers, default_sampler=stage.default_sampler,
+        kind=stage.kind, max_noise_level=stage.max_noise_level,
         extra_channels=stage.unet.config.in_channels - stage.latent_channels,
         class_labels_shape=stage.unet.config.class_labels_shape,
     )
@@ -220,6 +223,10 @@ def with_image_conditioning(job: DenoiseJob, request: denoiser_pb2.DenoiseReques
         labels = _finite_tensor(request.class_labels, "class_labels", 1 + len(shape))
         if labels.shape != (job.images, *shape):
             raise InvalidRequest(f"class_labels have shape {list(labels.shape)}; need {[job.images, *shape]}")
+        if facts.kind == "upscale" and (np.any(labels != labels.reshape(-1)[0]) or labels.reshape(-1)[0] % 1
+                                        or not 0 <= labels.reshape(-1)[0] <= facts.max_noise_level):
+            raise InvalidRequest(f"the x4 upscaler's class_labels are its noise level: one integer from 0 to "
+                                 f"{facts.max_noise_level} for every row, got {labels.tolist()}")
         changes["class_labels"] = labels
     return dataclasses.replace(job, **changes) if changes else job
 
@@ -356,11 +363,15 @@ class Scheduler:
             noise = self.stage.noise(job.seed, (job.images, job.height // f, job.width // f, self.facts.latent_channels))
         else:
             noise = job.latents
+        extra = job.extra
+        if self.facts.kind == "upscale":  # extra is the clean low-res image: noise it to its level, as the pipeline does
+            level = int(job.class_labels.reshape(-1)[0])
+            extra = modes.noise_low_res(extra, level, job.seed, self.stage.low_res_alphas)
         ticket.slots = self.stage.slots(noise, job.cond, job.uncond, steps=job.steps, guidance_scale=job.guidance_scale,
                                         guidance_rescale=job.guidance_rescale, eta=job.eta, seed=job.seed,
                                         sampler=job.sampler, owner=ticket, init_latents=job.init_latents,
                                         strength=job.strength, noise_at_full_strength=self._inpainting(job),
-                                        extra=job.extra, class_labels=job.class_labels, blend_mask=job.blend_mask)
+                                        extra=extra, class_labels=job.class_labels, blend_mask=job.blend_mask)
         ticket.total = min(job.steps, ticket.slots[0].plan.evaluations)  # img2img runs fewer; PLMS evaluates once more
         key = group_key(ticket.slots[0])
         if key not in self._batches:
@@ -477,7 +488,8 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                 "hidden_size": facts.context_dim, "max_length": facts.context_length, "max_steps": facts.max_steps,
                 "prediction_type": facts.prediction_type, "chunk_steps": self.chunk, "max_images": MAX_IMAGES,
                 "max_batch": self.scheduler.max_batch, "batching": self.scheduler.policy, "batch_buckets": ",".join(map(str, self.scheduler.buckets)),
-                "samplers": ",".join(facts.samplers), "default_sampler": facts.default_sampler,
+                "samplers": ",".join(facts.samplers), "default_sampler": facts.default_sampler, "kind": facts.kind,
+                "max_noise_level": facts.max_noise_level,
                 "running_slots": self.scheduler.running_slots, "waiting_requests": len(self.scheduler._waiting),
                 **self.scheduler.stats}
         if facts.default_size is not None:

@@ -39,6 +39,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdmesh.client.tensors import TensorError, from_proto, to_proto
+from sdmesh.services import images, modes
 from sdmesh.services.errors import InvalidRequest
 from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.server import ended_with
@@ -303,6 +304,8 @@ class ModelFacts:
     default_width: int | None
     size_multiple: int = 8
     max_steps: int = MAX_STEPS
+    kind: str = "text"  # text | inpaint | depth | upscale: which image inputs the model takes (services/modes.py)
+    max_noise_level: int = 350  # the x4 upscaler's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +347,8 @@ def job_from_proto(request: gateway_pb2.GenerateRequest, facts: ModelFacts, *, d
     if request.eta < 0:
         raise InvalidRequest(f"eta must be ≥ 0, got {request.eta}")
     height, width = request.height, request.width
+    if request.init_image and not (height and width):  # the init image gives the size (prepare_images checks it)
+        height, width = height or facts.size_multiple, width or facts.size_multiple
     if not height or not width:
         if facts.default_height is None or facts.default_width is None:
             raise InvalidRequest("this model has no native size (its UNet config names no sample_size): give height and width")
@@ -365,6 +370,44 @@ def encode_request(job: Job) -> text_encoder_pb2.EncodeRequest:
     """The prompt, and its negative only when guided: one encoder call, prompts first, as the pipeline makes it."""
     negatives = [job.negative_prompt] if job.guided else []
     return text_encoder_pb2.EncodeRequest(prompts=[job.prompt], negative_prompts=negatives, unconditional=job.guided)
+
+
+def has_images(request: gateway_pb2.GenerateRequest) -> bool:
+    return bool(request.init_image or request.mask_image or request.depth_map or request.HasField("strength")
+                or request.HasField("noise_level"))
+
+
+def prepare_images(request: gateway_pb2.GenerateRequest, job: Job, facts: ModelFacts,
+                   encode: Callable[[np.ndarray, int], np.ndarray]) -> modes.ModeInputs:
+    """Decode the request's images and build the denoiser's image inputs (`encode` is Decoder.EncodeImage)."""
+    def decoded(field: str, decode: Callable[..., np.ndarray]) -> np.ndarray | None:
+        data = getattr(request, field)
+        return decode(data, what=field) if data else None
+
+    return modes.prepare(
+        facts.kind, rows=job.num_images, init_image=decoded("init_image", images.decode_image),
+        mask_image=decoded("mask_image", images.decode_mask), depth_map=decoded("depth_map", images.decode_depth),
+        strength=request.strength if request.HasField("strength") else None,
+        noise_level=request.noise_level if request.HasField("noise_level") else None,
+        scale_factor=facts.size_multiple, encode=encode, seed=job.seed, height=request.height or None,
+        width=request.width or None, max_noise_level=facts.max_noise_level)
+
+
+def add_image_inputs(request: denoiser_pb2.DenoiseRequest, mode: modes.ModeInputs) -> None:
+    """The mode's NHWC arrays onto a DenoiseRequest (NCHW on the wire)."""
+    def nchw(a: np.ndarray) -> Any:
+        return to_proto(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+
+    if mode.init_latents is not None:
+        request.init_latents.CopyFrom(nchw(mode.init_latents))
+        request.strength = mode.strength
+    if mode.extra is not None:
+        request.extra.CopyFrom(nchw(mode.extra))
+    if mode.blend_mask is not None:
+        request.blend_mask.CopyFrom(nchw(mode.blend_mask))
+    if mode.class_labels is not None:
+        request.class_labels.CopyFrom(to_proto(np.asarray(mode.class_labels, np.float32)))
+    request.height, request.width = mode.height, mode.width
 
 
 def denoise_request(job: Job, response: text_encoder_pb2.EncodeResponse) -> denoiser_pb2.DenoiseRequest:
@@ -477,6 +520,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         encoded = call_stage(self.encoders, down, encode, "Encode")
         yield gateway_pb2.GenerateEvent(progress=common_pb2.Progress(stage="encode", step=1, total_steps=1))
         denoise_in = denoise_request(job, encoded)
+        if has_images(request) or self.facts(down).kind != "text":
+            def encode_image(pixels: np.ndarray, stream: int) -> np.ndarray:
+                message = decoder_pb2.EncodeImageRequest(images=to_proto(np.asarray(pixels, np.float32)), seed=job.seed,
+                                                         stream=stream)
+
+                def run(replica: Replica, timeout: float | None) -> decoder_pb2.EncodeImageResponse:
+                    return down.track(replica.stub.EncodeImage.future(message, timeout=timeout)).result()
+
+                reply = call_stage(self.decoders, down, run, "EncodeImage")
+                return from_proto(reply.latents, name="latents", dtype="float32", ndim=4).transpose(0, 2, 3, 1)
+
+            add_image_inputs(denoise_in, prepare_images(request, job, self.facts(down), encode_image))
 
         def denoise(replica: Replica, timeout: float | None) -> Iterator[gateway_pb2.GenerateEvent]:
             for event in down.track(replica.stub.Denoise(denoise_in, timeout=timeout)):
@@ -532,7 +587,8 @@ def facts_from_info(denoiser: common_pb2.ModelInfo) -> ModelFacts:
     f = denoiser.facts
     return ModelFacts(default_height=int(f["default_height"]) if "default_height" in f else None,
                       default_width=int(f["default_width"]) if "default_width" in f else None,
-                      size_multiple=int(f.get("vae_scale_factor", 8)), max_steps=int(f.get("max_steps", MAX_STEPS)))
+                      size_multiple=int(f.get("vae_scale_factor", 8)), max_steps=int(f.get("max_steps", MAX_STEPS)),
+                      kind=f.get("kind", "text"), max_noise_level=int(f.get("max_noise_level", 350)))
 
 
 # --- Wiring -------------------------------------------------------------------------

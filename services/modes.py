@@ -159,10 +159,19 @@ def _upscale(rows, init_image, mask_image, depth_map, strength, noise_level, see
     if max(h, w) * UPSCALE_FACTOR > images.MAX_SIDE:
         raise InvalidRequest(f"init_image is {w}×{h}: upscaled 4× it would pass {images.MAX_SIDE} pixels; send a smaller one")
     low = images.preprocess_image(init_image)  # (1, h, w, 3) in [-1, 1]
-    # The low-res image's own noise: numpy from the seed, so the gateway and the pipeline draw the same.
-    noise = given_noise if given_noise is not None else np.random.default_rng([seed, 5]).standard_normal(low.shape, np.float32)
-    a = np.float32(alphas[level])
-    noised = np.sqrt(a) * low + np.sqrt(np.float32(1) - a) * noise.astype(np.float32)
+    if alphas is not None:  # in process; over the wire the denoiser noises it (it has the low-res schedule)
+        low = noise_low_res(low, level, seed, alphas, given_noise)
     return ModeInputs("upscale", height=h * UPSCALE_FACTOR, width=w * UPSCALE_FACTOR, latent_size=(h, w),
-                      extra=_rows(noised.astype(np.float32), rows),
-                      class_labels=np.full((rows,), level, np.float32))
+                      extra=_rows(low, rows), class_labels=np.full((rows,), level, np.float32))
+
+
+def noise_low_res(low: np.ndarray, level: int, seed: int, alphas: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
+    """The x4 upscaler's low-res images (N, h, w, 3) noised to `level` (its low_res_scheduler.add_noise).
+
+    The noise is numpy from the seed, one draw shared by the N rows (the pipeline draws once per input
+    image and repeats it per image), so the gateway's path and the in-process pipeline agree.
+    """
+    shape = (1,) + low.shape[1:]
+    noise = given if given is not None else np.random.default_rng([seed, 5]).standard_normal(shape, np.float32)
+    a = np.float32(alphas[level])
+    return (np.sqrt(a) * low + np.sqrt(np.float32(1) - a) * noise.astype(np.float32)).astype(np.float32)

@@ -167,3 +167,89 @@ def test_x4_upscaler_equals_diffusers(folders, loaded):
 def test_bad_image_requests_are_refused_with_the_fix(loaded, checkpoint, fields, message):
     with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
         loaded(checkpoint).validate(GenerationRequest(prompt="a cat", steps=2, **fields))
+
+
+# --- the same through the services: the gateway equals the in-process pipeline, pixel for pixel -----
+
+
+class Served:
+    """The three stages of a loaded pipeline behind in-process servers, and a gateway in front."""
+
+    def __init__(self, pipe: StableDiffusion, folder):
+        from sdmesh.services import decoder_service, denoiser_service, gateway, server, text_encoder_service
+
+        facts = denoiser_service.denoiser_facts(pipe.denoiser, folder)
+        shapes = [(1, 16, 16)]
+        services = [
+            text_encoder_service.stage_service(text_encoder_service.TextEncoderService(pipe.text_encoder, "m"), shapes),
+            denoiser_service.stage_service(denoiser_service.DenoiserService(pipe.denoiser, facts, "m", max_batch=2), shapes),
+            decoder_service.stage_service(decoder_service.DecoderService(pipe.decoder, "m"), shapes),
+        ]
+        self.stages = [server.StageServer(s).start() for s in services]
+        pools = [gateway.ReplicaPool(name, [s.address]) for name, s in zip(("encoder", "denoiser", "decoder"), self.stages)]
+        for s in self.stages:
+            s._set(1)  # SERVING without a warm-up: compiling on first use is fine here
+        self.service = gateway.GatewayService(*pools)
+        self.server, port = gateway.build_server(self.service, "127.0.0.1:0")
+        self.server.start()
+        self.address = f"127.0.0.1:{port}"
+
+    def close(self) -> None:
+        self.server.stop(0)
+        for s in self.stages:
+            s.stop(grace=0)
+
+
+def png(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+GATEWAY_CASES = {
+    "img2img": ("text", lambda: dict(init_image=image(32, 32), strength=0.7, sampler="euler")),
+    "inpaint-blend": ("text", lambda: dict(init_image=image(32, 32), mask_image=np.tile(np.uint8([0, 255]), (32, 16)))),
+    "inpaint": ("inpaint", lambda: dict(init_image=image(16, 16), mask_image=np.tile(np.uint8([0, 255]), (16, 8)),
+                                        strength=0.8)),
+    "depth": ("depth", lambda: dict(init_image=image(16, 12), depth_map=RNG.random((20, 15)).astype(np.float32))),
+    "upscale": ("upscale", lambda: dict(init_image=image(8, 12), noise_level=40)),
+}
+
+
+@pytest.mark.parametrize("case", list(GATEWAY_CASES))
+def test_every_mode_through_the_gateway_equals_the_pipeline(folders, loaded, case):
+    from sdmesh.client import Client
+
+    checkpoint, make = GATEWAY_CASES[case]
+    fields = make()
+    pipe = loaded(checkpoint)
+    expected = pipe.generate(GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=3, seed=21, num_images=2,
+                                               **fields)).images
+    served = Served(pipe, folders[checkpoint])
+    try:
+        wire = {k: png(v) if isinstance(v, np.ndarray) and v.dtype == np.uint8 else v for k, v in fields.items()}
+        with Client(served.address) as client:
+            result = client.generate(PROMPT, negative_prompt=NEGATIVE, steps=3, seed=21, num_images=2, timeout=120, **wire)
+        got = np.stack([np.asarray(im) for im in result.images])
+        np.testing.assert_array_equal(got, expected)
+    finally:
+        served.close()
+
+
+def test_a_bad_image_through_the_gateway_is_invalid_argument(folders, loaded):
+    import grpc
+
+    from sdmesh.client import Client, GatewayError
+
+    served = Served(loaded("inpaint"), folders["inpaint"])
+    try:
+        with Client(served.address) as client:
+            for fields, message in ((dict(init_image=b"not a png"), "init_image"),
+                                    (dict(init_image=png(image(16, 16))), "mask_image")):
+                with pytest.raises(GatewayError) as caught:
+                    client.generate(PROMPT, steps=2, timeout=60, **fields)
+                assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in caught.value.message
+    finally:
+        served.close()

@@ -26,7 +26,7 @@ from sdmesh.v1 import common_pb2 as sdmesh_dot_v1_dot_common__pb2
 from sdmesh.v1 import tensor_pb2 as sdmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdmesh/v1/decoder.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\x1a\x16sdmesh/v1/tensor.proto\"3\n\rDecodeRequest\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\"3\n\x0e\x44\x65\x63odeResponse\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\"S\n\x12\x45ncodeImageRequest\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"9\n\x13\x45ncodeImageResponse\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor2\xd6\x01\n\x07\x44\x65\x63oder\x12=\n\x06\x44\x65\x63ode\x12\x18.sdmesh.v1.DecodeRequest\x1a\x19.sdmesh.v1.DecodeResponse\x12L\n\x0b\x45ncodeImage\x12\x1d.sdmesh.v1.EncodeImageRequest\x1a\x1e.sdmesh.v1.EncodeImageResponse\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdmesh/v1/decoder.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\x1a\x16sdmesh/v1/tensor.proto\"3\n\rDecodeRequest\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\"3\n\x0e\x44\x65\x63odeResponse\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\"c\n\x12\x45ncodeImageRequest\x12!\n\x06images\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06stream\x18\x03 \x01(\rB\x07\n\x05_seed\"9\n\x13\x45ncodeImageResponse\x12\"\n\x07latents\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor2\xd6\x01\n\x07\x44\x65\x63oder\x12=\n\x06\x44\x65\x63ode\x12\x18.sdmesh.v1.DecodeRequest\x1a\x19.sdmesh.v1.DecodeResponse\x12L\n\x0b\x45ncodeImage\x12\x1d.sdmesh.v1.EncodeImageRequest\x1a\x1e.sdmesh.v1.EncodeImageResponse\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODERESPONSE']._serialized_start=139
   _globals['_DECODERESPONSE']._serialized_end=190
   _globals['_ENCODEIMAGEREQUEST']._serialized_start=192
-  _globals['_ENCODEIMAGEREQUEST']._serialized_end=275
-  _globals['_ENCODEIMAGERESPONSE']._serialized_start=277
-  _globals['_ENCODEIMAGERESPONSE']._serialized_end=334
-  _globals['_DECODER']._serialized_start=337
-  _globals['_DECODER']._serialized_end=551
+  _globals['_ENCODEIMAGEREQUEST']._serialized_end=291
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=293
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=350
+  _globals['_DECODER']._serialized_start=353
+  _globals['_DECODER']._serialized_end=567
 # @@protoc_insertion_point(module_scope)

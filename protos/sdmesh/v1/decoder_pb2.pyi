@@ -20,12 +20,14 @@ class DecodeResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeImageRequest(_message.Message):
-    __slots__ = ("images", "seed")
+    __slots__ = ("images", "seed", "stream")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     images: _tensor_pb2.Tensor
     seed: int
-    def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    stream: int
+    def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., stream: _Optional[int] = ...) -> None: ...
 
 class EncodeImageResponse(_message.Message):
     __slots__ = ("latents",)
