@@ -42,3 +42,13 @@ def test_unknown_implementation_is_named():
     x = jnp.zeros((1, 2, 1, 4))
     with pytest.raises(ValueError, match="unknown attention implementation 'magic'"):
         attention(x, x, x, impl="magic")
+
+
+@pytest.mark.parametrize("lq", [7, 64, 100])
+def test_query_blocked_attention_equals_dot_product(lq):
+    """CPU's --attention flash: blocks of queries, each against every key, give the same numbers."""
+    from sdmesh.services.models.attention import blocked_attention
+
+    rng = np.random.default_rng(lq)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 8), dtype=np.float32)) for n in (lq, 50, 50))
+    np.testing.assert_allclose(blocked_attention(q, k, v, block=16), attention(q, k, v), rtol=1e-5, atol=1e-6)

@@ -5,10 +5,22 @@ models pass `impl` through from their config and never branch on it themselves.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("dot_product", "flash")
+QUERY_BLOCK = 1024  # CPU "flash": queries per block, so scores take O(block · Lk) memory, not O(Lq · Lk)
+
+log = logging.getLogger("sdmesh.attention")
+
+
+@functools.cache
+def _notice_cpu_fallback() -> None:
+    log.warning("--attention flash on CPU: no fused kernel here, using query-blocked attention "
+                "(memory bounded by %d queries at a time; same numbers as dot_product)", QUERY_BLOCK)
 
 
 def attention(
@@ -29,10 +41,29 @@ def attention(
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     if impl == "flash":
-        # JAX's fused attention: cuDNN's flash kernel on GPU when dtype and shapes allow,
-        # XLA's own lowering elsewhere (it computes the softmax in float32 either way).
-        # The TPU splash kernel and a memory-bounded CPU path come with the sharding work.
+        if jax.default_backend() == "cpu":  # read while tracing: the program is built for this backend
+            _notice_cpu_fallback()
+            return blocked_attention(q, k, v, causal=causal, upcast=upcast)
+        # JAX's fused attention: cuDNN's flash kernel on GPU when dtype and shapes allow, XLA's own
+        # lowering elsewhere (it computes the softmax in float32 either way).
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    return _dot_product(q, k, v, causal=causal, upcast=upcast)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, upcast: bool = False,
+                      block: int = QUERY_BLOCK) -> jax.Array:
+    """Attention over blocks of `block` queries, one block at a time (lax.map): each query's softmax sees
+    every key, so the result is dot-product attention's, with scores held for one block only."""
+    b, lq, h, d = q.shape
+    if lq <= block or causal:  # CLIP's causal attention is 77 tokens: nothing to bound
+        return _dot_product(q, k, v, causal=causal, upcast=upcast)
+    pad = -lq % block
+    blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, block, h, d).transpose(1, 0, 2, 3, 4)
+    out = jax.lax.map(lambda qb: _dot_product(qb, k, v, causal=False, upcast=upcast), blocks)  # (n, B, block, H, D)
+    return out.transpose(1, 0, 2, 3, 4).reshape(b, -1, h, d)[:, :lq]
+
+
+def _dot_product(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, upcast: bool) -> jax.Array:
     dtype = q.dtype
     b, lq, h, d = q.shape
     if upcast:
