@@ -79,6 +79,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--ici-data-parallelism", type=int, default=1, metavar="N", help="batch split across N devices")
     m.add_argument("--ici-fsdp-parallelism", type=int, default=1, metavar="N", help="parameters' input features split across N devices")
     m.add_argument("--ici-tensor-parallelism", type=int, default=1, metavar="N", help="output channels and features split across N devices")
+    m.add_argument("--per-device-batch-size", type=_finite_float, metavar="X",
+                   help="the batch as images per data-parallel device (X × data devices; below 1 the batch is replicated "
+                        "along data): generate/bench --num-images, serve --max-batch")
     m.add_argument("--dcn-data-parallelism", type=int, default=1, metavar="N",
                    help="batch split across N groups of processes (hosts); the --ici-* sizes then describe one group")
     m.add_argument("--coordinator-address", metavar="HOST:PORT",
@@ -290,9 +293,22 @@ def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
                    help="requests the gateway holds at once; more get RESOURCE_EXHAUSTED (default: %(default)s)")
 
 
+def _apply_per_device_batch(args: argparse.Namespace, field: str) -> None:
+    """--per-device-batch-size → the global batch, into `field` (num_images or max_batch)."""
+    if getattr(args, "per_device_batch_size", None) is None:
+        return
+    import jax
+
+    from sdmesh.services import sharding
+
+    setattr(args, field, sharding.global_batch(args.per_device_batch_size, sharding.mesh_config(args), jax.device_count()))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib
 
+    if args.service != "gateway":
+        _apply_per_device_batch(args, "max_batch")
     if args.port is None:
         args.port = SERVE_PORTS[args.service]
     if args.max_queue < 0:
@@ -447,6 +463,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         return _generate_remote(args)
+    _apply_per_device_batch(args, "num_images")
     height, width = _size(args)
     latents = _read_latents(args.latents) if args.latents else None
     pipeline, pipe = _load(args)
@@ -471,6 +488,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _apply_per_device_batch(args, "num_images")
     height, width = _size(args)
     pipeline, pipe = _load(args)
     import jax

@@ -199,6 +199,11 @@ class RunningBatch:
         return bucket(len(self.slots), self.buckets) if self.slots else 0
 
     @property
+    def device_state(self) -> table.SlotState | None:
+        """The slots' state as the last chunk left it on the device (None before a chunk, or after a repack)."""
+        return None if self._device is None else self._device[1]
+
+    @property
     def with_uncond(self) -> bool:
         """Whether any slot needs the unconditional pass (else the cheaper program without it runs)."""
         return any(s.guided for s in self.slots)

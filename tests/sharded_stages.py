@@ -42,16 +42,20 @@ def run(folder: Path, mesh: MeshConfig | None) -> dict:
     rng = np.random.default_rng(0)
     cond = rng.standard_normal((BATCH, 77, denoiser.unet.config.context_dim), np.float32)
     uncond = rng.standard_normal(cond.shape, np.float32)
-    latents = denoiser.noise(0, (BATCH, 8, 8, denoiser.latent_channels))
-    for _, latents, _ in denoiser.run(latents, cond, uncond, steps=STEPS, guidance_scale=7.5, eta=0.5, seed=1):
+    noise = denoiser.noise(0, (BATCH, 8, 8, denoiser.latent_channels))
+    for _, latents, _ in denoiser.run(noise, cond, uncond, steps=STEPS, guidance_scale=7.5, eta=0.5, seed=1):
         pass
+    # between chunks the running batch's state stays on the mesh, split by batch
+    batch = denoiser.new_batch([BATCH])
+    batch.join(denoiser.slots(noise, cond, uncond, steps=STEPS, guidance_scale=7.5, eta=0.5, seed=1))
+    batch.run_chunk(1)
     images, _ = decoder.decode(latents)
     # the three stages chained, each handing its sharded output to the next (same shapes: no new denoise/decode compile)
     request = GenerationRequest(prompt=["a cat", "a dog"], num_images=BATCH // 2, steps=STEPS, eta=0.5, seed=2, height=16, width=16)
     generated = pipe.generate(request).images
     return {
         "latents": np.asarray(latents).tolist(), "images": images.tolist(), "generated": generated.tolist(),
-        "latents_spec": str(latents.sharding.spec) if mesh else None,
+        "latents_spec": str(batch.device_state.x.sharding.spec) if mesh else None,
         "conv_shard": list(leaf(denoiser.params, CONV).addressable_shards[0].data.shape),
         "dense_shard": list(leaf(denoiser.params, DENSE).addressable_shards[0].data.shape),
         "unet_bytes": per_device_bytes(denoiser.params), "vae_bytes": per_device_bytes(decoder.params),

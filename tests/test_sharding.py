@@ -132,3 +132,19 @@ def test_per_device_parameter_bytes_fall_with_fsdp_times_tensor(on_meshes, stage
     for mesh, split in (("2,2,2", 4), ("1,4,2", 8), ("1,1,8", 8)):
         # a few small tensors (biases, norms, 4-channel convs) stay whole, hence the 25% allowance
         assert on_meshes[mesh][stage] < 1.25 * full / split, mesh
+
+
+@pytest.mark.parametrize("per_device,config,devices,expected", [
+    (2, None, 8, 2),  # no mesh: one data device
+    (0.5, sharding.MeshConfig(4, 1, 1), 4, 2),
+    (1.5, sharding.MeshConfig(2, 2, 1), 4, 3),
+    (0.25, sharding.MeshConfig(2, 1, 1), 2, 1),  # below one image: replicated along data
+    (1, sharding.MeshConfig(-1, 2, 1), 8, 4),
+])
+def test_per_device_batch_size_scales_with_the_data_axis(per_device, config, devices, expected):
+    assert sharding.global_batch(per_device, config, devices) == expected
+
+
+def test_per_device_batch_size_must_be_positive():
+    with pytest.raises(InvalidRequest, match="per-device-batch-size"):
+        sharding.global_batch(0, None, 1)
