@@ -575,7 +575,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         info.facts.update({
             "default_height": str(facts.default_height or 0), "default_width": str(facts.default_width or 0),
             "size_multiple": str(facts.size_multiple), "max_steps": str(facts.max_steps),
-            "max_inflight": str(self.max_inflight),
+            "max_inflight": str(self.max_inflight), "kind": facts.kind,
+            **{k: denoiser.facts[k] for k in ("samplers", "default_sampler", "max_noise_level") if k in denoiser.facts},
             **{f"{pool.stage}_replicas": ",".join(r.address for r in pool.replicas)
                for pool in (self.encoders, self.denoisers, self.decoders)},
         })
