@@ -13,6 +13,7 @@ chooses status codes, turns them into statuses (`status_for`):
 
     InvalidRequest, TensorError, CheckpointError  → INVALID_ARGUMENT, with their message
     Overloaded (the queue is full)                → RESOURCE_EXHAUSTED, at once
+    FollowerLost (a multi-process stage lost one) → UNAVAILABLE
     anything else                                 → INTERNAL: a bug of ours, logged with its traceback
 
 The same interceptor admits device RPCs through the `DeviceQueue`: one runs at a time,
@@ -42,7 +43,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sdmesh.client.tensors import TensorError
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.errors import FollowerLost, InvalidRequest
 from sdmesh.services.metrics import StageMetrics
 from sdmesh.services.weights import CheckpointError
 
@@ -85,6 +86,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a handler's exception becomes."""
     if isinstance(error, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, FollowerLost):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, (InvalidRequest, TensorError, CheckpointError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error}); this is a bug in sdmesh, the server log has the traceback"
@@ -303,7 +306,7 @@ def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAU
     leader = None
     if distributed.is_multi_process():  # process 0: every program call goes to the followers first
         leader = distributed.Leader.open(on_lost=lambda _why: server._set(health_pb2.HealthCheckResponse.NOT_SERVING))
-        distributed.stage_of(service.servicer).programs.lockstep = leader.call
+        distributed.stage_of(service.servicer).programs.lockstep = leader
     if metrics_port is not None:
         bound = server.metrics.serve_http(metrics_port, host)
         log.warning("%s metrics on http://%s/metrics", service.name, _host_port(host, bound))
