@@ -267,6 +267,9 @@ def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     stage.add_argument("--chunk-steps", type=_positive_int, default=5,
                        help="denoiser: steps per compiled chunk; progress events and cancellation checks come between "
                             "chunks, and every chunk runs the same program (default: %(default)s)")
+    stage.add_argument("--strict-shapes", action="store_true",
+                       help="denoiser and decoder: refuse (INVALID_ARGUMENT) any image size not in --shapes instead of "
+                            "compiling it on first use")
     stage.add_argument("--max-batch", type=_positive_int, default=8,
                        help="rows per device call gathered from concurrent calls (encoder: texts, a negative prompt "
                             "counting as one; denoiser: images in the running batch; decoder: images), padded to a power "

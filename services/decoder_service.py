@@ -64,8 +64,9 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
     metrics: where batches, device calls and images are recorded (the server records its RPCs there too)."""
 
     def __init__(self, stage: DecoderStage, model: str, *, max_batch: int = 1, batch_wait: float = 0.0,
-                 max_queue: int = server.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None):
-        self.stage, self.model = stage, model
+                 max_queue: int = server.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None,
+                 sizes: set[tuple[int, int]] | None = None):
+        self.stage, self.model, self.sizes = stage, model, sizes  # sizes: --strict-shapes (None: any size)
         self.metrics = metrics or StageMetrics("decoder")
         self.compiled: set[tuple[int, int, int]] = set()  # (batch, height, width) in pixels
         self.batcher = batching.Batcher(self.decode, max_batch=max_batch, batch_wait=batch_wait, max_queue=max_queue,
@@ -84,6 +85,8 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
     def Decode(self, request, context):
         # validated alone, first: a bad request must not fail a batch
         latents = latents_from_proto(request, self.latent_channels, self.stage.scale_factor)
+        f = self.stage.scale_factor
+        server.check_size(latents.shape[1] * f, latents.shape[2] * f, self.sizes)
         # only latents of one size can share an array: the key is the shape of a row, (h, w, C)
         future = self.batcher.submit(latents, key=latents.shape[1:], is_active=context.is_active)
         images = batching.wait(future, context.is_active)
@@ -92,6 +95,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
 
     def EncodeImage(self, request, context):
         images, seed = images_from_proto(request, self.stage.scale_factor)
+        server.check_size(images.shape[1], images.shape[2], self.sizes)
         latents, _ = self.stage.encode_image(images, seed=seed, stream=request.stream)
         return decoder_pb2.EncodeImageResponse(latents=to_proto(np.ascontiguousarray(latents.transpose(0, 3, 1, 2))))
 
@@ -158,6 +162,7 @@ def main(args: Any) -> int:
     folder, options, load = server.load_setup(args)
     stage = DecoderStage.load(folder, options, load)
     shapes = shapes or default_shapes(stage, folder)
-    service = DecoderService(stage, args.model, **batch)
+    service = DecoderService(stage, args.model, **batch,
+                             sizes={(h, w) for _, h, w in shapes} if getattr(args, "strict_shapes", False) else None)
     return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue,
                         metrics_port=getattr(args, "metrics_port", None))

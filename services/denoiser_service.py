@@ -438,8 +438,10 @@ class Scheduler:
 class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, stage: DenoiserStage, facts: DenoiserFacts, model: str, chunk: int | None = None, *,
                  max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = server.DEFAULT_MAX_QUEUE,
-                 buckets: tuple[int, ...] | None = None, metrics: Any = None, policy: str = "continuous"):
-        self.stage, self.facts, self.model = stage, facts, model
+                 buckets: tuple[int, ...] | None = None, metrics: Any = None, policy: str = "continuous",
+                 sizes: set[tuple[int, int]] | None = None):
+        """sizes: with --strict-shapes, the only (height, width) served; None compiles any other size on first use."""
+        self.stage, self.facts, self.model, self.sizes = stage, facts, model, sizes
         self.chunk = chunk or 5
         buckets = tuple(sorted(set(buckets or ()) | {b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch} | {max_batch}))
         self.scheduler = Scheduler(stage, facts, chunk=self.chunk, max_batch=max_batch, max_queue=max_queue,
@@ -474,6 +476,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
     def Denoise(self, request, context):
         job = denoise_job_from_proto(request, self.facts)
+        server.check_size(job.height, job.width, self.sizes)
         latents = None
         for done, total, latents in self.run(job, context.is_active):
             if latents is None:
@@ -548,6 +551,6 @@ def main(args: Any) -> int:
     metrics = StageMetrics("denoiser")
     service = DenoiserService(stage, facts, args.model, chunk=args.chunk_steps, max_batch=args.max_batch,
                               max_queue=args.max_queue, buckets=tuple(b for b, _, _ in shapes), metrics=metrics,
-                              policy=args.batching)
+                              policy=args.batching, sizes={(h, w) for _, h, w in shapes} if args.strict_shapes else None)
     return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port, max_queue=args.max_queue,
                         metrics_port=args.metrics_port)

@@ -337,6 +337,14 @@ def _host_port(host: str, port: int) -> str:
 # --- what every stage's main() shares -------------------------------------------------
 
 
+def check_size(height: int, width: int, sizes: set[tuple[int, int]] | None) -> None:
+    """With --strict-shapes, only the configured sizes are served: anything else is refused, not compiled."""
+    if sizes is not None and (height, width) not in sizes:
+        served = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
+        raise InvalidRequest(f"{height}x{width} is not a size this service serves (--strict-shapes: {served}); "
+                             "ask for one of those, or use a replica started with that size in its --shapes")
+
+
 def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
     """'1x512x512,2x512x768' → [(1, 512, 512), (2, 512, 768)]; BATCHxSIZE means a square. None stays None."""
     if not text:

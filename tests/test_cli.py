@@ -90,3 +90,31 @@ def test_bench_writes_seconds_per_image(tiny_checkpoints, tmp_path):
                 "vae_decode_seconds", "peak_host_memory_mb"):
         assert report[key] > 0, key
     assert len(report["seconds_per_image_all"]) == 2
+
+
+def test_generate_with_an_init_image_and_mask_equals_the_pipeline(tiny_checkpoints, tmp_path):
+    """`sdmesh generate --init-image --mask --strength`: inpainting by blending, as the in-process API does it."""
+    from sdmesh.services.pipeline import GenerationRequest, StableDiffusion
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    folder = tiny_checkpoints["sd2"]
+    code = main(["generate", "a lighthouse", "--model", str(folder), "--init-image", str(tmp_path / "init.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--strength", "0.9", "--sampler", "euler", "--steps", "3",
+                 "--seed", "4", "--output-dir", str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    ours = np.asarray(Image.open(tmp_path / "out" / "image_0.png"))
+    expected = StableDiffusion.load(str(folder)).generate(GenerationRequest(
+        prompt="a lighthouse", init_image=pixels, mask_image=mask, strength=0.9, sampler="euler", steps=3, seed=4)).images[0]
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_a_mask_without_an_init_image_is_one_line_and_status_2(tiny_checkpoints, tmp_path, capsys):
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "mask.png")
+    code = main(["generate", "x", "--model", str(tiny_checkpoints["sd2"]), "--mask", str(tmp_path / "mask.png"), "--quiet"])
+    assert code == 2
+    assert "needs an init image" in capsys.readouterr().err

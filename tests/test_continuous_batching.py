@@ -195,3 +195,18 @@ def test_an_unknown_sampler_is_invalid_argument_naming_the_valid_ones(stages_loa
         assert "dpm++2m" in caught.value.details()
     finally:
         running.stop(grace=0)
+
+
+def test_strict_shapes_refuse_an_unconfigured_size_naming_the_served_ones(stages_loaded):
+    folder, stage, hidden = stages_loaded
+    facts = denoiser_service.denoiser_facts(stage, folder)
+    service = denoiser_service.DenoiserService(stage, facts, "tiny", sizes={(SIZE, SIZE)})
+    running = server.StageServer(denoiser_service.stage_service(service, [(1, SIZE, SIZE)])).start()
+    try:
+        client = stages.DenoiserClient(running.address)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.denoise(hidden[:1], seed=1, steps=1, guidance_scale=1.0, height=24, width=24).result()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "16x16" in caught.value.details()
+        assert client.denoise(hidden[:1], seed=1, steps=1, guidance_scale=1.0, height=SIZE, width=SIZE).result().shape == (1, 4, 8, 8)
+    finally:
+        running.stop(grace=0)
