@@ -94,7 +94,10 @@ def test_16_concurrent_requests_each_get_their_own_image(up, pipeline):
         results = list(pool.map(lambda r: client.generate(r[0], steps=STEPS, seed=r[1]), requests))
     for (prompt, seed), result in zip(requests, results):
         assert result.seed == seed
-        np.testing.assert_array_equal(pixels(result), in_process(pipeline, prompt, seed), err_msg=f"{prompt!r}, seed {seed}")
+        # batched with the others (every stage batches): the same image within 1/255, as batching promises;
+        # XLA picks other kernels at other batch sizes, so a pixel on a rounding boundary may move by one
+        diff = np.abs(pixels(result).astype(int) - in_process(pipeline, prompt, seed).astype(int))
+        assert diff.max() <= 1, f"{prompt!r}, seed {seed}: {diff.max()}/255"
 
 
 def test_cli_generate_through_the_gateway(up, pipeline, tmp_path):
