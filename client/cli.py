@@ -331,6 +331,10 @@ def _size(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    given = [f for f in ("coordinator_address", "num_processes", "process_id") if getattr(args, f, None) is not None]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} spans a stage over processes, which `sdmesh serve` does; "
+                         "generate and bench run in this one process (drop the flag, or serve the stage)")
     try:
         from sdmesh.services import pipeline, sharding
     except ImportError as e:

@@ -118,3 +118,8 @@ def test_a_mask_without_an_init_image_is_one_line_and_status_2(tiny_checkpoints,
     code = main(["generate", "x", "--model", str(tiny_checkpoints["sd2"]), "--mask", str(tmp_path / "mask.png"), "--quiet"])
     assert code == 2
     assert "needs an init image" in capsys.readouterr().err
+
+
+def test_process_flags_belong_to_serve(tiny_checkpoints, capsys):
+    assert main(["generate", "x", "--model", str(tiny_checkpoints["sd2"]), "--num-processes", "2", "--quiet"]) == 2
+    assert "sdmesh serve" in capsys.readouterr().err
