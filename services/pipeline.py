@@ -388,10 +388,7 @@ class DenoiserStage:
         if init_latents is not None:
             if not 0.0 < strength <= 1.0:
                 raise InvalidRequest(f"strength must be in (0, 1], got {strength}")
-            init_steps = min(int(steps * strength), steps)  # diffusers' get_timesteps
-            if init_steps < 1:
-                raise InvalidRequest(f"strength {strength} × {steps} steps leaves no step to run; raise either")
-            first = steps - init_steps
+            first, _ = conditioning.img2img_start(steps, strength)  # diffusers' get_timesteps
             init_latents = np.asarray(init_latents, np.float32)
         plan = self.plan(steps, sampler=sampler, eta=eta, first=first)
         pure_noise = init_latents is None or (noise_at_full_strength and strength >= 1.0)
@@ -440,16 +437,16 @@ class DenoiserStage:
         seed: int = 0,
         sampler: str | None = None,
         chunk: int | None = None,
-        **conditioning: Any,
+        **image_inputs: Any,
     ) -> Iterator[tuple[int, jax.Array | None, float]]:
         """One request alone: yield (steps done, latents, compile seconds) after each chunk of `chunk` steps.
 
         Latents (N, h, w, C) come with the last chunk (None before). A caller that stops
-        iterating stops the work at the next chunk boundary. `conditioning`: the image-conditioned
+        iterating stops the work at the next chunk boundary. `image_inputs`: the image-conditioned
         keywords of `slots` (init_latents, strength, extra, class_labels, blend_mask, …).
         """
         slots = self.slots(latents, cond, uncond, steps=steps, guidance_scale=guidance_scale,
-                           guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler, **conditioning)
+                           guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler, **image_inputs)
         steps = min(steps, slots[0].plan.evaluations)  # img2img runs fewer; PLMS evaluates once more
         batch = self.new_batch([len(slots)])
         batch.join(slots)
@@ -685,17 +682,17 @@ class StableDiffusion:
             latents = jnp.asarray(request.latents.transpose(0, 2, 3, 1))  # NCHW → NHWC
         else:
             latents = self.denoiser.noise(seed, (batch, h, w, self.denoiser.latent_channels))
-        conditioning = dict(init_latents=mode.init_latents, strength=mode.strength,
+        image_inputs = dict(init_latents=mode.init_latents, strength=mode.strength,
                             noise_at_full_strength=mode.noise_at_full_strength, extra=mode.extra,
                             class_labels=mode.class_labels, blend_mask=mode.blend_mask)
-        first = 0 if mode.init_latents is None else request.steps - min(int(request.steps * mode.strength), request.steps)
+        first = 0 if mode.init_latents is None else conditioning.img2img_start(request.steps, mode.strength)[0]
         total = min(request.steps - first, self.denoiser.plan(request.steps, sampler=request.sampler, eta=request.eta,
                                                               first=first).evaluations)  # steps this run takes
         compile_denoise = 0.0
         for done, final, compile_s in self.denoiser.run(
             latents, cond, uncond, steps=request.steps, guidance_scale=request.guidance_scale,
             guidance_rescale=request.guidance_rescale, eta=request.eta, seed=seed, sampler=request.sampler, chunk=chunk,
-            **conditioning,
+            **image_inputs,
         ):
             latents = final if final is not None else latents
             compile_denoise += compile_s
