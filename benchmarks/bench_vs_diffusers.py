@@ -80,8 +80,10 @@ def diffusers_timing(folder: Path, height: int, width: int, steps: int, repeat: 
 def sdmesh_timing(folder: Path, height: int, width: int, steps: int, repeat: int, guidance: float, dtype: str, precision: str) -> dict:
     import jax
 
-    from sdmesh.services.benchmark import time_pipeline
-    from sdmesh.services.pipeline import GenerationRequest, RuntimeOptions, StableDiffusion
+    from sdmesh.services.dev.benchmark import time_pipeline
+    from sdmesh.services.engine.stages import RuntimeOptions
+    from sdmesh.services.inputs.contract import GenerationRequest
+    from sdmesh.services.pipeline import StableDiffusion
 
     options = RuntimeOptions(weights_dtype=dtype, activations_dtype=dtype, precision=precision)
     t0 = time.perf_counter()
@@ -107,7 +109,7 @@ def main() -> int:
     args = p.parse_args()
 
     if not (args.model / "model_index.json").is_file():
-        from sdmesh.services import reference
+        from sdmesh.services.dev import reference
 
         print(f"building the full-size SD2 checkpoint in {args.model} (random weights) ...", file=sys.stderr)
         reference.build(args.model, reference.FULL_SD2, seed=0)

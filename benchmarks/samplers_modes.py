@@ -32,7 +32,8 @@ def main() -> int:
     if not Path(args.model).exists():
         subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "make-checkpoint", "full-sd2", args.model], check=True)
 
-    from sdmesh.services.pipeline import GenerationRequest, StableDiffusion
+    from sdmesh.services.inputs.contract import GenerationRequest
+    from sdmesh.services.pipeline import StableDiffusion
 
     pipe = StableDiffusion.load(args.model)
     size = args.resolution

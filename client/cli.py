@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdmesh.services.inputs import contract  # JAX-free: the limits and defaults requests are held to
+
 DEFAULT_MODEL = os.environ.get("SDMESH_MODEL", "stabilityai/stable-diffusion-2-1-base")
 
 
@@ -105,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--negative-prompt", default=None)
     _add_model_options(gen)
-    gen.add_argument("--steps", type=_positive_int, default=50)
-    gen.add_argument("--guidance-scale", type=_finite_float, default=7.5)
+    gen.add_argument("--steps", type=_positive_int, default=contract.DEFAULT_STEPS)
+    gen.add_argument("--guidance-scale", type=_finite_float, default=contract.DEFAULT_GUIDANCE_SCALE)
     gen.add_argument("--guidance-rescale", type=_finite_float, default=0.0)
     gen.add_argument("--eta", type=_finite_float, default=0.0, help="DDIM η: 0 is deterministic")
     gen.add_argument("--sampler", help="ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras or plms "
@@ -132,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the in-process pipeline", description="Steady-state timing: compile once, then --repeat timed runs.")
     _add_model_options(bench)
     _add_size_options(bench)
-    bench.add_argument("--steps", type=_positive_int, default=50)
+    bench.add_argument("--steps", type=_positive_int, default=contract.DEFAULT_STEPS)
     bench.add_argument("--num-images", type=_positive_int, default=1)
-    bench.add_argument("--guidance-scale", type=_finite_float, default=7.5)
+    bench.add_argument("--guidance-scale", type=_finite_float, default=contract.DEFAULT_GUIDANCE_SCALE)
     bench.add_argument("--repeat", type=_positive_int, default=3)
     bench.add_argument("--json", type=Path, help="write the results here")
 
@@ -217,7 +219,7 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
     up.add_argument("--batching", choices=("continuous", "request"), help="the denoiser's batching (default: serve's, continuous)")
     up.add_argument("--batch-wait-ms", type=_finite_float, help="encoder and decoder: how long a call may wait for others "
                                                                "to fill its batch (default: serve's, 0)")
-    up.add_argument("--max-inflight", type=_positive_int, default=32, help="requests the gateway holds at once (default: %(default)s)")
+    up.add_argument("--max-inflight", type=_positive_int, default=contract.DEFAULT_MAX_INFLIGHT, help="requests the gateway holds at once (default: %(default)s)")
     up.add_argument("--start-timeout", type=_finite_float, default=900.0, help="seconds to wait for every service to report SERVING (default: %(default)s)")
     up.add_argument("--log-dir", type=Path, help="write each service's output to DIR/NAME.log (default: this terminal)")
     up.add_argument("--metrics-base-port", type=int, metavar="PORT",
@@ -234,7 +236,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # Default ports: the gateway on the usual gRPC port, the stages after it.
 SERVE_PORTS = {"gateway": 50051, "encoder": 50052, "denoiser": 50053, "decoder": 50054}
-# Each service's module in sdmesh.services, holding its main(args).
+# Each service's module in sdmesh.services.serving, holding its main(args).
 SERVE_MODULES = {"gateway": "gateway", "encoder": "text_encoder_service", "denoiser": "denoiser_service",
                  "decoder": "decoder_service"}
 
@@ -263,14 +265,14 @@ def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     stage = serve.add_argument_group("stages")
     stage.add_argument("--shapes", help="BATCHxHEIGHTxWIDTH,... to compile at start-up (default: 1 at the model's native size; "
                                         "the encoder reads BATCH as prompts per call)")
-    stage.add_argument("--max-queue", type=int, default=8, help="calls that may wait for the device; more get RESOURCE_EXHAUSTED (default: %(default)s)")
-    stage.add_argument("--chunk-steps", type=_positive_int, default=5,
+    stage.add_argument("--max-queue", type=int, default=contract.DEFAULT_MAX_QUEUE, help="calls that may wait for the device; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+    stage.add_argument("--chunk-steps", type=_positive_int, default=contract.DEFAULT_CHUNK_STEPS,
                        help="denoiser: steps per compiled chunk; progress events and cancellation checks come between "
                             "chunks, and every chunk runs the same program (default: %(default)s)")
     stage.add_argument("--strict-shapes", action="store_true",
                        help="denoiser and decoder: refuse (INVALID_ARGUMENT) any image size not in --shapes instead of "
                             "compiling it on first use")
-    stage.add_argument("--max-batch", type=_positive_int, default=8,
+    stage.add_argument("--max-batch", type=_positive_int, default=contract.DEFAULT_MAX_BATCH,
                        help="rows per device call gathered from concurrent calls (encoder: texts, a negative prompt "
                             "counting as one; denoiser: images in the running batch; decoder: images), padded to a power "
                             "of two; 1 turns batching off (default: %(default)s)")
@@ -292,7 +294,7 @@ def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
     for stage in ("encoder", "denoiser", "decoder"):
         g.add_argument(f"--{stage}", action="append", metavar="ADDR[,ADDR...]",
                        help=f"{stage} replica addresses, comma-separated or repeated (default: 127.0.0.1:{SERVE_PORTS[stage]})")
-    g.add_argument("--max-inflight", type=_positive_int, default=32,
+    g.add_argument("--max-inflight", type=_positive_int, default=contract.DEFAULT_MAX_INFLIGHT,
                    help="requests the gateway holds at once; more get RESOURCE_EXHAUSTED (default: %(default)s)")
 
 
@@ -302,7 +304,7 @@ def _apply_per_device_batch(args: argparse.Namespace, field: str) -> None:
         return
     import jax
 
-    from sdmesh.services import sharding
+    from sdmesh.services.engine import sharding
 
     setattr(args, field, sharding.global_batch(args.per_device_batch_size, sharding.mesh_config(args), jax.device_count()))
 
@@ -316,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.port = SERVE_PORTS[args.service]
     if args.max_queue < 0:
         raise UsageError(f"--max-queue must be ≥ 0, got {args.max_queue}")
-    name = f"sdmesh.services.{SERVE_MODULES[args.service]}"
+    name = f"sdmesh.services.serving.{SERVE_MODULES[args.service]}"
     try:
         module = importlib.import_module(name)
     except ImportError as e:
@@ -336,7 +338,8 @@ def _load(args: argparse.Namespace) -> Any:
         raise UsageError(f"--{given[0].replace('_', '-')} spans a stage over processes, which `sdmesh serve` does; "
                          "generate and bench run in this one process (drop the flag, or serve the stage)")
     try:
-        from sdmesh.services import pipeline, sharding
+        from sdmesh.services import pipeline
+        from sdmesh.services.engine import sharding
     except ImportError as e:
         raise UsageError(f"running models in this process needs the serve extra ({e.name} is missing): pip install 'sdmesh[serve]'") from e
     options = pipeline.RuntimeOptions(
@@ -402,7 +405,7 @@ def _image_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _decoded_image_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The image-conditioning flags decoded for the in-process pipeline (bad files end with one line)."""
-    from sdmesh.services import images
+    from sdmesh.services.inputs import images
 
     raw = _image_inputs(args)
     return {"init_image": None if raw["init_image"] is None else images.decode_image(raw["init_image"], what="--init-image"),
@@ -482,8 +485,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe.validate(request)  # fail before compiling anything
     chunk = max(1, args.steps // 20)  # ~20 progress updates; the compiled program is the same for every chunk
     result = pipe.generate(request, progress=ProgressBar("denoise", not args.quiet), chunk=chunk)
-    for removed in result.truncated:
-        print(f"note: the prompt was truncated to the tokenizer's limit; dropped: {removed!r}", file=sys.stderr)
+    for note in result.truncation_notes:
+        print(f"note: {note}", file=sys.stderr)
     from PIL import Image
 
     _write_images([Image.fromarray(image) for image in result.images], args.output_dir)
@@ -500,7 +503,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     pipeline, pipe = _load(args)
     import jax
 
-    from sdmesh.services.benchmark import time_pipeline
+    from sdmesh.services.dev.benchmark import time_pipeline
 
     request = pipeline.GenerationRequest(prompt="a photograph of an astronaut riding a horse", num_images=args.num_images,
                                          steps=args.steps, guidance_scale=args.guidance_scale, height=height, width=width, seed=0)
@@ -518,7 +521,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
-    from sdmesh.services import reference
+    from sdmesh.services.dev import reference
 
     try:
         path = reference.build(args.directory, reference.SPECS[args.spec], seed=args.seed)
@@ -535,8 +538,8 @@ COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "make-checkpoint": cmd
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # errors a user can fix; both modules are JAX-free, so the light client starts fast
-    from sdmesh.services.errors import InvalidRequest
-    from sdmesh.services.weights import CheckpointError
+    from sdmesh.services.inputs.errors import InvalidRequest
+    from sdmesh.services.checkpoints.weights import CheckpointError
 
     user_errors: tuple[type[BaseException], ...] = (UsageError, InvalidRequest, CheckpointError)
     try:

@@ -52,23 +52,26 @@ class GenerateResult:
     truncation_notes: list[str]  # one per prompt cut at the tokenizer's limit
 
 
-def generate_request(prompt: str, *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 50,
-                     guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
+def generate_request(prompt: str, *, negative_prompt: str | None = None, num_images: int | None = None,
+                     steps: int | None = None, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                     height: int | None = None,
                      width: int | None = None, seed: int | None = None, eta: float = 0.0, sampler: str | None = None,
                      priority: int = 0, init_image: Any = None, mask_image: Any = None, strength: float | None = None,
                      depth_map: Any = None, noise_level: int | None = None) -> gateway_pb2.GenerateRequest:
-    """The GenerateRequest for these arguments (None means the gateway's default: native size, a random seed,
-    the checkpoint's own sampler).
+    """The GenerateRequest for these arguments (None means the gateway's default: 1 image, 50 steps, guidance 7.5,
+    the native size, a random seed, the checkpoint's own sampler).
 
     Images (init_image, mask_image, depth_map) may be PNG/JPEG bytes, a PIL image, or a uint8 array; a float
     depth map array is sent as .npy.
     """
     request = gateway_pb2.GenerateRequest(
-        prompt=prompt, negative_prompt=negative_prompt or "", num_images=num_images, num_inference_steps=steps,
-        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta,
+        prompt=prompt, negative_prompt=negative_prompt or "", num_images=num_images or 0, num_inference_steps=steps or 0,
+        guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta,
         sampler=sampler or "", priority=priority, init_image=image_bytes(init_image), mask_image=image_bytes(mask_image),
         depth_map=image_bytes(depth_map),
     )
+    if guidance_scale is not None:
+        request.guidance_scale = guidance_scale
     if seed is not None:
         request.seed = seed
     if strength is not None:

@@ -3,7 +3,7 @@
     encoder = TextEncoderClient("127.0.0.1:50052")
     cond, uncond, truncations = encoder.encode(["a cat"], [""], unconditional=True)
     stream = DenoiserClient(channel).denoise(cond, uncond, seed=0, steps=50, guidance_scale=7.5, height=512, width=512)
-    for p in stream: ...                          # Progress(stage, step, total) after each chunk
+    for p in stream: ...                          # Progress(stage, step, total_steps) after each chunk
     latents = stream.latents                      # (N, C, h, w) float32, once the stream has ended
     images = DecoderClient(channel).decode(latents)   # (N, H, W, 3) uint8
 
@@ -20,7 +20,8 @@ from typing import NamedTuple
 import grpc
 import numpy as np
 
-from sdmesh.client.tensors import from_proto, to_proto
+from sdmesh.client.client import Progress
+from sdmesh.v1.tensors import from_proto, to_proto
 from sdmesh.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc
 from sdmesh.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
@@ -38,12 +39,6 @@ class Encoded(NamedTuple):
     cond: np.ndarray  # (P, L, D) float32
     uncond: np.ndarray | None  # (P, L, D) float32, when asked for
     truncations: list[Truncation]
-
-
-class Progress(NamedTuple):
-    stage: str  # "denoise"
-    step: int  # steps done
-    total: int
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

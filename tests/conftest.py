@@ -24,7 +24,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, "Path"]:
     """Random-weight diffusers checkpoints (SD2- and SD1-shaped), saved by the reference classes once per session."""
-    from sdmesh.services import reference
+    from sdmesh.services.dev import reference
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {

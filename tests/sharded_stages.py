@@ -13,8 +13,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sdmesh.services.pipeline import GenerationRequest, RuntimeOptions, StableDiffusion
-from sdmesh.services.sharding import MeshConfig
+from sdmesh.services.engine.stages import RuntimeOptions
+from sdmesh.services.inputs.contract import GenerationRequest
+from sdmesh.services.pipeline import StableDiffusion
+from sdmesh.services.engine.sharding import MeshConfig
 
 BATCH, STEPS = 8, 3  # 8 images so every data-axis size here divides the batch
 CONV = ("down_blocks_0", "resnets_0", "conv1", "kernel")      # (3, 3, 32, 32)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from sdmesh.client import stages
-from sdmesh.client.tensors import to_proto
-from sdmesh.services import batching, decoder_service, server, text_encoder_service
-from sdmesh.services.metrics import StageMetrics
-from sdmesh.services.pipeline import DecoderStage, TextEncoderStage
+from sdmesh.v1.tensors import to_proto
+from sdmesh.services.serving import batching, decoder_service, errors, server, text_encoder_service
+from sdmesh.services.serving.metrics import StageMetrics
+from sdmesh.services.engine.stages import DecoderStage, TextEncoderStage
 from sdmesh.v1 import decoder_pb2, decoder_pb2_grpc
 
 SIZE = 16  # the tiny checkpoint's native size: UNet sample_size 8 × VAE factor 2
@@ -191,7 +191,7 @@ def test_a_burst_past_the_queue_bound_is_refused_at_submit_and_every_admitted_re
     for i in range(1, 8):  # a burst of 7 while one runs: 3 may wait
         try:
             admitted.append((i, batcher.submit(rows(i))))
-        except server.Overloaded as e:
+        except errors.Overloaded as e:
             assert "--max-queue 3" in str(e)
             refused += 1
     assert len(admitted) == 3 and refused == 4 and batcher.depth == 3
@@ -208,14 +208,14 @@ def test_a_caller_gone_before_its_batch_runs_is_dropped_and_a_cancelled_one_leav
     caller = {"active": True}
     gone = batcher.submit(rows(1), is_active=lambda: caller["active"])
     cancelled = batcher.submit(rows(2))
-    with pytest.raises(server.Overloaded):  # the queue (2) is full
+    with pytest.raises(errors.Overloaded):  # the queue (2) is full
         batcher.submit(rows(3))
     assert cancelled.cancel() and batcher.depth == 1  # gives up its place at once
     kept = batcher.submit(rows(4))
     caller["active"] = False  # e.g. its deadline passed while it waited
     stage.release.set()
     assert kept.result(timeout=5).item() == 40
-    with pytest.raises(server.CallerGone):
+    with pytest.raises(errors.CallerGone):
         gone.result(timeout=5)
     with pytest.raises(CancelledError):
         cancelled.result(timeout=5)
@@ -246,7 +246,7 @@ def test_stop_runs_what_waits_then_refuses(make_batcher):
     stopper = threading.Thread(target=batcher.stop)
     stopper.start()
     time.sleep(0.05)
-    with pytest.raises(server.Overloaded, match="stopping"):
+    with pytest.raises(errors.Overloaded, match="stopping"):
         batcher.submit(rows(3))
     stage.release.set()
     stopper.join(5)
@@ -260,7 +260,7 @@ def test_wait_gives_up_and_frees_the_place_once_the_caller_is_gone(make_batcher)
     assert stage.entered.acquire(timeout=5)
     future = batcher.submit(rows(1))
     deadline = time.monotonic() + 0.1
-    with pytest.raises(server.CallerGone):
+    with pytest.raises(errors.CallerGone):
         batching.wait(future, lambda: time.monotonic() < deadline, poll=0.01)
     assert future.cancelled() and batcher.depth == 0
     stage.release.set()
@@ -314,7 +314,7 @@ def test_concurrent_decodes_share_a_device_call_and_each_image_equals_its_decode
     try:
         info = stages.DecoderClient(running.address).model_info()
         assert sorted(s.batch for s in info.compiled_shapes) == [1, 2, 4]  # every bucket compiled before SERVING
-        assert (info.facts["max_batch"], info.facts["batch_wait_ms"]) == ("4", "2000.0")
+        assert (info.batching.max_batch, info.batching.batch_wait_ms) == (4, 2000.0)
         rng = np.random.default_rng(0)
         latents = [rng.standard_normal((n, 4, SIZE // 2, SIZE // 2), dtype=np.float32) for n in (1, 2, 1)]  # 4 images: full
         client = stages.DecoderClient(running.address)

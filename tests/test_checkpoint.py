@@ -9,9 +9,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdmesh.services import checkpoint, reference
-from sdmesh.services.pipeline import GenerationRequest, RuntimeOptions, StableDiffusion
-from sdmesh.services.weights import CheckpointError
+from sdmesh.services.checkpoints import checkpoint
+from sdmesh.services.dev import reference
+from sdmesh.services.engine.stages import RuntimeOptions
+from sdmesh.services.inputs.contract import GenerationRequest
+from sdmesh.services.pipeline import StableDiffusion
+from sdmesh.services.checkpoints.weights import CheckpointError
 
 REQUEST = GenerationRequest(prompt="a cat", steps=2, height=16, width=16, seed=0)
 

@@ -94,7 +94,8 @@ def test_bench_writes_seconds_per_image(tiny_checkpoints, tmp_path):
 
 def test_generate_with_an_init_image_and_mask_equals_the_pipeline(tiny_checkpoints, tmp_path):
     """`sdmesh generate --init-image --mask --strength`: inpainting by blending, as the in-process API does it."""
-    from sdmesh.services.pipeline import GenerationRequest, StableDiffusion
+    from sdmesh.services.inputs.contract import GenerationRequest
+    from sdmesh.services.pipeline import StableDiffusion
 
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)

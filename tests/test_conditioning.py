@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from conftest import assert_rel_close, rel_error
 from PIL import Image
 
-from sdmesh.services import conditioning as cond
-from sdmesh.services import images, reference
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.inputs import conditioning as cond
+from sdmesh.services.dev import reference
+from sdmesh.services.inputs import contract, images
+from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models import vae as va
 from sdmesh.services.samplers import ddim
-from sdmesh.services.weights import convert
+from sdmesh.services.checkpoints.weights import convert
 
 RNG = np.random.default_rng(0)
 SD2_SCHEDULER = reference.TINY["sd2"]["scheduler"]
@@ -170,12 +171,10 @@ def test_flat_depth_becomes_zero_not_nan():
 
 
 def test_noise_level_limits():
-    assert cond.max_noise_level({"max_noise_level": 250}) == 250
-    assert cond.max_noise_level({}) == 350
-    assert cond.check_noise_level(350, 350) == 350
+    assert contract.check_noise_level(350, 350) == 350
     for bad in (-1, 351, 2.5, True, None):
         with pytest.raises(InvalidRequest, match="noise_level must be an integer from 0 to 350"):
-            cond.check_noise_level(bad, 350)
+            contract.check_noise_level(bad, 350)
 
 
 def test_upscaler_vae_config_gets_the_pipelines_scaling_factor():
@@ -344,7 +343,7 @@ def test_upscale_first_unet_input_and_class_labels_match_the_pipeline(build):
 
     image_noise, latents = draws(2, (1, 3, 12, 20), (1, 4, 12, 20))  # the low-res image's noise first, then the latents
     ac_low = cond.low_res_alphas_cumprod(json.loads((Path(folder) / "low_res_scheduler" / "scheduler_config.json").read_text()))
-    assert cond.max_noise_level(json.loads((Path(folder) / "model_index.json").read_text())) == 350
+    assert json.loads((Path(folder) / "model_index.json").read_text())["max_noise_level"] == 350
     low_res = cond.noise_low_res_image(jnp.asarray(images.preprocess_image(pixels)), jnp.asarray(image_noise), noise_level, ac_low)
     unet_input = cond.upscale_unet_input(jnp.asarray(latents), low_res)  # init_noise_sigma is 1 for DDIM
     np.testing.assert_allclose(np.asarray(unet_input), calls[0]["sample"], rtol=1e-6, atol=1e-6)

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import assert_rel_close
 from sdmesh.client import stages
-from sdmesh.services import denoiser_service, server
-from sdmesh.services.pipeline import DenoiserStage, TextEncoderStage
+from sdmesh.services.serving import denoiser_service, server
+from sdmesh.services.engine.stages import DenoiserStage, TextEncoderStage
 
 SIZE = 16  # tiny checkpoint: latents 8×8
 
@@ -84,16 +84,16 @@ def test_batched_requests_equal_each_request_alone_and_really_share_the_batch(st
     service, running, client = start(stages_loaded, max_batch=4, delay=0.05)
     try:
         alone = [send(client, hidden, r).result() for r in REQUESTS]
-        assert service.scheduler.stats["peak_requests"] == 1  # one at a time so far
+        assert service.batcher.stats["peak_requests"] == 1  # one at a time so far
         with futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
             together = list(pool.map(lambda r: send(client, hidden, r).result(), REQUESTS))
         for a, t in zip(alone, together):
             assert_rel_close(t, a, 1e-5)
         info = client.model_info()
         # requests of different step counts, guidance and samplers ran in the same chunks, up to max_batch at once
-        assert int(info.facts["peak_requests"]) >= 3 and int(info.facts["shared_chunks"]) > 0
-        assert int(info.facts["peak_slots"]) <= 4
-        assert info.facts["running_slots"] == "0" and info.facts["waiting_requests"] == "0"
+        load = info.denoiser_load
+        assert load.peak_requests >= 3 and load.shared_chunks > 0 and load.peak_slots <= 4
+        assert load.running_slots == 0 and load.waiting_requests == 0
     finally:
         running.stop(grace=0)
 
@@ -115,9 +115,9 @@ def test_a_cancelled_request_leaves_and_the_others_finish_unchanged(stages_loade
         for got, want in zip(results, expected):
             assert_rel_close(got, want, 1e-5)
         deadline = time.monotonic() + 5
-        while service.scheduler.running_slots and time.monotonic() < deadline:
+        while service.batcher.running_slots and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert service.scheduler.running_slots == 0, "the cancelled request kept its slot"
+        assert service.batcher.running_slots == 0, "the cancelled request kept its slot"
     finally:
         running.stop(grace=0)
 

@@ -6,6 +6,7 @@ replica, produced what. End-to-end tests with the real stages are in test_stack.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import subprocess
 import threading
@@ -19,8 +20,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
 from sdmesh.client import AsyncClient, Client, GatewayError, GenerateResult, Progress
-from sdmesh.client.tensors import from_proto, to_proto
-from sdmesh.services import gateway
+from sdmesh.v1.tensors import from_proto, to_proto
+from sdmesh.services.inputs import contract
+from sdmesh.services.inputs.contract import ModelFacts
+from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.serving import gateway, wire
 from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, gateway_pb2,
                        text_encoder_pb2, text_encoder_pb2_grpc)
 
@@ -91,9 +95,7 @@ class FakeDenoiser(denoiser_pb2_grpc.DenoiserServicer):
                 self.active -= 1
 
     def ModelInfo(self, request, context):
-        native = str(SAMPLE * SCALE)
-        return common_pb2.ModelInfo(service="Denoiser", model="fake", facts={
-            "default_height": native, "default_width": native, "vae_scale_factor": str(SCALE), "max_steps": "1000"})
+        return common_pb2.ModelInfo(service="Denoiser", model="fake", model_facts=wire.facts_to_proto(fake_facts()))
 
 
 class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
@@ -106,6 +108,15 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
 
     def ModelInfo(self, request, context):
         return common_pb2.ModelInfo(service="Decoder", model="fake")
+
+
+def fake_facts(**changes) -> ModelFacts:
+    """The fake model's facts, as a denoiser reports them."""
+    facts = ModelFacts(kind="text-to-image", vae_scale_factor=SCALE, latent_channels=C,
+                       default_size=(SAMPLE * SCALE, SAMPLE * SCALE), max_steps=1000, samplers=("ddim", "euler"),
+                       default_sampler="ddim", hidden_size=D, max_length=L, prediction_type="epsilon",
+                       extra_channels=0, class_labels_shape=None, max_noise_level=0)
+    return dataclasses.replace(facts, **changes)
 
 
 def expected_pixel(seed: int, prompt: str) -> int:
@@ -276,14 +287,14 @@ def test_async_client(make_stack):
     events, result, info = asyncio.run(run())
     assert isinstance(events[0], Progress) and isinstance(events[-1], GenerateResult)
     assert np.all(np.asarray(result.images[0]) == expected_pixel(4, "a dog"))
-    assert info.service == "Gateway" and info.facts["default_height"] == str(SAMPLE * SCALE)
+    assert info.service == "Gateway" and info.model_facts.default_height == SAMPLE * SCALE
 
 
 def test_model_info_lists_replicas(make_stack):
     stack = make_stack([FakeDenoiser(), FakeDenoiser()])
     info = stack.client.model_info()
-    assert info.facts["denoiser_replicas"] == ",".join(r.address for r in stack.pools[1].replicas)
-    assert info.facts["size_multiple"] == str(SCALE)
+    assert list(info.gateway_stages.denoiser_replicas) == [r.address for r in stack.pools[1].replicas]
+    assert info.model_facts.vae_scale_factor == SCALE and wire.facts_from_proto(info.model_facts, source="") == fake_facts()
 
 
 # --- validation ---------------------------------------------------------------------
@@ -292,13 +303,16 @@ def test_model_info_lists_replicas(make_stack):
 @pytest.mark.parametrize("fields,message", [
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     (dict(eta=float("inf")), "eta must be a finite number"),
-    (dict(eta=-1.0), "eta must be ≥ 0"),
-    (dict(guidance_rescale=-0.5), "guidance_rescale must be between 0 and 1"),
-    (dict(guidance_rescale=2.0), "guidance_rescale must be between 0 and 1"),
+    (dict(eta=-1.0), "eta must be a finite number from 0"),
+    (dict(guidance_rescale=-0.5), "guidance_rescale must be a finite number from 0 to 1"),
+    (dict(guidance_rescale=2.0), "guidance_rescale must be a finite number from 0 to 1"),
     (dict(height=12, width=32), "height must be a multiple of 8"),
     (dict(height=32, width=8192), "width must be a multiple of 8 between 8 and 4096"),
-    (dict(num_inference_steps=100_000), "num_inference_steps must be from 1 to 1000"),
-    (dict(num_images=65), "num_images must be at most 64"),
+    (dict(num_inference_steps=100_000), "steps must be an integer from 1 to 1000"),
+    (dict(num_images=65), "at most 64"),
+    (dict(sampler="lms"), "sampler 'lms' is not one of ddim, euler"),
+    (dict(negative_prompt="x" * 10_001), "at most 10000"),
+    (dict(init_image=b"not an image"), "init_image"),
 ])
 def test_malformed_requests_are_invalid_argument(make_stack, fields, message):
     stack = make_stack()
@@ -505,20 +519,30 @@ def test_sdmesh_health_exits_0_only_when_serving(make_stack, capsys):
     assert main(["health", free_address(), "--timeout", "2"]) == 1 and "UNAVAILABLE" in capsys.readouterr().out
 
 
-def test_job_defaults_follow_the_pipeline():
-    facts = gateway.ModelFacts(default_height=512, default_width=768)
-    job = gateway.job_from_proto(gateway_pb2.GenerateRequest(prompt="a cat"), facts, draw_seed=lambda: 123)
-    assert (job.num_images, job.steps, job.guidance_scale, job.height, job.width, job.seed) == (1, 50, 7.5, 512, 768, 123)
-    assert job.guided
-    unguided = gateway.job_from_proto(gateway_pb2.GenerateRequest(prompt="a cat", guidance_scale=0.0, seed=2**64 - 1), facts)
+def job(request: gateway_pb2.GenerateRequest, facts: ModelFacts, **kwargs):
+    return contract.validate(gateway.request_from_proto(request), facts, **kwargs)
+
+
+def test_unset_fields_get_the_contracts_defaults():
+    facts = fake_facts(default_size=(512, 768))
+    filled = job(gateway_pb2.GenerateRequest(prompt="a cat"), facts, draw_seed=lambda: 123)
+    assert (filled.num_images, filled.steps, filled.guidance_scale, filled.height, filled.width, filled.seed) == (
+        1, 50, 7.5, 512, 768, 123)
+    assert filled.guided and filled.sampler is None and filled.mode == "text-to-image"
+    unguided = job(gateway_pb2.GenerateRequest(prompt="a cat", guidance_scale=0.0, seed=2**64 - 1), facts)
     assert not unguided.guided and unguided.guidance_scale == 0.0 and unguided.seed == 2**64 - 1  # an explicit 0 is kept
 
 
 def test_a_model_without_a_native_size_needs_height_and_width():
-    facts = gateway.ModelFacts(default_height=None, default_width=None)
-    with pytest.raises(gateway.InvalidRequest, match="give height and width"):
-        gateway.job_from_proto(gateway_pb2.GenerateRequest(prompt="a cat"), facts)
-    assert gateway.job_from_proto(gateway_pb2.GenerateRequest(prompt="a cat", height=64, width=64), facts).height == 64
+    facts = fake_facts(default_size=None)
+    with pytest.raises(InvalidRequest, match="give height and width"):
+        job(gateway_pb2.GenerateRequest(prompt="a cat"), facts)
+    assert job(gateway_pb2.GenerateRequest(prompt="a cat", height=64, width=64), facts).height == 64
+
+
+def test_a_denoiser_that_reports_no_facts_is_named():
+    with pytest.raises(ValueError, match="the denoiser at x reported no model facts"):
+        wire.facts_from_proto(common_pb2.ModelFacts(), source="the denoiser at x")
 
 
 def test_gateway_health_waits_for_every_stage(tmp_path):

@@ -9,8 +9,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import load_image
 from PIL import Image
 
-from sdmesh.services import images
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.inputs import contract, images
+from sdmesh.services.inputs.errors import InvalidRequest
 
 RNG = np.random.default_rng(0)
 
@@ -132,12 +132,10 @@ def test_oversized_image_is_refused_before_decoding():
 
 
 def test_size_checks_name_the_multiple_and_a_size_that_works():
-    images.check_size(64, 96, multiple=8)
-    refused("height is 60; it must be a multiple of 8.*e.g. to 56", images.check_size, 60, 96, multiple=8)
-    refused("width is 4104", images.check_size, 64, 4104, multiple=8)
-    refused("width is 2; it must be a multiple of 4", images.check_size, 64, 2, multiple=4)
-    images.check_same_size(rgb(8, 16), np.zeros((8, 16), np.uint8))
-    refused("mask is 8×16 but image is 16×8", images.check_same_size, rgb(8, 16), np.zeros((16, 8), np.uint8))
+    contract.check_size(64, 96, multiple=8, what="image")
+    refused("height is 60; it must be a multiple of 8.*e.g. to 56", contract.check_size, 60, 96, multiple=8, what="image")
+    refused("width is 4104", contract.check_size, 64, 4104, multiple=8, what="image")
+    refused("width is 2; it must be a multiple of 4", contract.check_size, 64, 2, multiple=4, what="image")
 
 
 # ------------------------------------------------------------------------ depth maps

@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sdmesh.client import Client, GatewayError, top
 from sdmesh.client.cli import main as cli_main
 from sdmesh.client.stack import Stack
-from sdmesh.client.tensors import from_proto, to_proto
-from sdmesh.services import gateway, server
-from sdmesh.services.errors import InvalidRequest
-from sdmesh.services.metrics import StageMetrics
+from sdmesh.v1.tensors import from_proto, to_proto
+from sdmesh.services.serving import gateway, server
+from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
                        text_encoder_pb2_grpc)
 
@@ -244,7 +244,9 @@ class Denoiser(denoiser_pb2_grpc.DenoiserServicer):
         yield denoiser_pb2.DenoiseEvent(latents=to_proto(np.zeros((n, 1, request.height // 8, request.width // 8), np.float32)))
 
     def ModelInfo(self, request, context):
-        return common_pb2.ModelInfo(service="Denoiser", model="fake", facts={"default_height": "16", "default_width": "16"})
+        facts = common_pb2.ModelFacts(kind="text-to-image", vae_scale_factor=8, latent_channels=1, default_height=16,
+                                      default_width=16, max_steps=1000, samplers=["ddim"], default_sampler="ddim")
+        return common_pb2.ModelInfo(service="Denoiser", model="fake", model_facts=facts)
 
 
 class Decoder(decoder_pb2_grpc.DecoderServicer):

@@ -15,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdmesh.services import reference
-from sdmesh.services.pipeline import GenerationRequest, InvalidRequest, StableDiffusion
+from sdmesh.services.dev import reference
+from sdmesh.services.inputs.contract import GenerationRequest
+from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.pipeline import StableDiffusion
 
 RNG = np.random.default_rng(0)
 PROMPT, NEGATIVE = "a lighthouse on a cliff", "blurry"
@@ -176,7 +178,7 @@ class Served:
     """The three stages of a loaded pipeline behind in-process servers, and a gateway in front."""
 
     def __init__(self, pipe: StableDiffusion, folder):
-        from sdmesh.services import decoder_service, denoiser_service, gateway, server, text_encoder_service
+        from sdmesh.services.serving import decoder_service, denoiser_service, gateway, server, text_encoder_service
 
         facts = denoiser_service.denoiser_facts(pipe.denoiser, folder)
         shapes = [(1, 16, 16)]

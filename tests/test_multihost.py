@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from sdmesh.client import stages
-from sdmesh.services import checkpoint, distributed, sharding
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.checkpoints import checkpoint
+from sdmesh.services.engine import distributed, sharding
+from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models.vae import VAEConfig
-from sdmesh.services.sharding import MeshConfig
+from sdmesh.services.engine.sharding import MeshConfig
 
 STEPS, BATCH = 3, 1
 # fsdp crosses the processes (process 0's 4 devices, then process 1's): every UNet layer gathers its kernels
@@ -150,7 +151,7 @@ def two_process_stage(tiny_checkpoints, tmp_path_factory):
             processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
     try:
         # the one-process result, computed here while the two processes load and compile
-        from sdmesh.services.pipeline import DenoiserStage
+        from sdmesh.services.engine.stages import DenoiserStage
 
         stage = DenoiserStage.load(folder)
         rng = np.random.default_rng(0)

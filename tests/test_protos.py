@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdmesh.client import tensors
+from sdmesh.v1 import tensors
 from sdmesh.v1 import tensor_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_expected_dtype_and_rank_are_checked():
 
 
 def test_light_client_imports_without_jax():
-    code = "import sys, sdmesh.client.tensors, sdmesh.v1.gateway_pb2_grpc; assert 'jax' not in sys.modules"
+    code = "import sys, sdmesh.v1.tensors, sdmesh.v1.gateway_pb2_grpc; assert 'jax' not in sys.modules"
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sdmesh.services import reference, sharding
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.dev import reference
+from sdmesh.services.engine import sharding
+from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models import text_encoder as te
 from sdmesh.services.models import unet as un
 from sdmesh.services.models import vae as va
-from sdmesh.services.sharding import MeshConfig
+from sdmesh.services.engine.sharding import MeshConfig
 
 MESHES = ("8,1,1", "2,2,2", "1,4,2", "1,1,8")
 

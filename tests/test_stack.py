@@ -68,7 +68,7 @@ def pipeline(tiny_checkpoints):
 
 
 def in_process(pipeline, prompt, seed, **kwargs) -> np.ndarray:
-    from sdmesh.services.pipeline import GenerationRequest
+    from sdmesh.services.inputs.contract import GenerationRequest
 
     return pipeline.generate(GenerationRequest(prompt=prompt, seed=seed, steps=STEPS, **kwargs)).images
 

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from sdmesh.client import stages
-from sdmesh.client.tensors import to_proto
-from sdmesh.services import decoder_service, denoiser_service, server, text_encoder_service
-from sdmesh.services.pipeline import (DecoderStage, DenoiserStage, GenerationRequest, StableDiffusion,
-                                      TextEncoderStage)
+from sdmesh.v1.tensors import to_proto
+from sdmesh.services.serving import decoder_service, denoiser_service, server, text_encoder_service
+from sdmesh.services.engine.stages import DecoderStage, DenoiserStage, TextEncoderStage
+from sdmesh.services.inputs.contract import GenerationRequest
+from sdmesh.services.pipeline import StableDiffusion
 from sdmesh.v1 import decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2
 from sdmesh.v1 import text_encoder_pb2_grpc
 
@@ -155,11 +156,12 @@ BAD_REQUESTS = [
     ("denoiser", _denoise(cond=_short_bytes()), "bytes of data"),
     ("denoiser", _denoise(cond=_cond(d=16), uncond=None), "this UNet needs (N, L, 32)"),
     ("denoiser", _denoise(uncond=_cond(n=2)), "uncond has shape"),
-    ("denoiser", _denoise(cond=_cond(n=65), uncond=None), "give 1 to 64"),
+    ("denoiser", _denoise(cond=_cond(n=65), uncond=None), "give 1 to 64 rows"),
     ("denoiser", _denoise(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     ("denoiser", _denoise(guidance_rescale=2.0), "guidance_rescale"),
-    ("denoiser", _denoise(num_inference_steps=0), "num_inference_steps must be from 1 to 999"),
-    ("denoiser", _denoise(height=1 << 20), "height must be a multiple of 2 from 2 to 4096"),
+    ("denoiser", _denoise(num_inference_steps=0), "steps must be an integer from 1 to 999"),
+    ("denoiser", _denoise(sampler="lms"), "sampler 'lms' is not one of"),
+    ("denoiser", _denoise(height=1 << 20), "height must be a multiple of 2 between 2 and 4096"),
     ("denoiser", _denoise(width=17), "width must be a multiple of 2"),
     ("denoiser", _denoise(seed=None), "a seed, or latents"),
     ("denoiser", _denoise(seed=None, latents=to_proto(np.zeros((1, 3, 8, 8), np.float32))), "latents have shape [1, 3, 8, 8]"),
@@ -213,7 +215,7 @@ def test_health_says_serving_only_after_warm_up_and_model_info_lists_compiled_sh
         stages.wait_for_serving(running.address, timeout=5, service="sdmesh.v1.Decoder")
         info = stages.DecoderClient(channel).model_info()
         assert [(s.program, s.batch, s.height, s.width) for s in info.compiled_shapes] == [("decode", 2, SIZE, SIZE)]
-        assert info.service == "Decoder" and info.facts["vae_scale_factor"] == "2" and info.mesh["data"] == len(info.devices)
+        assert info.service == "Decoder" and info.model_facts.vae_scale_factor == 2 and info.mesh["data"] == len(info.devices)
     finally:
         running.stop(grace=0)
 
@@ -221,12 +223,12 @@ def test_health_says_serving_only_after_warm_up_and_model_info_lists_compiled_sh
 def test_denoiser_model_info_has_what_a_gateway_needs(stack):
     info = stages.DenoiserClient(stack.channel["denoiser"]).model_info()
     assert ("denoise", 1, SIZE, SIZE) in [(s.program, s.batch, s.height, s.width) for s in info.compiled_shapes]
-    assert {k: info.facts[k] for k in ("latent_channels", "vae_scale_factor", "hidden_size", "max_length", "prediction_type",
-                                        "max_steps", "default_height", "default_width", "chunk_steps")} == {
-        "latent_channels": "4", "vae_scale_factor": "2", "hidden_size": "32", "max_length": "77",
-        "prediction_type": "v_prediction", "max_steps": "999", "default_height": str(SIZE), "default_width": str(SIZE),
-        "chunk_steps": str(CHUNK)}
-    assert stages.TextEncoderClient(stack.channel["encoder"]).model_info().facts["max_length"] == "77"
+    f = info.model_facts
+    assert (f.kind, f.latent_channels, f.vae_scale_factor, f.hidden_size, f.max_length, f.prediction_type, f.max_steps,
+            f.default_height, f.default_width, info.batching.chunk_steps) == (
+        "text-to-image", 4, 2, 32, 77, "v_prediction", 999, SIZE, SIZE, CHUNK)
+    assert "dpm++2m" in f.samplers and f.default_sampler in f.samplers
+    assert stages.TextEncoderClient(stack.channel["encoder"]).model_info().model_facts.max_length == 77
 
 
 def test_every_service_answers_reflection(stack):
@@ -347,7 +349,7 @@ def test_a_cancelled_or_expired_denoise_stops_within_one_chunk(stack, how):
             assert next(iter(stream)) == stages.Progress("denoise", 1, 50)
             cancelled.set()
             stream.cancel()
-        assert wait_until(lambda: service.scheduler.running_slots == 0, 5), "the denoiser kept running after the call ended"
+        assert wait_until(lambda: service.batcher.running_slots == 0, 5), "the denoiser kept running after the call ended"
         assert sum(counting.starts) <= 1, f"{sum(counting.starts)} chunks started after the call ended"
         assert len(counting.starts) < 20
         # the device is free again: the next call runs to the end

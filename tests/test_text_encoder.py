@@ -19,8 +19,8 @@ from sdmesh.services.models.text_encoder import (
     fix_checkpoint_key,
     init_shapes,
 )
-from sdmesh.services.tokenizer import TINY_VOCAB_SIZE
-from sdmesh.services.weights import convert
+from sdmesh.services.inputs.tokenizer import TINY_VOCAB_SIZE
+from sdmesh.services.checkpoints.weights import convert
 
 SEQ = 77  # SD's prompt length
 

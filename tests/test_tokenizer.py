@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import transformers
 
-from sdmesh.services.tokenizer import (
+from sdmesh.services.inputs.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     TINY_VOCAB_SIZE,
@@ -130,7 +130,7 @@ def test_missing_files_and_max_length_are_clear_errors(sd1_dir, tmp_path):
 def test_tokenizing_does_not_import_jax(sd1_dir):
     # The gateway tokenizes (and reports truncation) without the model stack.
     code = (
-        "import sys, sdmesh.services.tokenizer as t; "
+        "import sys, sdmesh.services.inputs.tokenizer as t; "
         "t.load_tokenizer(sys.argv[1]).tokenize(['a cat']); "
         "assert 'jax' not in sys.modules, 'jax was imported'"
     )

@@ -19,7 +19,7 @@ import torch
 from conftest import assert_rel_close, rel_error
 
 from sdmesh.services.models.unet import UNet2DConditionModel, UNetConfig, fix_checkpoint_key, init_shapes
-from sdmesh.services.weights import CheckpointError, convert
+from sdmesh.services.checkpoints.weights import CheckpointError, convert
 
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")

@@ -25,7 +25,7 @@ from sdmesh.services.models.vae import (
     scale_latents,
     unscale_latents,
 )
-from sdmesh.services.weights import CheckpointError, convert
+from sdmesh.services.checkpoints.weights import CheckpointError, convert
 
 # name → diffusers.AutoencoderKL kwargs; all produce 32×32 images.
 CONFIGS = {

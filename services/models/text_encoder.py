@@ -5,7 +5,7 @@ A Flax re-implementation of transformers' `CLIPTextModel` up to its
 cross-attention reads. The pooled output and any projection head are not part
 of SD's conditioning and are left out.
 
-Module and parameter names are the checkpoint's (see `sdmesh.services.weights`):
+Module and parameter names are the checkpoint's (see `sdmesh.services.checkpoints.weights`):
 `encoder.layers.3.self_attn.q_proj.weight` lives at
 `params['encoder']['layers_3']['self_attn']['q_proj']['kernel']`.
 """

@@ -8,7 +8,7 @@ timestep embedding. Anything else in a config raises `ValueError` naming the opt
 
 Layout is NHWC throughout (diffusers is NCHW). Every submodule is named as in the
 diffusers state dict ("down_blocks.0.attentions.1..." → `down_blocks_0/attentions_1/...`),
-so `sdmesh.services.weights.convert` maps checkpoint tensors onto our params tree
+so `sdmesh.services.checkpoints.weights.convert` maps checkpoint tensors onto our params tree
 without a renaming table. Input feature sizes are inferred by Flax, so the only
 channel bookkeeping here is each layer's *output* width.
 """

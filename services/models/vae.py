@@ -2,7 +2,7 @@
 
 Layout is NHWC throughout (TPU/GPU-friendly); the weight loader turns the
 checkpoint's OIHW convs into HWIO. Every submodule carries the name diffusers
-gives it, so `sdmesh.services.weights.convert` maps checkpoint keys onto this
+gives it, so `sdmesh.services.checkpoints.weights.convert` maps checkpoint keys onto this
 tree mechanically ("decoder.up_blocks.0.resnets.1.conv1.weight" →
 decoder/up_blocks_0/resnets_1/conv1/kernel): lists assigned in `setup` are
 named `<attr>_<i>` by linen, which is exactly that mapping.

@@ -1,4 +1,4 @@
-"""Decoder.Decode over gRPC: latents (NCHW on the wire) → uint8 images, around `pipeline.DecoderStage`;
+"""Decoder.Decode over gRPC: latents (NCHW on the wire) → uint8 images, around `stages.DecoderStage`;
 and Decoder.EncodeImage, the VAE's encoder, for image-conditioned generation (img2img, inpainting, depth).
 
 With --max-batch above 1, concurrent Decode calls of the same latent size share one device call
@@ -14,14 +14,17 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sdmesh.client.tensors import from_proto, to_proto
-from sdmesh.services import batching, server
-from sdmesh.services.images import preprocess_image
-from sdmesh.services.metrics import StageMetrics
-from sdmesh.services.pipeline import MAX_IMAGES, DecoderStage, InvalidRequest
+from sdmesh.v1.tensors import from_proto, to_proto
+from sdmesh.services.serving import batching, server
+from sdmesh.services.inputs.images import preprocess_image
+from sdmesh.services.serving.metrics import StageMetrics
+from sdmesh.services.checkpoints import checkpoint
+from sdmesh.services.engine.stages import DecoderStage
+from sdmesh.services.inputs import contract
+from sdmesh.services.inputs.contract import MAX_IMAGES, MAX_SIDE
+from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 
-MAX_SIDE = 4096  # pixels, as StableDiffusion.validate
 
 
 def latents_from_proto(request: decoder_pb2.DecodeRequest, latent_channels: int, scale_factor: int) -> np.ndarray:
@@ -64,7 +67,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
     metrics: where batches, device calls and images are recorded (the server records its RPCs there too)."""
 
     def __init__(self, stage: DecoderStage, model: str, *, max_batch: int = 1, batch_wait: float = 0.0,
-                 max_queue: int = server.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None,
+                 max_queue: int = contract.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None,
                  sizes: set[tuple[int, int]] | None = None):
         self.stage, self.model, self.sizes = stage, model, sizes  # sizes: --strict-shapes (None: any size)
         self.metrics = metrics or StageMetrics("decoder")
@@ -102,15 +105,14 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)
         config = self.stage.vae.config
-        facts = {"latent_channels": self.latent_channels, "vae_scale_factor": self.stage.scale_factor,
-                 "scaling_factor": config.scaling_factor, "max_images": MAX_IMAGES,
-                 "max_batch": self.batcher.max_batch, "batch_wait_ms": round(self.batcher.batch_wait * 1000, 3)}
+        facts = common_pb2.ModelFacts(latent_channels=self.latent_channels, vae_scale_factor=self.stage.scale_factor,
+                                      scaling_factor=config.scaling_factor, max_images=MAX_IMAGES)
         return common_pb2.ModelInfo(
             service="Decoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,
             activations_dtype=self.stage.options.activations_dtype, devices=devices, mesh=mesh,
             compiled_shapes=[common_pb2.CompiledShape(program="decode", batch=b, height=h, width=w)
                              for b, h, w in sorted(self.compiled)],
-            facts={k: str(v) for k, v in facts.items()},
+            model_facts=facts, batching=batching.info(self.batcher),
         )
 
     def warm_up(self, shapes: list[tuple[int, int, int]]) -> None:
@@ -132,22 +134,18 @@ def warm_up_shapes(shapes: list[tuple[int, int, int]], buckets: list[int]) -> li
 
 def stage_service(service: DecoderService, shapes: list[tuple[int, int, int]]) -> server.StageService:
     f, c = service.stage.scale_factor, service.latent_channels
-    for b, h, w in shapes:
-        if h % f or w % f or max(h, w) > MAX_SIDE or b > MAX_IMAGES:
-            raise InvalidRequest(f"--shapes {b}x{h}x{w}: height and width must be multiples of {f} up to {MAX_SIDE}, batch ≤ {MAX_IMAGES}")
+    server.check_shapes(shapes, f)
     # images out + latents in, for the most images any request may carry
     largest = max(MAX_IMAGES * (h * w * 3 + c * (h // f) * (w // f) * 4) for _, h, w in shapes)
     return server.StageService(
         name="sdmesh.v1.Decoder", servicer=service, add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
         device_methods=batching.device_methods(service.batcher, "Decode"), warm_up=lambda: service.warm_up(shapes),
-        max_message_bytes=largest, metrics=service.metrics,
+        max_message_bytes=largest, metrics=service.metrics, stage=service.stage,
     )
 
 
 def default_shapes(stage: DecoderStage, folder: Any) -> list[tuple[int, int, int]]:
     """Batch 1 at the model's native size: the UNet's sample_size (from its config.json) × the VAE factor."""
-    from sdmesh.services import checkpoint
-
     sample = checkpoint.read_config(folder, "unet").get("sample_size")
     if sample is None:
         raise InvalidRequest("the UNet's config names no sample_size: give --shapes BATCHxHEIGHTxWIDTH")

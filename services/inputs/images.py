@@ -19,9 +19,9 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.inputs.contract import MAX_SIDE
+from sdmesh.services.inputs.errors import InvalidRequest
 
-MAX_SIDE = 4096  # the pipeline's largest height/width
 FORMATS = ("PNG", "JPEG")
 _NPY_MAGIC = b"\x93NUMPY"
 # VaeImageProcessor's `resample` names → PIL filters (diffusers' PIL_INTERPOLATION).
@@ -131,27 +131,6 @@ def _load_npy(data: bytes, what: str) -> np.ndarray:
     if array.dtype.kind not in "fiu" or not 2 <= array.ndim <= 3 or min(array.shape) < 1:
         raise InvalidRequest(f"{what}: expected a float array (H, W) or (N, H, W), got {array.dtype} {array.shape}")
     return array
-
-
-# ------------------------------------------------------------------------- checks
-
-
-def check_size(height: int, width: int, *, multiple: int, max_side: int = MAX_SIDE, what: str = "image") -> None:
-    """Refuse a size the model cannot take: each side a multiple of the VAE factor, at most max_side."""
-    for name, v in (("height", height), ("width", width)):
-        if v < multiple or v % multiple or v > max_side:
-            near = max(multiple, v - v % multiple)
-            raise InvalidRequest(
-                f"{what} {name} is {v}; it must be a multiple of {multiple} between {multiple} and {max_side} for this "
-                f"model: crop or resize it (e.g. to {near}), or ask for an output height and width to resize it to"
-            )
-
-
-def check_same_size(a: np.ndarray, b: np.ndarray, what_a: str = "image", what_b: str = "mask") -> None:
-    """The inpaint mask (or a depth-free pairing) must cover the image pixel for pixel."""
-    if a.shape[:2] != b.shape[:2]:
-        raise InvalidRequest(f"{what_b} is {b.shape[1]}×{b.shape[0]} but {what_a} is {a.shape[1]}×{a.shape[0]}; "
-                             f"send a {what_b} the size of the {what_a}")
 
 
 # -------------------------------------------------------------------- preprocessing

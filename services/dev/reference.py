@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdmesh.services.tokenizer import write_tiny_vocab
+from sdmesh.services.inputs.tokenizer import write_tiny_vocab
 
 TINY_VAE = dict(
     block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,

@@ -16,12 +16,12 @@ A request with more rows than `max_batch` runs alone at its own size (it is not 
 make a full call, and the stage compiles that size as it did before batching).
 
 The queue is bounded: at most `max_queue` requests wait (the running batch is not counted, as in
-`server.DeviceQueue`); one more raises `server.Overloaded` at submit. A batch is gathered from the
+`server.DeviceQueue`); one more raises `errors.Overloaded` at submit. A batch is gathered from the
 waiting requests, so `max_queue` also caps the requests in one batch: keep it at least `max_batch`.
 A request whose caller is gone (cancelled, past its deadline) is dropped before its batch runs, and one
 cancelled while waiting leaves the queue at once. An exception in a call fails only the requests of that call.
 
-`max_batch` 1 turns batching off: each request runs alone at its own size, exactly as before batching.
+`max_batch` 1 turns batching off: each request runs alone at its own size.
 
 JAX-free: the rows are numpy arrays or lists, and `run` is whatever the stage does with them.
 """
@@ -39,8 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from sdmesh.services.errors import InvalidRequest
-from sdmesh.services.server import DEFAULT_MAX_QUEUE, CallerGone, Overloaded
+from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.inputs.contract import DEFAULT_MAX_QUEUE
+from sdmesh.services.serving.errors import CallerGone, Overloaded
+from sdmesh.v1 import common_pb2
 
 MAX_BATCH_WAIT_MS = 10_000  # longer than any gather is worth: a mistake (seconds for milliseconds?)
 
@@ -53,7 +55,7 @@ Rows = np.ndarray | list  # a request's input: one row per image (decoder) or pe
 def batch_buckets(max_batch: int) -> list[int]:
     """The row counts a batch is padded up to: the powers of two below max_batch, and max_batch. Few sizes, so
     few programs to compile, and at most half of a call is padding. No buckets when max_batch is 1: batching is off
-    and every call runs at its own size, as before batching."""
+    and every call runs at its own size."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
     if max_batch == 1:
@@ -267,10 +269,16 @@ def options_from_args(args: Any, max_rows: int) -> dict[str, Any]:
     return {"max_batch": max_batch, "batch_wait": wait_ms / 1000, "max_queue": args.max_queue}
 
 
+def info(batcher: Batcher) -> common_pb2.Batching:
+    """How the batcher batches, for ModelInfo."""
+    return common_pb2.Batching(policy="request" if batcher.max_batch > 1 else "off", max_batch=batcher.max_batch,
+                               buckets=batcher.buckets, batch_wait_ms=round(batcher.batch_wait * 1000, 3))
+
+
 def device_methods(batcher: Batcher, rpc: str) -> frozenset[str]:
     """The server's `StageService.device_methods` for a batching service's RPC. Batching, the batcher bounds the
     queue and gathers the waiting calls, so the server's one-at-a-time DeviceQueue must not admit them one by
-    one first. Not batching (max_batch 1), the DeviceQueue admits and bounds them, as before batching."""
+    one first. Not batching (max_batch 1), the DeviceQueue admits and bounds them."""
     return frozenset() if batcher.max_batch > 1 else frozenset({rpc})
 
 

@@ -7,7 +7,7 @@
 
 A multi-process stage is one SPMD program over every process's devices, and such a program
 runs only when every process launches it with the same inputs. Only process 0 hears requests,
-so each device program it compiles or calls (`pipeline.Programs.get`, the one seam) is first
+so each device program it compiles or calls (`programs.Programs.get`, the one seam) is first
 sent to the followers over a TCP side channel, as (name, function, batched, inputs or their
 shapes); each follower compiles and runs the same program from its own `Programs`, with its
 own shards of the params (each process loads the checkpoint the same way). Inputs become
@@ -49,7 +49,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from sdmesh.services.errors import FollowerLost, InvalidRequest  # FollowerLost: raised here, mapped to UNAVAILABLE by server
+from sdmesh.services.engine.errors import FollowerLost
+from sdmesh.services.inputs.errors import InvalidRequest
+
 
 log = logging.getLogger("sdmesh.distributed")
 
@@ -410,7 +412,7 @@ def initialize_from_args(args: Any) -> bool:
     A stage over several processes must have a mesh over their devices: without mesh flags each
     process would run alone on one device and the followers would do nothing.
     """
-    from sdmesh.services import sharding
+    from sdmesh.services.engine import sharding
 
     group = process_group(args)
     if group is None:
@@ -420,12 +422,3 @@ def initialize_from_args(args: Any) -> bool:
                              "--dcn-data-parallelism (the processes) and --ici-*-parallelism (each one's devices)")
     initialize(group)
     return True
-
-
-def stage_of(servicer: Any) -> Any:
-    """The stage a servicer adapts (its `.stage`, with `.programs` and `.params`)."""
-    stage = getattr(servicer, "stage", None)
-    if stage is None or not hasattr(stage, "programs") or not hasattr(stage, "params"):
-        raise TypeError(f"{type(servicer).__name__} exposes no .stage with .programs and .params, so it cannot "
-                        "run over several processes")
-    return stage

@@ -1,12 +1,11 @@
 """The gateway: one user-facing `Gateway.Generate` that chains the stage services.
 
-    GenerateRequest → TextEncoder.Encode → Denoiser.Denoise (progress streamed through) → Decoder.Decode → PNGs
+    GenerateRequest → contract.validate → chain.generate over the replica pools → PNGs
+        (TextEncoder.Encode → [Decoder.EncodeImage] → Denoiser.Denoise, progress streamed through → Decoder.Decode)
 
-It holds no model (and imports no JAX). It makes the same calls, in the same order, as
-`StableDiffusion.generate` makes in one process, so a request and seed give the same image:
-the encoder sees the prompts and, when guidance_scale > 1, the negatives in one call; each
-prompt's hidden rows are repeated num_images times; the denoiser draws the initial noise
-(and the η-noise) from the request's seed; the decoder's uint8 images become PNG files.
+It holds no model and imports no JAX (tests/test_layers.py checks). Requests are checked by the
+same contract and run by the same chain as `StableDiffusion.generate` in one process, against
+the facts the denoiser reports in its ModelInfo, so a request and seed give the same image.
 
 Each stage has a pool of replica addresses. A call goes to the serving replica with the fewest
 outstanding calls; replicas whose grpc.health.v1 status is NOT_SERVING (watched in the
@@ -16,21 +15,18 @@ pure function of its request given the seed, so rerunning it from the start give
 latents. The client's deadline is passed down as each call's timeout, and a client that goes
 away cancels the call in flight.
 
-Metrics (services/metrics.py, stage="gateway"): requests in flight as the queue depth, each RPC's
+Metrics (services/serving/metrics.py, stage="gateway"): requests in flight as the queue depth, each RPC's
 latency and non-OK status code, images served; `--metrics-port` serves them over HTTP.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import logging
-import math
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -38,22 +34,19 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sdmesh.client.tensors import TensorError, from_proto, to_proto
-from sdmesh.services import images, modes
-from sdmesh.services.errors import InvalidRequest
-from sdmesh.services.metrics import StageMetrics
-from sdmesh.services.server import ended_with
-from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, gateway_pb2,
+from sdmesh.services import chain
+from sdmesh.services.inputs import contract, images
+from sdmesh.services.inputs.contract import DenoiseJob, GenerationRequest, ModelFacts
+from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.serving import wire
+from sdmesh.services.serving.metrics import StageMetrics
+from sdmesh.services.serving.server import ended_with
+from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2_grpc, gateway_pb2,
                        gateway_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc)
+from sdmesh.v1.tensors import TensorError, from_proto, to_proto
 
 log = logging.getLogger("sdmesh.gateway")
 
-# Limits, as StableDiffusion.validate sets them (the gateway must reject what the pipeline rejects).
-MAX_IMAGES = 64
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # decoded images of the largest batch fit; larger is rejected by gRPC, not crashed on
 # Stage failures another replica may not have; CANCELLED counts only when the stage (shutting down), not our client, cancelled.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
@@ -296,137 +289,27 @@ def _map_stage_error(stage: str, replica: Replica, e: grpc.RpcError) -> tuple[gr
 # --- Requests -----------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelFacts:
-    """What the gateway must know about the model to validate and default a request (from the stages' ModelInfo)."""
+def request_from_proto(request: gateway_pb2.GenerateRequest) -> GenerationRequest:
+    """A GenerateRequest as the contract's GenerationRequest: unset fields become its defaults, image bytes are
+    decoded (PNG/JPEG; a depth map may be .npy). Raises InvalidRequest for an image that cannot be read."""
 
-    default_height: int | None  # None: the UNet names no sample_size, so height and width are required
-    default_width: int | None
-    size_multiple: int = 8
-    max_steps: int = MAX_STEPS
-    kind: str = "text"  # text | inpaint | depth | upscale: which image inputs the model takes (services/modes.py)
-    max_noise_level: int = 350  # the x4 upscaler's
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """A validated request with its defaults filled in."""
-
-    prompt: str
-    negative_prompt: str
-    num_images: int
-    steps: int
-    guidance_scale: float
-    guidance_rescale: float
-    eta: float
-    height: int
-    width: int
-    seed: int
-    sampler: str = ""  # "": the checkpoint's own (the denoiser checks the name)
-    priority: int = 0
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0  # as diffusers: no unconditional pass at scale ≤ 1
-
-
-def job_from_proto(request: gateway_pb2.GenerateRequest, facts: ModelFacts, *, draw_seed: Callable[[], int] | None = None) -> Job:
-    """Validate a GenerateRequest and fill its defaults; raises InvalidRequest saying what to change."""
-    num_images = request.num_images or 1
-    if num_images > MAX_IMAGES:
-        raise InvalidRequest(f"num_images must be at most {MAX_IMAGES}, got {num_images}")
-    steps = request.num_inference_steps or DEFAULT_STEPS
-    if steps > facts.max_steps:
-        raise InvalidRequest(f"num_inference_steps must be from 1 to {facts.max_steps}, got {steps}")
-    guidance = request.guidance_scale if request.HasField("guidance_scale") else DEFAULT_GUIDANCE
-    for name, value in (("guidance_scale", guidance), ("guidance_rescale", request.guidance_rescale), ("eta", request.eta)):
-        if not math.isfinite(value):
-            raise InvalidRequest(f"{name} must be a finite number, got {value}")
-    if not 0.0 <= request.guidance_rescale <= 1.0:
-        raise InvalidRequest(f"guidance_rescale must be between 0 and 1, got {request.guidance_rescale}")
-    if request.eta < 0:
-        raise InvalidRequest(f"eta must be ≥ 0, got {request.eta}")
-    height, width = request.height, request.width
-    if request.init_image and not (height and width):  # the init image gives the size (prepare_images checks it)
-        height, width = height or facts.size_multiple, width or facts.size_multiple
-    if not height or not width:
-        if facts.default_height is None or facts.default_width is None:
-            raise InvalidRequest("this model has no native size (its UNet config names no sample_size): give height and width")
-        height, width = height or facts.default_height, width or facts.default_width
-    m = facts.size_multiple
-    for name, v in (("height", height), ("width", width)):
-        if v < m or v % m or v > MAX_SIDE:
-            raise InvalidRequest(f"{name} must be a multiple of {m} between {m} and {MAX_SIDE} for this model, got {v}")
-    if request.HasField("seed"):
-        seed = request.seed
-    else:  # as the pipeline draws one: [0, 2^32)
-        seed = draw_seed() if draw_seed else random.SystemRandom().randrange(2**32)
-    return Job(prompt=request.prompt, negative_prompt=request.negative_prompt, num_images=num_images, steps=steps,
-               guidance_scale=float(guidance), guidance_rescale=float(request.guidance_rescale), eta=float(request.eta),
-               height=height, width=width, seed=seed, sampler=request.sampler, priority=request.priority)
-
-
-def encode_request(job: Job) -> text_encoder_pb2.EncodeRequest:
-    """The prompt, and its negative only when guided: one encoder call, prompts first, as the pipeline makes it."""
-    negatives = [job.negative_prompt] if job.guided else []
-    return text_encoder_pb2.EncodeRequest(prompts=[job.prompt], negative_prompts=negatives, unconditional=job.guided)
-
-
-def has_images(request: gateway_pb2.GenerateRequest) -> bool:
-    return bool(request.init_image or request.mask_image or request.depth_map or request.HasField("strength")
-                or request.HasField("noise_level"))
-
-
-def prepare_images(request: gateway_pb2.GenerateRequest, job: Job, facts: ModelFacts,
-                   encode: Callable[[np.ndarray, int], np.ndarray]) -> modes.ModeInputs:
-    """Decode the request's images and build the denoiser's image inputs (`encode` is Decoder.EncodeImage)."""
     def decoded(field: str, decode: Callable[..., np.ndarray]) -> np.ndarray | None:
         data = getattr(request, field)
         return decode(data, what=field) if data else None
 
-    return modes.prepare(
-        facts.kind, rows=job.num_images, init_image=decoded("init_image", images.decode_image),
-        mask_image=decoded("mask_image", images.decode_mask), depth_map=decoded("depth_map", images.decode_depth),
+    return GenerationRequest(
+        prompt=request.prompt, negative_prompt=request.negative_prompt,
+        num_images=request.num_images or contract.DEFAULT_NUM_IMAGES,
+        steps=request.num_inference_steps or contract.DEFAULT_STEPS,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else contract.DEFAULT_GUIDANCE_SCALE,
+        guidance_rescale=request.guidance_rescale, eta=request.eta, height=request.height or None,
+        width=request.width or None, seed=request.seed if request.HasField("seed") else None,
+        sampler=request.sampler or None, priority=request.priority,
+        init_image=decoded("init_image", images.decode_image), mask_image=decoded("mask_image", images.decode_mask),
+        depth_map=decoded("depth_map", images.decode_depth),
         strength=request.strength if request.HasField("strength") else None,
         noise_level=request.noise_level if request.HasField("noise_level") else None,
-        scale_factor=facts.size_multiple, encode=encode, seed=job.seed, height=request.height or None,
-        width=request.width or None, max_noise_level=facts.max_noise_level)
-
-
-def add_image_inputs(request: denoiser_pb2.DenoiseRequest, mode: modes.ModeInputs) -> None:
-    """The mode's NHWC arrays onto a DenoiseRequest (NCHW on the wire)."""
-    def nchw(a: np.ndarray) -> Any:
-        return to_proto(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
-
-    if mode.init_latents is not None:
-        request.init_latents.CopyFrom(nchw(mode.init_latents))
-        request.strength = mode.strength
-    if mode.extra is not None:
-        request.extra.CopyFrom(nchw(mode.extra))
-    if mode.blend_mask is not None:
-        request.blend_mask.CopyFrom(nchw(mode.blend_mask))
-    if mode.class_labels is not None:
-        request.class_labels.CopyFrom(to_proto(np.asarray(mode.class_labels, np.float32)))
-    request.height, request.width = mode.height, mode.width
-
-
-def denoise_request(job: Job, response: text_encoder_pb2.EncodeResponse) -> denoiser_pb2.DenoiseRequest:
-    """The conditioning rows repeated num_images times, as the pipeline does: (P·n, L, D)."""
-    cond = np.repeat(from_proto(response.cond, name="cond", dtype="float32", ndim=3), job.num_images, axis=0)
-    request = denoiser_pb2.DenoiseRequest(
-        cond=to_proto(cond), seed=job.seed, noise_seed=job.seed, num_inference_steps=job.steps,
-        guidance_scale=job.guidance_scale, guidance_rescale=job.guidance_rescale, eta=job.eta,
-        height=job.height, width=job.width, sampler=job.sampler, priority=job.priority,
-    )
-    if job.guided:
-        uncond = np.repeat(from_proto(response.uncond, name="uncond", dtype="float32", ndim=3), job.num_images, axis=0)
-        request.uncond.CopyFrom(to_proto(uncond))
-    return request
-
-
-def truncation_notes(response: text_encoder_pb2.EncodeResponse) -> list[str]:
-    return [f"the {'negative ' if t.negative else ''}prompt was cut at the tokenizer's limit; dropped: {t.removed_text!r}"
-            for t in response.truncated]
+    )  # fmt: skip
 
 
 def png_bytes(images: np.ndarray) -> list[bytes]:
@@ -441,14 +324,71 @@ def png_bytes(images: np.ndarray) -> list[bytes]:
     return files
 
 
+class PooledStages:
+    """`chain.Stages` over the replica pools, for one client request: each call goes to the least-loaded replica,
+    within the client's deadline, cancelled with it, retried on another replica when that can help."""
+
+    def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, down: Downstream):
+        self.encoders, self.denoisers, self.decoders, self.down = encoders, denoisers, decoders, down
+
+    def _unary(self, pool: ReplicaPool, method: str, message: Any) -> Any:
+        def run(replica: Replica, timeout: float | None) -> Any:
+            return self.down.track(getattr(replica.stub, method).future(message, timeout=timeout)).result()
+
+        return call_stage(pool, self.down, run, method)
+
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None) -> chain.Encoded:
+        message = text_encoder_pb2.EncodeRequest(prompts=prompts, negative_prompts=negative_prompts or [],
+                                                 unconditional=negative_prompts is not None)  # fmt: skip
+        reply = self._unary(self.encoders, "Encode", message)
+        cond = from_proto(reply.cond, name="cond", dtype="float32", ndim=3)
+        uncond = from_proto(reply.uncond, name="uncond", dtype="float32", ndim=3) if negative_prompts is not None else None
+        truncations = [chain.Truncation(t.prompt_index, t.removed_text, t.negative) for t in reply.truncated]
+        return chain.Encoded(cond=cond, uncond=uncond, truncations=truncations)
+
+    def encode_image(self, pixels: np.ndarray, seed: int, stream: int) -> np.ndarray:
+        message = decoder_pb2.EncodeImageRequest(images=to_proto(np.asarray(pixels, np.float32)), seed=seed, stream=stream)
+        reply = self._unary(self.decoders, "EncodeImage", message)
+        return wire.nhwc(from_proto(reply.latents, name="latents", dtype="float32", ndim=4))
+
+    def denoise(self, job: DenoiseJob) -> Generator[chain.Progress, None, np.ndarray]:
+        message = wire.denoise_job_to_proto(job)
+
+        def run(replica: Replica, timeout: float | None) -> Generator[chain.Progress, None, np.ndarray]:
+            for event in self.down.track(replica.stub.Denoise(message, timeout=timeout)):
+                if event.HasField("progress"):
+                    p = event.progress
+                    yield chain.Progress(p.stage, p.step, p.total_steps)
+                elif event.HasField("latents"):
+                    return wire.nhwc(from_proto(event.latents, name="latents", dtype="float32", ndim=4))
+            raise StageError(grpc.StatusCode.INTERNAL, f"the denoiser ({replica.address}) ended its stream without latents")
+
+        # A retried Denoise starts again from step 0: its progress events say so.
+        return (yield from stream_stage(self.denoisers, self.down, run, "Denoise"))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        reply = self._unary(self.decoders, "Decode", decoder_pb2.DecodeRequest(latents=to_proto(wire.nchw(latents))))
+        return from_proto(reply.images, name="images", dtype="uint8", ndim=4)
+
+
+def event_to_proto(event: chain.Progress | chain.Generated) -> gateway_pb2.GenerateEvent:
+    if isinstance(event, chain.Progress):
+        return gateway_pb2.GenerateEvent(progress=common_pb2.Progress(stage=event.stage, step=event.step,
+                                                                      total_steps=event.total_steps))  # fmt: skip
+    result = gateway_pb2.GenerateResult(images=png_bytes(event.images), seed=event.seed,
+                                        truncation_notes=event.truncation_notes)  # fmt: skip
+    return gateway_pb2.GenerateEvent(result=result)
+
+
 # --- The service --------------------------------------------------------------------
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
-    """Chains the stage pools; each RPC is validate → encode → denoise → decode → PNGs."""
+    """Each Generate is validate (the contract, against the denoiser's facts) → `chain.generate` over the pools."""
 
-    def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, *, max_inflight: int = 32,
-                 facts: ModelFacts | None = None, metrics: StageMetrics | None = None):
+    def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, *,
+                 max_inflight: int = contract.DEFAULT_MAX_INFLIGHT, facts: ModelFacts | None = None,
+                 metrics: StageMetrics | None = None):  # fmt: skip
         self.encoders, self.denoisers, self.decoders = encoders, denoisers, decoders
         self.max_inflight = max_inflight
         self.metrics = metrics or StageMetrics("gateway")
@@ -461,11 +401,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def facts(self, down: Downstream) -> ModelFacts:
         if self._facts is None:
-            self._facts = facts_from_info(self.denoiser_info(down))
+            info = self.denoiser_info(down)
+            try:
+                self._facts = wire.facts_from_proto(info.model_facts, source=f"the denoiser ({info.model})")
+            except ValueError as e:
+                raise StageError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         return self._facts
 
     def denoiser_info(self, down: Downstream) -> common_pb2.ModelInfo:
         if self._denoiser_info is None:
+
             def run(replica: Replica, timeout: float | None) -> common_pb2.ModelInfo:
                 return replica.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=min(timeout or 10.0, 10.0))
 
@@ -502,7 +447,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"a stage returned a malformed tensor: {e}")
         except StageError as e:
             context.abort(e.code, e.message)
-        except Exception as e:  # noqa: BLE001 - a bug of ours: say so, and keep the traceback in the log
+        except Exception as e:  # a bug of ours: say so, and keep the traceback in the log
             log.exception("internal error in Generate")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in the gateway ({type(e).__name__}: {e}); the log has the traceback")
         finally:
@@ -512,48 +457,13 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def _generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateEvent]:
         down = Downstream(context)
-        job = job_from_proto(request, self.facts(down))
-
-        def encode(replica: Replica, timeout: float | None) -> text_encoder_pb2.EncodeResponse:
-            return down.track(replica.stub.Encode.future(encode_request(job), timeout=timeout)).result()
-
-        encoded = call_stage(self.encoders, down, encode, "Encode")
-        yield gateway_pb2.GenerateEvent(progress=common_pb2.Progress(stage="encode", step=1, total_steps=1))
-        denoise_in = denoise_request(job, encoded)
-        if has_images(request) or self.facts(down).kind != "text":
-            def encode_image(pixels: np.ndarray, stream: int) -> np.ndarray:
-                message = decoder_pb2.EncodeImageRequest(images=to_proto(np.asarray(pixels, np.float32)), seed=job.seed,
-                                                         stream=stream)
-
-                def run(replica: Replica, timeout: float | None) -> decoder_pb2.EncodeImageResponse:
-                    return down.track(replica.stub.EncodeImage.future(message, timeout=timeout)).result()
-
-                reply = call_stage(self.decoders, down, run, "EncodeImage")
-                return from_proto(reply.latents, name="latents", dtype="float32", ndim=4).transpose(0, 2, 3, 1)
-
-            add_image_inputs(denoise_in, prepare_images(request, job, self.facts(down), encode_image))
-
-        def denoise(replica: Replica, timeout: float | None) -> Iterator[gateway_pb2.GenerateEvent]:
-            for event in down.track(replica.stub.Denoise(denoise_in, timeout=timeout)):
-                if event.HasField("progress"):
-                    yield gateway_pb2.GenerateEvent(progress=event.progress)
-                elif event.HasField("latents"):
-                    return from_proto(event.latents, name="latents", dtype="float32", ndim=4)
-            raise StageError(grpc.StatusCode.INTERNAL, f"the denoiser ({replica.address}) ended its stream without latents")
-
-        # A retried Denoise starts again from step 0: its progress events say so.
-        latents = yield from stream_stage(self.denoisers, down, denoise, "Denoise")
-
-        def decode(replica: Replica, timeout: float | None) -> decoder_pb2.DecodeResponse:
-            call = replica.stub.Decode.future(decoder_pb2.DecodeRequest(latents=to_proto(latents)), timeout=timeout)
-            return down.track(call).result()
-
-        decoded = call_stage(self.decoders, down, decode, "Decode")
-        images = from_proto(decoded.images, name="images", dtype="uint8", ndim=4)
-        yield gateway_pb2.GenerateEvent(progress=common_pb2.Progress(stage="decode", step=1, total_steps=1))
-        result = gateway_pb2.GenerateResult(images=png_bytes(images), seed=job.seed, truncation_notes=truncation_notes(encoded))
-        self.metrics.images_served(len(images))
-        yield gateway_pb2.GenerateEvent(result=result)
+        facts = self.facts(down)
+        job = contract.validate(request_from_proto(request), facts)
+        stages = PooledStages(self.encoders, self.denoisers, self.decoders, down)
+        for event in chain.generate(stages, job, facts):
+            if isinstance(event, chain.Generated):
+                self.metrics.images_served(len(event.images))
+            yield event_to_proto(event)
 
     def ModelInfo(self, request: common_pb2.ModelInfoRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         t0 = time.perf_counter()
@@ -569,27 +479,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             denoiser = self.denoiser_info(down)
         except StageError as e:
             context.abort(e.code, e.message)
-        info = common_pb2.ModelInfo(service="Gateway", model=denoiser.model, weights_dtype=denoiser.weights_dtype,
-                                    activations_dtype=denoiser.activations_dtype)
-        info.compiled_shapes.extend(denoiser.compiled_shapes)
-        info.facts.update({
-            "default_height": str(facts.default_height or 0), "default_width": str(facts.default_width or 0),
-            "size_multiple": str(facts.size_multiple), "max_steps": str(facts.max_steps),
-            "max_inflight": str(self.max_inflight), "kind": facts.kind,
-            **{k: denoiser.facts[k] for k in ("samplers", "default_sampler", "max_noise_level") if k in denoiser.facts},
-            **{f"{pool.stage}_replicas": ",".join(r.address for r in pool.replicas)
-               for pool in (self.encoders, self.denoisers, self.decoders)},
-        })
-        return info
-
-
-def facts_from_info(denoiser: common_pb2.ModelInfo) -> ModelFacts:
-    """Native size, size multiple and step limit from the denoiser's ModelInfo facts (no default size: absent)."""
-    f = denoiser.facts
-    return ModelFacts(default_height=int(f["default_height"]) if "default_height" in f else None,
-                      default_width=int(f["default_width"]) if "default_width" in f else None,
-                      size_multiple=int(f.get("vae_scale_factor", 8)), max_steps=int(f.get("max_steps", MAX_STEPS)),
-                      kind=f.get("kind", "text"), max_noise_level=int(f.get("max_noise_level", 350)))
+        replicas = {f"{pool.stage}_replicas": [r.address for r in pool.replicas]
+                    for pool in (self.encoders, self.denoisers, self.decoders)}  # fmt: skip
+        return common_pb2.ModelInfo(
+            service="Gateway", model=denoiser.model, weights_dtype=denoiser.weights_dtype,
+            activations_dtype=denoiser.activations_dtype, compiled_shapes=denoiser.compiled_shapes,
+            model_facts=wire.facts_to_proto(facts),
+            gateway_stages=common_pb2.GatewayStages(max_inflight=self.max_inflight, **replicas),
+        )
 
 
 # --- Wiring -------------------------------------------------------------------------

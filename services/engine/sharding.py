@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.inputs.errors import InvalidRequest
 
 AXES = ("data", "fsdp", "tensor")
 FLAGS = {"data": "--ici-data-parallelism", "fsdp": "--ici-fsdp-parallelism", "tensor": "--ici-tensor-parallelism"}

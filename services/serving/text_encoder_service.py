@@ -1,7 +1,7 @@
-"""TextEncoder.Encode over gRPC: prompts → conditioning tensors, around `pipeline.TextEncoderStage`.
+"""TextEncoder.Encode over gRPC: prompts → conditioning tensors, around `stages.TextEncoderStage`.
 
 The prompts and, when asked, the negative prompts are encoded in ONE call of the stage
-(prompts first), as `StableDiffusion.generate` does, so a gateway chaining the services
+(prompts first), as the in-process stages do for `chain.generate`, so a gateway chaining the services
 gets the in-process pipeline's numbers bit for bit.
 
 With --max-batch above 1, concurrent Encode calls share that call (`batching.Batcher`): each
@@ -17,14 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from sdmesh.client.tensors import to_proto
-from sdmesh.services import batching, server
-from sdmesh.services.metrics import StageMetrics
-from sdmesh.services.pipeline import MAX_IMAGES, InvalidRequest, TextEncoderStage
+from sdmesh.v1.tensors import to_proto
+from sdmesh.services.serving import batching, server
+from sdmesh.services.serving.metrics import StageMetrics
+from sdmesh.services.engine.stages import TextEncoderStage
+from sdmesh.services.inputs import contract
+from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.v1 import common_pb2, text_encoder_pb2, text_encoder_pb2_grpc
 
-MAX_PROMPTS = MAX_IMAGES  # one row per prompt; the denoiser takes no more images than this
-MAX_PROMPT_CHARS = 10_000  # far past any tokenizer limit: longer is a mistake, not a prompt
+MAX_PROMPTS = contract.MAX_IMAGES  # one row per prompt; the denoiser takes no more images than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +41,7 @@ class EncodeJob:
 def encode_job_from_proto(request: text_encoder_pb2.EncodeRequest) -> EncodeJob:
     """Check an EncodeRequest; raises InvalidRequest saying what to fix."""
     prompts, negatives = list(request.prompts), list(request.negative_prompts)
-    if not prompts:
-        raise InvalidRequest("prompts is empty: give at least one prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise InvalidRequest(f"{len(prompts)} prompts in one call; at most {MAX_PROMPTS}: split the request")
-    if negatives and len(negatives) != len(prompts):
-        raise InvalidRequest(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt (\"\" for none) or none")
-    for kind, texts in (("prompt", prompts), ("negative prompt", negatives)):
-        for i, text in enumerate(texts):
-            if len(text) > MAX_PROMPT_CHARS:
-                raise InvalidRequest(f"{kind} {i} is {len(text)} characters; at most {MAX_PROMPT_CHARS} (the model reads only its first 77 tokens)")
+    contract.check_prompts(prompts, negatives)
     if negatives and not request.unconditional:
         raise InvalidRequest("negative_prompts are given but unconditional is false; set unconditional to encode them")
     if request.unconditional and not negatives:
@@ -76,7 +68,7 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
     metrics: where batches and device calls are recorded (the server records its RPCs there too)."""
 
     def __init__(self, stage: TextEncoderStage, model: str, *, max_batch: int = 1, batch_wait: float = 0.0,
-                 max_queue: int = server.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None):
+                 max_queue: int = contract.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None):
         self.stage, self.model = stage, model
         self.metrics = metrics or StageMetrics("text_encoder")
         self.compiled: set[int] = set()  # rows per encode call
@@ -97,13 +89,13 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
 
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)
-        facts = {"max_length": self.stage.tokenizer.max_length, "hidden_size": self.stage.hidden_size,
-                 "max_batch": self.batcher.max_batch, "batch_wait_ms": round(self.batcher.batch_wait * 1000, 3)}
         return common_pb2.ModelInfo(
             service="TextEncoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,
             activations_dtype=self.stage.options.activations_dtype, devices=devices, mesh=mesh,
             compiled_shapes=[common_pb2.CompiledShape(program="encode", batch=b) for b in sorted(self.compiled)],
-            facts={k: str(v) for k, v in facts.items()},
+            model_facts=common_pb2.ModelFacts(max_length=self.stage.tokenizer.max_length,
+                                              hidden_size=self.stage.hidden_size, max_images=MAX_PROMPTS),
+            batching=batching.info(self.batcher),
         )
 
     def warm_up(self, batches: list[int]) -> None:
@@ -134,7 +126,8 @@ def stage_service(service: TextEncoderService, shapes: list[tuple[int, int, int]
         name="sdmesh.v1.TextEncoder", servicer=service,
         add_to_server=text_encoder_pb2_grpc.add_TextEncoderServicer_to_server,
         device_methods=batching.device_methods(service.batcher, "Encode"), warm_up=lambda: service.warm_up(batches),
-        max_message_bytes=max(rows * length * width * 4, rows * MAX_PROMPT_CHARS * 4), metrics=service.metrics,
+        max_message_bytes=max(rows * length * width * 4, rows * contract.MAX_PROMPT_CHARS * 4), metrics=service.metrics,
+        stage=service.stage,
     )
 
 

@@ -5,7 +5,8 @@ import resource
 import statistics
 from typing import Any
 
-from sdmesh.services.pipeline import GenerationRequest, StableDiffusion
+from sdmesh.services.inputs.contract import GenerationRequest
+from sdmesh.services.pipeline import StableDiffusion
 
 
 def peak_host_memory_mb() -> float:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sdmesh.services.weights import CheckpointError, read_safetensors, read_torch_pickle
+from sdmesh.services.checkpoints.weights import CheckpointError, read_safetensors, read_torch_pickle
 
 # The file stem each component's weights use.
 WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}

@@ -36,34 +36,39 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sdmesh.client.tensors import TensorError
-from sdmesh.services.errors import FollowerLost, InvalidRequest
-from sdmesh.services.metrics import StageMetrics
-from sdmesh.services.weights import CheckpointError
+from sdmesh.v1.tensors import TensorError
+from sdmesh.services.engine.errors import FollowerLost
+from sdmesh.services.inputs import contract
+from sdmesh.services.inputs.contract import DEFAULT_MAX_QUEUE
+from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.serving.errors import CallerGone, Overloaded
+from sdmesh.services.serving.metrics import StageMetrics
+from sdmesh.services.checkpoints.weights import CheckpointError
+
+if TYPE_CHECKING:  # the gateway imports this module and no JAX
+    from sdmesh.services.engine.programs import Programs
+
+
+class Stage(Protocol):
+    """What a multi-process stage runs in lockstep: an engine stage's compiled programs and its params."""
+
+    programs: Programs
+    params: Any
 
 log = logging.getLogger("sdmesh.server")
 
-DEFAULT_MAX_QUEUE = 8
 MIN_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default: small requests never need more
 MESSAGE_MARGIN = 1024 * 1024  # room for the fields around the tensors
 # Threads beyond the queue's: health Watch streams hold one each for as long as a gateway watches, and
 # ModelInfo, reflection and the calls refused when the queue is full need some while the queue is full.
 EXTRA_WORKERS = 32
 DEADLINE_SLACK_SECONDS = 0.1  # a call that ends this close to its deadline counts as DEADLINE_EXCEEDED (`ended_with`)
-
-
-class Overloaded(Exception):
-    """The stage's queue is full: the caller should retry later or elsewhere."""
-
-
-class CallerGone(Exception):
-    """The call was cancelled or passed its deadline while it waited: there is no one to answer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,8 @@ class StageService:
     warm_up: Callable[[], None]  # compiles the configured shapes: a warm-up call per shape
     max_message_bytes: int  # the largest request or response of the configured shapes
     metrics: StageMetrics | None = None  # where the server records; the servicer records batches, chunks, images here too
+    # The engine stage served (its .programs and .params): over several processes they run in lockstep.
+    stage: Stage | None = None
 
 
 # --- errors → statuses: the one place ---------------------------------------------
@@ -293,11 +300,11 @@ def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAU
     metrics_port: serve Prometheus metrics on http://HOST:metrics_port/metrics from the start (0: any free
     port; logged as "<service> metrics on http://HOST:PORT/metrics"); None: not served.
     """
-    from sdmesh.services import distributed  # stage services only: JAX is loaded already
+    from sdmesh.services.engine import distributed  # stage services only: JAX is loaded already
 
     if distributed.is_follower():
         # no gRPC here: it runs every program process 0 sends it, until process 0 stops or dies
-        stage = distributed.stage_of(service.servicer)
+        stage = _stage(service)
         code = distributed.follow(stage.programs, stage.params)
         logging.shutdown()
         os._exit(code)
@@ -306,7 +313,7 @@ def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAU
     leader = None
     if distributed.is_multi_process():  # process 0: every program call goes to the followers first
         leader = distributed.Leader.open(on_lost=lambda _why: server._set(health_pb2.HealthCheckResponse.NOT_SERVING))
-        distributed.stage_of(service.servicer).programs.lockstep = leader
+        _stage(service).programs.lead(leader)
     if metrics_port is not None:
         bound = server.metrics.serve_http(metrics_port, host)
         log.warning("%s metrics on http://%s/metrics", service.name, _host_port(host, bound))
@@ -330,6 +337,12 @@ def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAU
     os._exit(0)
 
 
+def _stage(service: StageService) -> Stage:
+    if service.stage is None:
+        raise TypeError(f"{service.name} names no engine stage, so it cannot run over several processes")
+    return service.stage
+
+
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -343,6 +356,17 @@ def check_size(height: int, width: int, sizes: set[tuple[int, int]] | None) -> N
         served = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
         raise InvalidRequest(f"{height}x{width} is not a size this service serves (--strict-shapes: {served}); "
                              "ask for one of those, or use a replica started with that size in its --shapes")
+
+
+def check_shapes(shapes: list[tuple[int, int, int]], multiple: int) -> None:
+    """--shapes a stage can serve: sizes as requests may ask for them, batches as large as requests may be."""
+    for b, h, w in shapes:
+        if b > contract.MAX_IMAGES:
+            raise InvalidRequest(f"--shapes {b}x{h}x{w}: batch must be at most {contract.MAX_IMAGES}")
+        try:
+            contract.check_size(h, w, multiple=multiple)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"--shapes {b}x{h}x{w}: {e}") from None
 
 
 def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
@@ -365,17 +389,18 @@ def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
 
 def load_setup(args: Any) -> tuple[Any, Any, Any]:
     """(checkpoint folder, RuntimeOptions, LoadOptions) from `sdmesh serve` arguments; enables the JAX cache."""
-    from sdmesh.services import checkpoint, distributed, pipeline, sharding
+    from sdmesh.services.checkpoints import checkpoint
+    from sdmesh.services.engine import distributed, sharding, stages
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     distributed.initialize_from_args(args)  # before any device is touched: the mesh may span several processes
-    options = pipeline.RuntimeOptions(weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype,
+    options = stages.RuntimeOptions(weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype,
                                       precision=args.precision, attention=args.attention, jax_cache_dir=args.jax_cache_dir,
                                       mesh=sharding.mesh_config(args))
     if options.jax_cache_dir:
-        pipeline.enable_compilation_cache(options.jax_cache_dir)
+        stages.enable_compilation_cache(options.jax_cache_dir)
     folder = checkpoint.resolve(args.model, revision=args.revision, variant=args.variant)
-    load = pipeline.LoadOptions(variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint)
+    load = stages.LoadOptions(variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint)
     return folder, options, load
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from sdmesh.services.errors import InvalidRequest
+from sdmesh.services.inputs.errors import InvalidRequest
 
 # --------------------------------------------------------------------------- shared
 
@@ -198,15 +198,8 @@ def depth_unet_input(latents: np.ndarray, depth: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------ upscaling
 
-# StableDiffusionUpscalePipeline's constructor default; checkpoints store it in model_index.json.
-DEFAULT_MAX_NOISE_LEVEL = 350
 # The pipeline rewrites any other vae scaling_factor to this (with a deprecation warning).
 UPSCALER_SCALING_FACTOR = 0.08333
-
-
-def max_noise_level(model_index: dict[str, Any]) -> int:
-    """The largest noise_level a request may ask for, from the checkpoint's model_index.json."""
-    return int(model_index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL))
 
 
 def fix_upscaler_vae_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -219,13 +212,6 @@ def low_res_alphas_cumprod(low_res_scheduler_config: dict[str, Any]) -> np.ndarr
     from sdmesh.services.samplers import ddim  # numpy math; imported here so this module stays JAX-free (the gateway)
 
     return ddim.alphas_cumprod(ddim.DDIMConfig.from_json(low_res_scheduler_config))
-
-
-def check_noise_level(noise_level: Any, maximum: int) -> int:
-    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or not 0 <= noise_level <= maximum:
-        raise InvalidRequest(f"noise_level must be an integer from 0 to {maximum} (this checkpoint's max_noise_level), "
-                             f"got {noise_level!r}")
-    return int(noise_level)
 
 
 def noise_low_res_image(images: np.ndarray, noise: np.ndarray, noise_level: Any, alphas_cumprod: Any) -> np.ndarray:

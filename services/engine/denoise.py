@@ -6,8 +6,8 @@
 
 Every per-request choice (prompt, guidance, rescale, sampler, step count, η, start step,
 conditioning channels) is a per-slot input of the compiled program, never a compile-time
-constant, so requests that differ in all of them share one batch (issue 5's step-level
-continuous batching), and a slot's result does not depend on its neighbours: its noise
+constant, so requests that differ in all of them share one batch (step-level continuous
+batching), and a slot's result does not depend on its neighbours: its noise
 comes from its own key, and nothing mixes samples.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdmesh.services.inputs.contract import MAX_STEPS
 from sdmesh.services.models import unet as un
 from sdmesh.services.samplers import table
 
-MAX_STEPS = 1000  # no scheduler trains on more
 MAX_ROWS = MAX_STEPS + 1  # plans are padded to this many rows (PLMS evaluates steps + 1 times), so steps never recompile
 
 
@@ -155,10 +155,16 @@ class Slot:
     blend: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (mask (h,w,1), latents, noise (h,w,C))
     owner: Any = None  # who the result goes to; the batch never looks inside
     step: int = 0  # rows done
+    steps: int = 0  # sampler steps this image runs, as progress counts them (PLMS evaluates once more)
 
     @property
     def done(self) -> bool:
         return self.step >= self.plan.evaluations
+
+    @property
+    def steps_done(self) -> int:
+        """Sampler steps done so far, for progress: rows done scaled to `steps`."""
+        return self.step * self.steps // self.plan.evaluations
 
     @property
     def guided(self) -> bool:

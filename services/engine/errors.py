@@ -1,0 +1,8 @@
+"""Engine errors the serving layer maps to statuses. JAX-free, so the servers can name them without loading JAX."""
+
+from __future__ import annotations
+
+
+class FollowerLost(Exception):
+    """A follower process of this multi-process stage died or went silent: the stage cannot run programs
+    (the server answers UNAVAILABLE, so the caller retries on another replica)."""

@@ -1,0 +1,465 @@
+"""The three stages, each a pure function of (params, inputs), and the objects that load and compile them.
+
+    encode_text(encoder, params, ids)              → conditioning (B, 77, D)
+    denoise.denoise_chunk(unet, …, params, …)      → latents, a lax.fori_loop over a running batch of slots
+    decode(vae, params, latents)                   → uint8 images (B, H, W, 3)
+
+`TextEncoderStage`, `DenoiserStage` and `DecoderStage` each load one component of a
+checkpoint and compile its programs once per shape (`programs.Programs`); the in-process
+pipeline (services/pipeline.py) and the stage services (services/serving/) both run them.
+Arrays inside are NHWC (JAX's native layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdmesh.services import samplers
+from sdmesh.services.checkpoints import checkpoint
+from sdmesh.services.checkpoints.weights import CheckpointError, convert
+from sdmesh.services.engine import denoise as dn
+from sdmesh.services.engine import sharding
+from sdmesh.services.engine.programs import Programs
+from sdmesh.services.inputs import conditioning, contract, modes
+from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts
+from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.inputs.tokenizer import PromptTokenizer, load_tokenizer
+from sdmesh.services.models import text_encoder as te
+from sdmesh.services.models import unet as un
+from sdmesh.services.models import vae as va
+from sdmesh.services.models.attention import IMPLEMENTATIONS
+from sdmesh.services.samplers import ddim, table
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PRECISIONS = ("default", "high", "highest")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    weights_dtype: str = "float32"
+    activations_dtype: str = "float32"
+    precision: str = "default"  # jax matmul precision: default | high | highest
+    attention: str = "dot_product"  # or "flash"
+    jax_cache_dir: str | None = None
+    mesh: sharding.MeshConfig | None = None  # None: one device, nothing sharded
+
+    def __post_init__(self) -> None:
+        for name in ("weights_dtype", "activations_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise InvalidRequest(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise InvalidRequest(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise InvalidRequest(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}")
+
+
+# --- Stages: pure functions of (params, inputs) ----------------------------------
+
+
+def encode_text(encoder: te.CLIPTextEncoder, params: Any, ids: jax.Array) -> jax.Array:
+    """Token ids (B, L) → last hidden state after the final layer norm (B, L, D): the SD conditioning."""
+    return encoder.apply({"params": params}, ids)
+
+
+def decode(vae: va.AutoencoderKL, params: Any, latents: jax.Array) -> jax.Array:
+    """Scaled latents (B, h, w, C) → uint8 images (B, H, W, 3), rounded as diffusers' postprocess does."""
+    images = vae.apply({"params": params}, va.unscale_latents(latents, vae.config).astype(vae.dtype), method=va.AutoencoderKL.decode)
+    images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(images * 255).astype(jnp.uint8)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key for any seed in [0, 2^64): both 32-bit halves count."""
+    return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)
+
+
+def initial_noise(key: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
+    """Gaussian latents (N, h, w, C); drawn as NCHW so a seed means the same noise as a --latents file of it."""
+    n, h, w, c = shape
+    return jax.random.normal(key, (n, c, h, w), jnp.float32).transpose(0, 2, 3, 1)
+
+
+# --- Loading ----------------------------------------------------------------------
+
+
+def load_params(
+    files: list[Path],
+    shapes: Any,
+    *,
+    dtype: Any,
+    fix_key: Callable[[str], str | None],
+    fix_tensor: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    source: str,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Any:
+    """Stream tensors from files into a checked Flax params tree, one tensor at a time onto the device
+    (or, given a mesh, straight onto its shards: no device ever holds a whole parameter it does not need)."""
+
+    def pairs():
+        for key, tensor in checkpoint.read_tensors(files):
+            fixed = fix_key(key)
+            if fixed is not None:
+                yield fixed, (fix_tensor(fixed, tensor) if fix_tensor else tensor)
+
+    place = sharding.place(mesh) if mesh is not None else lambda _path, a: jax.device_put(a)
+    return convert(pairs(), shapes, dtype=dtype, place=place, source=source)
+
+
+def stage_mesh(options: RuntimeOptions) -> jax.sharding.Mesh | None:
+    return None if options.mesh is None else sharding.make_mesh(options.mesh)
+
+
+def _unet_source(folder: Path, override: str | None, variant: str | None, allow_pickle: bool) -> tuple[dict, list[Path], str]:
+    """(config, files, label) for the UNet, honouring --unet-checkpoint (a UNet folder or one .safetensors file)."""
+    stem = checkpoint.WEIGHT_STEMS["unet"]
+    if override is None:
+        return checkpoint.read_config(folder, "unet"), checkpoint.weight_files(folder / "unet", stem, variant=variant, allow_pickle=allow_pickle), f"{folder}/unet"
+    path = Path(override).expanduser()
+    if path.is_dir():
+        config = checkpoint.read_config(path.parent, path.name)
+        return config, checkpoint.weight_files(path, stem, variant=variant, allow_pickle=allow_pickle), str(path)
+    if path.is_file() and path.suffix in (".safetensors", ".bin"):
+        if path.suffix == ".bin" and not allow_pickle:
+            raise CheckpointError(f"{path} is a PyTorch pickle; pass --allow-pickle to load it with torch.load(weights_only=True)")
+        return checkpoint.read_config(folder, "unet"), [path], str(path)
+    raise CheckpointError(f"--unet-checkpoint {override}: expected a UNet folder (config.json + weights) or a .safetensors file")
+
+
+def fix_old_scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What diffusers' StableDiffusionPipeline does to old scheduler configs, so we sample as it samples.
+
+    Its __init__ rewrites `steps_offset` to 1 and `clip_sample` to False (with a deprecation
+    warning) for checkpoints saved before those became the SD defaults.
+    """
+    return {**config, "steps_offset": 1, "clip_sample": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """Where a stage's weights come from (the checkpoint folder is resolved once, by `checkpoint.resolve`)."""
+
+    variant: str | None = None
+    allow_pickle: bool = False
+    unet_checkpoint: str | None = None  # a UNet folder or .safetensors file replacing the checkpoint's UNet
+
+    def files(self, folder: Path, component: str) -> list[Path]:
+        stem = checkpoint.WEIGHT_STEMS[component]
+        return checkpoint.weight_files(folder / component, stem, variant=self.variant, allow_pickle=self.allow_pickle)
+
+
+class TextEncoderStage:
+    """Prompts → conditioning: the tokenizer and the CLIP text encoder."""
+
+    def __init__(self, tokenizer: PromptTokenizer, encoder: te.CLIPTextEncoder, params: Any, options: RuntimeOptions):
+        self.tokenizer, self.encoder, self.options = tokenizer, encoder, options
+        self.mesh = stage_mesh(options)
+        self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
+        self.programs = Programs(options.precision, self.mesh)
+        self._encode = functools.partial(encode_text, encoder)
+
+    @classmethod
+    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "TextEncoderStage":
+        config = te.TextEncoderConfig.from_json(checkpoint.read_config(folder, "text_encoder"))
+        encoder = te.CLIPTextEncoder(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
+        params = load_params(load.files(folder, "text_encoder"), te.init_shapes(config), dtype=DTYPES[options.weights_dtype],
+                             fix_key=te.fix_checkpoint_key, source=f"{folder}/text_encoder", mesh=stage_mesh(options))
+        return cls(load_tokenizer(folder / "tokenizer"), encoder, params, options)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def encode(self, prompts: list[str]) -> tuple[jax.Array, list[str], float]:
+        """(hidden states (P, L, D), per prompt the text truncation dropped ("" if none), compile seconds)."""
+        tokens = self.tokenizer.tokenize(prompts)
+        ids = jnp.asarray(tokens.input_ids, jnp.int32)
+        run, compile_s = self.programs.get("encode", self._encode, self.params, ids, batched=(1,))
+        return run(self.params, ids), list(tokens.removed_text), compile_s
+
+
+class DenoiserStage:
+    """Conditioning + initial noise → final latents: the UNet under any sampler, as a running batch of slots.
+
+    `job_slots(job)` turns a denoiser call into one `denoise.Slot` per image; `new_batch()` gives a
+    `denoise.RunningBatch` whose chunks run one compiled program for every sampler, step count,
+    guidance value and request mix. `run_slots(...)` runs slots alone, the one-request path.
+    """
+
+    def __init__(self, unet: un.UNet2DConditionModel, scheduler_json: dict[str, Any], params: Any, options: RuntimeOptions):
+        self.unet, self.scheduler_json, self.options = unet, scheduler_json, options
+        # the training noise schedule's facts (prediction type, timestep range); samplers build their plans from it
+        self.noise_schedule = ddim.DDIMConfig.from_json(scheduler_json)
+        self.mesh = stage_mesh(options)
+        self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
+        self.programs = Programs(options.precision, self.mesh)
+        self._noise = jax.jit(initial_noise, static_argnums=1)  # the shape is static
+        self._keys = jax.jit(_image_keys, static_argnums=1)
+        self.low_res_alphas: np.ndarray | None = None  # the x4 upscaler's low-res noise schedule
+        self.max_noise_level = 0  # the x4 upscaler's
+
+    @property
+    def kind(self) -> str:
+        """What the UNet's input channels say it is for (contract.KINDS)."""
+        c = self.unet.config
+        return contract.model_kind(c.in_channels, c.out_channels, c.class_labels_shape is not None)
+
+    @classmethod
+    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DenoiserStage":
+        unet_json, files, label = _unet_source(folder, load.unet_checkpoint, load.variant, load.allow_pickle)
+        config = un.UNetConfig.from_json(unet_json)
+        unet = un.UNet2DConditionModel(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
+        params = load_params(files, un.init_shapes(config), dtype=DTYPES[options.weights_dtype],
+                             fix_key=un.fix_checkpoint_key, source=label, mesh=stage_mesh(options))
+        scheduler_json = fix_old_scheduler_config(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
+        stage = cls(unet, scheduler_json, params, options)
+        if is_upscaler(folder):
+            stage.low_res_alphas = conditioning.low_res_alphas_cumprod(
+                checkpoint.read_config(folder, "low_res_scheduler", "scheduler_config.json"))
+            stage.max_noise_level = int(model_index(folder).get("max_noise_level", contract.DEFAULT_MAX_NOISE_LEVEL))
+        return stage
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.out_channels
+
+    @property
+    def max_steps(self) -> int:
+        return min(contract.MAX_STEPS, ddim.max_steps(self.noise_schedule))
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return samplers.SAMPLER_NAMES
+
+    @property
+    def default_sampler(self) -> str:
+        """The checkpoint's own sampler, named by its scheduler config (as diffusers' pipeline would use it)."""
+        return samplers.default_sampler(self.scheduler_json)
+
+    def facts(self, *, vae_scale_factor: int, max_length: int) -> ModelFacts:
+        """What requests to this UNet are checked against; the VAE factor and text length come from their configs."""
+        c = self.unet.config
+        sample = c.sample_size
+        size = None if sample is None else ((sample, sample) if isinstance(sample, int) else tuple(sample))
+        return ModelFacts(
+            kind=self.kind, vae_scale_factor=vae_scale_factor, latent_channels=self.latent_channels,
+            default_size=None if size is None else (size[0] * vae_scale_factor, size[1] * vae_scale_factor),
+            max_steps=self.max_steps, samplers=self.samplers, default_sampler=self.default_sampler,
+            hidden_size=c.context_dim, max_length=max_length, prediction_type=self.noise_schedule.prediction_type,
+            extra_channels=c.in_channels - self.latent_channels, class_labels_shape=c.class_labels_shape,
+            max_noise_level=self.max_noise_level,
+        )
+
+    def noise(self, seed: int, shape: tuple[int, int, int, int]) -> jax.Array:
+        """Initial latents (N, h, w, C) for a seed: unit Gaussian, before any sampler's init_noise_sigma."""
+        return self._noise(seed_key(seed), shape)
+
+    def plan(self, steps: int, *, sampler: str | None = None, eta: float = 0.0, first: int = 0) -> table.Plan:
+        """The coefficient table of one image's run (see samplers.table)."""
+        sampler = sampler or self.default_sampler
+        if sampler not in samplers.SAMPLER_NAMES:
+            raise InvalidRequest(f"sampler {sampler!r} is not one of {', '.join(samplers.SAMPLER_NAMES)}")
+        try:
+            return samplers.make_plan(sampler, self.scheduler_json, steps, eta=eta, first=first)
+        except ValueError as e:  # e.g. a prediction type this sampler cannot use, or too many steps for it
+            raise InvalidRequest(f"sampler {sampler}: {e}") from None
+
+    def check(self, job: DenoiseJob, facts: ModelFacts) -> None:
+        """Refuse a call before it joins a batch: the contract's checks, then the sampler's plan for it."""
+        contract.check_denoise_job(job, facts)
+        first = 0 if job.init_latents is None else conditioning.img2img_start(job.steps, job.strength)[0]
+        self.plan(job.steps, sampler=job.sampler, eta=job.eta, first=first)
+
+    def job_slots(self, job: DenoiseJob, facts: ModelFacts, *, owner: Any = None,
+                  low_res_noise: np.ndarray | None = None) -> list[dn.Slot]:
+        """One slot per image of a checked call: the initial noise drawn from its seed unless given, and the
+        x4 upscaler's low-res image noised to its level (from the seed, or `low_res_noise`)."""
+        noise = job.latents
+        if noise is None:
+            f = facts.vae_scale_factor
+            noise = self.noise(job.seed, (job.images, job.height // f, job.width // f, self.latent_channels))
+        extra = job.extra
+        if self.kind == "upscaling":  # extra is the clean low-res image: noise it to its level, as the pipeline does
+            level = int(job.class_labels.reshape(-1)[0])
+            extra = modes.noise_low_res(extra, level, job.seed, self.low_res_alphas, low_res_noise)
+        return self.slots(
+            noise, job.cond, job.uncond, steps=job.steps, guidance_scale=job.guidance_scale,
+            guidance_rescale=job.guidance_rescale, eta=job.eta, seed=job.seed, sampler=job.sampler, owner=owner,
+            init_latents=job.init_latents, strength=job.strength, extra=extra, class_labels=job.class_labels,
+            blend_mask=job.blend_mask,
+        )
+
+    def slots(
+        self,
+        noise: Any,
+        cond: Any,
+        uncond: Any | None,
+        *,
+        steps: int,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        sampler: str | None = None,
+        owner: Any = None,
+        init_latents: Any | None = None,
+        strength: float = 1.0,
+        extra: Any | None = None,
+        class_labels: Any | None = None,
+        blend_mask: Any | None = None,
+    ) -> list[dn.Slot]:
+        """One slot per image. `noise` (N, h, w, C) is unit Gaussian (`noise()` or given latents); each image's
+        η/ancestral noise comes from its own stream of `seed`, so batching never changes it.
+
+        Image-conditioned runs (all (N, h, w, ·) NHWC): `init_latents` start the run part-way, at `strength`
+        (StableDiffusionImg2ImgPipeline's get_timesteps; inpainting at strength 1 starts from pure noise, as the
+        inpainting pipeline does); `extra` channels join the UNet input; `class_labels` feed a class embedding;
+        `blend_mask` (1 repaints) blends towards the noised `init_latents` after every step.
+        """
+        noise, cond = np.asarray(noise, np.float32), np.asarray(cond, np.float32)
+        uncond = None if uncond is None else np.asarray(uncond, np.float32)
+        first = 0
+        if init_latents is not None:
+            if not 0.0 < strength <= 1.0:
+                raise InvalidRequest(f"strength must be in (0, 1], got {strength}")
+            first, _ = conditioning.img2img_start(steps, strength)  # diffusers' get_timesteps
+            init_latents = np.asarray(init_latents, np.float32)
+        plan = self.plan(steps, sampler=sampler, eta=eta, first=first)
+        pure_noise = init_latents is None or modes.starts_from_pure_noise(self.kind, blend_mask, strength)
+        keys = np.asarray(self._keys(seed_key(seed), noise.shape[0]))
+
+        def start(k: int) -> np.ndarray:
+            if pure_noise:
+                return plan.init_noise_sigma * noise[k]
+            return plan.start_lat * init_latents[k] + plan.start_noise * noise[k]
+
+        def row(a: Any | None, k: int) -> np.ndarray | None:
+            return None if a is None else np.asarray(a[k], np.float32)
+
+        steps_run = min(steps - first, plan.evaluations)
+        return [
+            dn.Slot(plan=plan, x=start(k), cond=cond[k], uncond=None if uncond is None else uncond[k],
+                    guidance=float(guidance_scale), rescale=float(guidance_rescale), key=keys[k], owner=owner,
+                    extra=row(extra, k), class_label=row(class_labels, k),
+                    blend=None if blend_mask is None else (row(blend_mask, k), init_latents[k], noise[k]),
+                    steps=steps_run)
+            for k in range(noise.shape[0])
+        ]
+
+    def new_batch(self, buckets: Sequence[int]) -> dn.RunningBatch:
+        """An empty running batch compiled at these batch sizes (a batch of n slots runs at the smallest ≥ n)."""
+        return dn.RunningBatch(self._run_chunk, self.unet.config.class_labels_shape, buckets)
+
+    def _run_chunk(self, with_uncond: bool, inputs: dn.SlotInputs, state: table.SlotState, cursor: dn.Cursor,
+                   iterations: int) -> tuple[table.SlotState, dn.Cursor, float]:
+        fn = functools.partial(dn.denoise_chunk, self.unet, with_uncond)
+        name = "denoise" if with_uncond else "denoise-unguided"
+        n = jnp.int32(iterations)
+        program, compile_s = self.programs.get(name, fn, self.params, inputs, state, cursor, n, batched=(1, 2, 3))
+        state, cursor = program(self.params, inputs, state, cursor, n)
+        jax.block_until_ready(state)
+        return state, cursor, compile_s
+
+    def run(self, latents: Any, cond: Any, uncond: Any | None, *, chunk: int | None = None,
+            **options: Any) -> Iterator[tuple[int, np.ndarray | None, float]]:
+        """`run_slots` over `slots(latents, cond, uncond, **options)`: one request's arrays alone."""
+        return self.run_slots(self.slots(latents, cond, uncond, **options), chunk=chunk)
+
+    def run_slots(self, slots: list[dn.Slot], *, chunk: int | None = None) -> Iterator[tuple[int, np.ndarray | None, float]]:
+        """Slots alone: yield (steps done, latents, compile seconds) after each chunk of `chunk` steps.
+
+        Latents (N, h, w, C) come with the last chunk (None before). A caller that stops
+        iterating stops the work at the next chunk boundary.
+        """
+        plan = slots[0].plan
+        batch = self.new_batch([len(slots)])
+        batch.join(slots)
+        chunk = chunk or plan.evaluations
+        while not slots[0].done:
+            compile_s = batch.run_chunk(min(chunk, plan.evaluations - slots[0].step))
+            if slots[0].done:
+                finished = batch.leave(lambda s: False)
+                yield slots[0].steps, np.stack([x for _, x in finished]), compile_s
+            else:
+                yield slots[0].steps_done, None, compile_s
+
+
+def _image_keys(key: jax.Array, n: int) -> jax.Array:
+    """Key data of each image's own noise stream (η, ancestral samplers), apart from its initial noise."""
+    stream = jax.random.fold_in(key, 1)
+    return jax.vmap(lambda k: jax.random.key_data(jax.random.fold_in(stream, k)))(jnp.arange(n))
+
+
+class DecoderStage:
+    """Latents → uint8 images: the VAE decoder (its encoder is here too, for img2img)."""
+
+    def __init__(self, vae: va.AutoencoderKL, params: Any, options: RuntimeOptions):
+        self.vae, self.options = vae, options
+        self.mesh = stage_mesh(options)
+        self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
+        self.programs = Programs(options.precision, self.mesh)
+        self._decode = functools.partial(decode, vae)
+        self._encode_image = functools.partial(va.encode_image, vae)
+
+    @classmethod
+    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DecoderStage":
+        vae_json = checkpoint.read_config(folder, "vae")
+        if is_upscaler(folder):
+            vae_json = conditioning.fix_upscaler_vae_config(vae_json)  # as StableDiffusionUpscalePipeline.__init__ does
+        config = va.VAEConfig.from_json(vae_json)
+        vae = va.AutoencoderKL(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
+        params = load_params(load.files(folder, "vae"), va.init_shapes(config), dtype=DTYPES[options.weights_dtype],
+                             fix_key=va.fix_checkpoint_key, fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae",
+                             mesh=stage_mesh(options))
+        return cls(vae, params, options)
+
+    @property
+    def scale_factor(self) -> int:
+        return self.vae.config.scale_factor
+
+    def decode(self, latents: jax.Array) -> tuple[np.ndarray, float]:
+        """((N, H, W, 3) uint8 images, compile seconds)."""
+        program, compile_s = self.programs.get("decode", self._decode, self.params, latents, batched=(1,))
+        return np.asarray(program(self.params, latents)), compile_s
+
+    def encode_image(self, images: Any, *, seed: int | None = None, stream: int = 0,
+                     noise: Any | None = None) -> tuple[np.ndarray, float]:
+        """Images (N, H, W, 3) float32 in [-1, 1] → (scaled latents (N, h, w, C), compile seconds).
+
+        The posterior sample's noise comes from `stream` of `seed` (None: the posterior mean), or is given.
+        """
+        images = jnp.asarray(images, jnp.float32)
+        if noise is None and seed is not None:
+            f, c = self.scale_factor, self.vae.config.latent_channels
+            shape = (images.shape[0], images.shape[1] // f, images.shape[2] // f, c)
+            noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(seed_key(seed), 3), stream), shape, jnp.float32)
+        args = (self.params, images) if noise is None else (self.params, images, jnp.asarray(noise, jnp.float32))
+        program, compile_s = self.programs.get("encode-image", self._encode_image, *args, batched=tuple(range(1, len(args))))
+        return np.asarray(program(*args)), compile_s
+
+
+def model_index(folder: Path) -> dict[str, Any]:
+    """The checkpoint's model_index.json ({} for a folder without one, e.g. a UNet on its own)."""
+    path = Path(folder) / "model_index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_upscaler(folder: Path) -> bool:
+    return model_index(folder).get("_class_name") == "StableDiffusionUpscalePipeline"
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persist compiled programs across processes (a second start skips XLA compilation)."""
+    Path(directory).expanduser().mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

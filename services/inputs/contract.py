@@ -1,0 +1,497 @@
+"""The request contract: every limit and default of a generation request, and its one validation. JAX-free.
+
+    facts = ModelFacts(...)              what the model takes: from the stages in process, from ModelInfo over gRPC
+    job = validate(request, facts)       GenerationRequest → Job: checked, defaults filled, mode and output size decided
+    check_denoise_job(job, facts)        a denoiser call's arrays against the UNet (what only the denoiser knows)
+
+The in-process pipeline, the gateway and every stage service check requests here, so a rule
+has one place and one wording. Images arrive decoded (`images.decode_*` turns PNG/JPEG bytes
+into the arrays a GenerationRequest holds). Everything raises `InvalidRequest` naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from sdmesh.services.inputs import conditioning
+from sdmesh.services.inputs.errors import InvalidRequest
+
+# --- Limits --------------------------------------------------------------------------------------
+MAX_IMAGES = 64  # images per request (prompts × num_images), and rows per stage call
+MAX_STEPS = 1000  # no scheduler trains on more
+MAX_SIDE = 4096  # pixels per side, of any image in or out
+MAX_PROMPT_CHARS = 10_000  # far past any tokenizer's limit: longer is a mistake, not a prompt
+MAX_CONTEXT_LENGTH = 1024  # tokens per conditioning row; CLIP gives 77
+MAX_GUIDANCE = 1000.0  # |guidance_scale|; real use stays under 30
+MAX_ETA = 1000.0
+MAX_PRIORITY = 2**31 - 1  # int32 on the wire
+UPSCALE_FACTOR = 4  # the x4 upscaler's
+
+# --- Request defaults (diffusers' pipelines' own) ------------------------------------------------
+DEFAULT_NUM_IMAGES = 1
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpainting": 1.0, "depth": 0.8}
+DEFAULT_NOISE_LEVEL = 20  # StableDiffusionUpscalePipeline's
+DEFAULT_MAX_NOISE_LEVEL = 350  # its constructor's; checkpoints store theirs in model_index.json
+
+# --- Serving defaults ----------------------------------------------------------------------------
+DEFAULT_MAX_QUEUE = 8  # calls that may wait for a stage's device
+DEFAULT_MAX_BATCH = 8  # the denoiser's running batch, in images
+DEFAULT_CHUNK_STEPS = 5  # denoiser steps per compiled chunk: a cancelled request stops within one
+DEFAULT_MAX_INFLIGHT = 32  # requests the gateway holds at once
+
+# What a checkpoint is built for (its UNet's inputs), and what a request does with it.
+KINDS = ("text-to-image", "inpainting", "depth", "upscaling")
+MODES = ("text-to-image", "img2img", "inpainting", "depth", "upscaling")
+
+
+def model_kind(in_channels: int, latent_channels: int, has_class_labels: bool) -> str:
+    """What a UNet is for, from its input channels: text-to-image (C), inpainting (2C + 1), depth (C + 1),
+    upscaling (C + 3 with a noise-level class label)."""
+    if has_class_labels and in_channels == latent_channels + 3:
+        return "upscaling"
+    if in_channels == latent_channels:
+        return "text-to-image"
+    if in_channels == 2 * latent_channels + 1:
+        return "inpainting"
+    if in_channels == latent_channels + 1:
+        return "depth"
+    raise InvalidRequest(
+        f"a UNet with {in_channels} input channels for {latent_channels} latent channels is none of "
+        "text-to-image, inpainting, depth or x4 upscaling"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What requests are checked against: the UNet's, the scheduler's, the VAE's and the text encoder's numbers."""
+
+    kind: str  # one of KINDS
+    vae_scale_factor: int  # image pixels per latent pixel: sizes are multiples of it
+    latent_channels: int
+    default_size: tuple[int, int] | None  # (height, width) from the UNet's sample_size; None: requests must give one
+    max_steps: int  # the most steps the scheduler's training range allows (≤ MAX_STEPS)
+    samplers: tuple[str, ...]
+    default_sampler: str  # the checkpoint's own (its scheduler config)
+    hidden_size: int  # D of the conditioning: the UNet's cross_attention_dim
+    max_length: int  # L the text encoder gives
+    prediction_type: str  # epsilon | v_prediction | sample
+    extra_channels: int  # UNet input channels beyond the latents (inpainting C + 1, depth 1, upscaling 3)
+    class_labels_shape: tuple[int, ...] | None  # per image; None: the UNet takes no class labels
+    max_noise_level: int  # the x4 upscaler's largest noise_level (0 for other kinds)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.vae_scale_factor < 1 or self.latent_channels < 1 or not 1 <= self.max_steps <= MAX_STEPS:
+            raise ValueError(f"model facts out of range: {self}")
+        if self.default_sampler not in self.samplers:
+            raise ValueError(f"default sampler {self.default_sampler!r} is not among {self.samplers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """What a caller asks for; `validate` checks it against a model and fills the defaults."""
+
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] | None = None
+    num_images: int = DEFAULT_NUM_IMAGES  # per prompt
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # ≤ 1 turns classifier-free guidance off, as in diffusers
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
+    height: int | None = None  # None: the model's native size (text-to-image) or the init image's
+    width: int | None = None
+    seed: int | None = None  # None: a random seed, reported in the result
+    latents: np.ndarray | None = None  # initial noise, NCHW float32 (N, C, H/f, W/f), as diffusers' `latents`
+    sampler: str | None = None  # None: the checkpoint's own
+    priority: int = 0  # higher joins the denoiser's running batch first
+    # Image-conditioned generation (which checkpoint takes what: see `validate`):
+    init_image: np.ndarray | None = None  # (H, W, 3) uint8 RGB: img2img, inpainting, depth; the upscaler's low-res image
+    mask_image: np.ndarray | None = None  # (H, W) uint8: inpainting, white repaints
+    strength: float | None = None  # with init_image, (0, 1]; None: DEFAULT_STRENGTH of the mode
+    depth_map: np.ndarray | None = None  # (H, W) float: depth checkpoints
+    noise_level: int | None = None  # x4 upscaler; None: DEFAULT_NOISE_LEVEL
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A validated request: every default filled in, its mode and output size decided. Images: prompts × num_images."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]  # one per prompt
+    num_images: int  # per prompt
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    seed: int
+    sampler: str | None  # None: the checkpoint's own
+    priority: int
+    mode: str  # one of MODES
+    height: int  # output pixels
+    width: int
+    latent_size: tuple[int, int]  # (h, w) of the latents the denoiser runs on
+    latents: np.ndarray | None = None  # NCHW float32, as given
+    init_image: np.ndarray | None = None
+    mask_image: np.ndarray | None = None
+    depth_map: np.ndarray | None = None
+    strength: float | None = None  # set in img2img, inpainting and depth
+    noise_level: int | None = None  # set in upscaling
+
+    @property
+    def images(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0  # as diffusers: no unconditional pass at scale ≤ 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseJob:
+    """One denoiser call: conditioning and initial noise in, final latents out. Arrays float32 NHWC, a row per image."""
+
+    cond: np.ndarray  # (N, L, D)
+    uncond: np.ndarray | None  # (N, L, D); None: no classifier-free guidance
+    latents: np.ndarray | None  # (N, h, w, C) initial noise; None: drawn from `seed`
+    seed: int  # the initial noise (when not given) and each image's η/ancestral noise stream
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    height: int  # output pixels: the latents are (height, width) / vae_scale_factor
+    width: int
+    sampler: str | None = None
+    priority: int = 0
+    init_latents: np.ndarray | None = None  # (N, h, w, C): start part-way from these, at `strength`
+    strength: float = 1.0
+    extra: np.ndarray | None = None  # (N, h, w, E): channels joining the UNet input
+    blend_mask: np.ndarray | None = None  # (N, h, w, 1): latent blending towards init_latents (1 repaints)
+    class_labels: np.ndarray | None = None  # (N, *class_labels_shape)
+
+    @property
+    def images(self) -> int:
+        return int(self.cond.shape[0])
+
+
+# --- Checks, each one rule ------------------------------------------------------------------------
+
+
+def check_prompts(prompts: Sequence[Any], negatives: Sequence[Any]) -> None:
+    """Prompts: at least one, at most MAX_IMAGES; negatives: one per prompt or none; every text a bounded string."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest("give at least one prompt: a string or a non-empty list of strings")
+    if len(prompts) > MAX_IMAGES:
+        raise InvalidRequest(f"{len(prompts)} prompts in one request; at most {MAX_IMAGES}: split the request")
+    if negatives and (len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives)):
+        raise InvalidRequest(
+            f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt or a single one"
+        )
+    for what, texts in (("prompt", prompts), ("negative prompt", negatives)):
+        for i, text in enumerate(texts):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise InvalidRequest(
+                    f"{what} {i} is {len(text)} characters; at most {MAX_PROMPT_CHARS} "
+                    "(the model reads only its first 77 tokens)"
+                )
+
+
+def check_steps(steps: Any, max_steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= max_steps:
+        raise InvalidRequest(f"steps must be an integer from 1 to {max_steps}, got {steps!r}")
+    return int(steps)
+
+
+def check_number(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidRequest(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequest(f"{name} must be a finite number from {low:g} to {high:g}, got {value}")
+    return float(value)
+
+
+def check_guidance(guidance_scale: Any, guidance_rescale: Any, eta: Any) -> tuple[float, float, float]:
+    return (
+        check_number("guidance_scale", guidance_scale, -MAX_GUIDANCE, MAX_GUIDANCE),
+        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0),
+        check_number("eta", eta, 0.0, MAX_ETA),
+    )
+
+
+def check_sampler(sampler: str | None, facts: ModelFacts) -> str | None:
+    """None or "" is the checkpoint's own; anything else must be a sampler the denoiser has."""
+    if not sampler:
+        return None
+    if sampler not in facts.samplers:
+        raise InvalidRequest(f"sampler {sampler!r} is not one of {', '.join(facts.samplers)}")
+    return sampler
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise InvalidRequest(f"seed must be an integer between 0 and 2^64−1, got {seed!r}")
+    return int(seed)
+
+
+def check_priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)) or abs(priority) > MAX_PRIORITY:
+        raise InvalidRequest(f"priority must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY}, got {priority!r}")
+    return int(priority)
+
+
+def check_size(height: Any, width: Any, *, multiple: int, what: str = "") -> None:
+    """Each side a multiple of the VAE factor, from it up to MAX_SIDE. `what` names an image whose size it is."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < multiple or v % multiple or v > MAX_SIDE:
+            if what:
+                near = max(multiple, v - v % multiple) if isinstance(v, (int, np.integer)) else multiple
+                raise InvalidRequest(
+                    f"{what} {name} is {v}; it must be a multiple of {multiple} between {multiple} and {MAX_SIDE} for "
+                    f"this model: crop or resize it (e.g. to {near})"
+                )
+            raise InvalidRequest(
+                f"{name} must be a multiple of {multiple} between {multiple} and {MAX_SIDE} for this model, got {v}"
+            )
+
+
+def check_strength(strength: Any, steps: int) -> float:
+    """(0, 1], and enough to run at least one of `steps` (diffusers' get_timesteps: int(steps × strength) ≥ 1)."""
+    strength = check_number("strength", strength, 0.0, 1.0)
+    if strength <= 0.0:
+        raise InvalidRequest(f"strength must be in (0, 1], got {strength}")
+    conditioning.img2img_start(steps, strength)  # raises when no step would run
+    return strength
+
+
+def check_noise_level(noise_level: Any, maximum: int) -> int:
+    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or not 0 <= noise_level <= maximum:
+        raise InvalidRequest(
+            f"noise_level must be an integer from 0 to {maximum} (this checkpoint's max_noise_level), got {noise_level!r}"
+        )
+    return int(noise_level)
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        raise InvalidRequest(f"{name} contains NaN or infinity")
+
+
+# --- A generation request --------------------------------------------------------------------------
+
+
+def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callable[[], int] | None = None) -> Job:
+    """Check a request against a model before any work and fill its defaults; raises InvalidRequest.
+
+    What each kind of checkpoint takes (each as the diffusers pipeline it is tested against):
+
+        text-to-image  nothing; + init_image → img2img (strength 0.8); + init_image + mask_image → inpainting by
+                       latent blending (strength 1)
+        inpainting     init_image + mask_image (9-channel UNet: mask and masked-image latents join its input)
+        depth          init_image + depth_map (5-channel UNet), strength 0.8
+        upscaling      init_image (the low-res image, output 4×) + noise_level (20)
+    """
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt or ())
+    neg = request.negative_prompt
+    negatives = [neg or ""] * len(prompts) if neg is None or isinstance(neg, str) else list(neg)
+    check_prompts(prompts, negatives)
+    n = request.num_images
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n * len(prompts) <= MAX_IMAGES:
+        raise InvalidRequest(f"num_images must be at least 1 and at most {MAX_IMAGES} in all, got {n!r} per prompt")
+    steps = check_steps(request.steps, facts.max_steps)
+    guidance_scale, guidance_rescale, eta = check_guidance(
+        request.guidance_scale, request.guidance_rescale, request.eta
+    )
+    sampler = check_sampler(request.sampler, facts)
+    priority = check_priority(request.priority)
+    if request.seed is not None:
+        seed = check_seed(request.seed)
+    else:  # as diffusers' generator seeds: [0, 2^32)
+        seed = draw_seed() if draw_seed else random.SystemRandom().randrange(2**32)
+    _check_arrays(request)
+    rows = len(prompts) * int(n)
+    mode = _mode(request, facts, steps)
+    if request.latents is not None:
+        want = (rows, facts.latent_channels, *mode["latent_size"])
+        lat = request.latents
+        if not isinstance(lat, np.ndarray) or lat.dtype != np.float32 or lat.shape != want:
+            got = f"{lat.dtype} {lat.shape}" if isinstance(lat, np.ndarray) else type(lat).__name__
+            raise InvalidRequest(f"latents must be float32 NCHW of shape {want} for this request, got {got}")
+        check_finite("latents", lat)
+    return Job(
+        prompts=tuple(prompts), negative_prompts=tuple(negatives), num_images=int(n), steps=steps,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler,
+        priority=priority, latents=request.latents, init_image=request.init_image, mask_image=request.mask_image,
+        depth_map=None if request.depth_map is None else np.asarray(request.depth_map, np.float32), **mode,
+    )  # fmt: skip
+
+
+def _check_arrays(request: GenerationRequest) -> None:
+    fix = "(services.inputs.images decodes PNG/JPEG bytes into one)"
+    image, mask, depth = request.init_image, request.mask_image, request.depth_map
+    if image is not None and (
+        not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3
+    ):
+        raise InvalidRequest(f"init_image must be a (H, W, 3) uint8 RGB array {fix}")
+    if mask is not None and (not isinstance(mask, np.ndarray) or mask.dtype != np.uint8 or mask.ndim != 2):
+        raise InvalidRequest(f"mask_image must be a (H, W) uint8 array {fix}")
+    if depth is not None:
+        if not isinstance(depth, np.ndarray) or depth.ndim not in (2, 3) or min(depth.shape) < 1:
+            raise InvalidRequest("depth_map must be a (H, W) float array (or (1, H, W))")
+        if depth.ndim == 3 and depth.shape[0] != 1:
+            raise InvalidRequest(f"depth_map has shape {list(depth.shape)}; give one map, (H, W) or (1, H, W)")
+        check_finite("depth_map", np.asarray(depth, np.float32))
+
+
+def _mode(request: GenerationRequest, facts: ModelFacts, steps: int) -> dict[str, Any]:
+    """The request's mode and output size (Job's fields), from the checkpoint's kind and the images given."""
+    kind, f = facts.kind, facts.vae_scale_factor
+    image, mask, depth = request.init_image, request.mask_image, request.depth_map
+    if kind == "upscaling":
+        if image is None:
+            raise InvalidRequest("this is the x4 upscaler: give init_image, the low-resolution image to upscale")
+        for name, value in (("mask_image", mask), ("depth_map", depth), ("strength", request.strength)):
+            if value is not None:
+                raise InvalidRequest(f"{name} does not apply to the x4 upscaler; drop it")
+        level = DEFAULT_NOISE_LEVEL if request.noise_level is None else request.noise_level
+        level = check_noise_level(level, facts.max_noise_level)
+        h, w = image.shape[:2]
+        if max(h, w) * UPSCALE_FACTOR > MAX_SIDE:
+            raise InvalidRequest(
+                f"init_image is {w}×{h}: upscaled {UPSCALE_FACTOR}× it would pass {MAX_SIDE} pixels; send a smaller one"
+            )
+        for name, asked, got in (("height", request.height, h * UPSCALE_FACTOR), ("width", request.width, w * UPSCALE_FACTOR)):
+            if asked and asked != got:
+                raise InvalidRequest(f"{name} {asked} disagrees with the upscaled init_image's {got}; drop it or send {got}")
+        return dict(mode="upscaling", height=h * UPSCALE_FACTOR, width=w * UPSCALE_FACTOR, latent_size=(h, w),
+                    noise_level=level)  # fmt: skip
+    if request.noise_level is not None:
+        raise InvalidRequest("noise_level is for the x4 upscaler; this checkpoint is not one")
+    if kind == "text-to-image" and image is None:
+        for name, value in (("mask_image", mask), ("depth_map", depth), ("strength", request.strength)):
+            if value is not None:
+                raise InvalidRequest(f"{name} needs an init image (img2img/inpainting); give init_image too or drop it")
+        if request.height is None or request.width is None:
+            if facts.default_size is None:
+                raise InvalidRequest(
+                    "this model has no native size (its UNet config names no sample_size): give height and width"
+                )
+        height = facts.default_size[0] if request.height is None else request.height
+        width = facts.default_size[1] if request.width is None else request.width
+        check_size(height, width, multiple=f)
+        return dict(mode="text-to-image", height=int(height), width=int(width), latent_size=(height // f, width // f))
+    if image is None:
+        inputs = "init_image and mask_image" if kind == "inpainting" else "init_image and depth_map"
+        raise InvalidRequest(f"this is {'an inpainting' if kind == 'inpainting' else 'a depth'} checkpoint: give {inputs}")
+    h, w = image.shape[:2]
+    check_size(h, w, multiple=f, what="init_image")
+    for name, asked, got in (("height", request.height, h), ("width", request.width, w)):
+        if asked and asked != got:
+            raise InvalidRequest(f"{name} {asked} disagrees with init_image's {got}; the output has the init image's size")
+    if kind == "depth" and depth is None:
+        raise InvalidRequest("this is a depth checkpoint: give depth_map (a grayscale PNG or .npy), with init_image")
+    if kind != "depth" and depth is not None:
+        raise InvalidRequest("depth_map is for depth checkpoints (a 5-channel UNet); this one is not")
+    if kind == "inpainting" and mask is None:
+        raise InvalidRequest("this is an inpainting checkpoint: give mask_image (white repaints, black keeps)")
+    if kind == "depth" and mask is not None:
+        raise InvalidRequest("mask_image is for inpainting; a depth checkpoint takes init_image and depth_map")
+    if mask is not None and mask.shape[:2] != (h, w):
+        raise InvalidRequest(
+            f"mask_image is {mask.shape[1]}×{mask.shape[0]} but init_image is {w}×{h}; they must be the same size"
+        )
+    mode = "inpainting" if mask is not None else ("depth" if kind == "depth" else "img2img")
+    strength = DEFAULT_STRENGTH[mode] if request.strength is None else request.strength
+    return dict(mode=mode, height=h, width=w, latent_size=(h // f, w // f), strength=check_strength(strength, steps))
+
+
+# --- A denoiser call ---------------------------------------------------------------------------------
+
+
+def check_denoise_job(job: DenoiseJob, facts: ModelFacts) -> None:
+    """Check a denoiser call's arrays and numbers against the model; raises InvalidRequest saying what to fix."""
+    n, f, c, e = job.images, facts.vae_scale_factor, facts.latent_channels, facts.extra_channels
+    if job.cond.ndim != 3 or not 1 <= n <= MAX_IMAGES:
+        raise InvalidRequest(f"cond has shape {list(job.cond.shape)}: one row per image; give 1 to {MAX_IMAGES} rows (N, L, D)")
+    length, dim = job.cond.shape[1:]
+    if dim != facts.hidden_size or not 1 <= length <= MAX_CONTEXT_LENGTH:
+        raise InvalidRequest(
+            f"cond has shape {list(job.cond.shape)}; this UNet needs (N, L, {facts.hidden_size}) with L ≤ "
+            f"{MAX_CONTEXT_LENGTH} (is the text encoder from the same model?)"
+        )
+    check_finite("cond", job.cond)
+    if job.uncond is not None:
+        if job.uncond.shape != job.cond.shape:
+            raise InvalidRequest(
+                f"uncond has shape {list(job.uncond.shape)} but cond has {list(job.cond.shape)}; they must match"
+            )
+        check_finite("uncond", job.uncond)
+    check_steps(job.steps, facts.max_steps)
+    check_guidance(job.guidance_scale, job.guidance_rescale, job.eta)
+    check_sampler(job.sampler, facts)
+    check_priority(job.priority)
+    check_size(job.height, job.width, multiple=f)
+    latent = (job.height // f, job.width // f)
+    if job.latents is not None:
+        if job.latents.shape != (n, *latent, c):
+            raise InvalidRequest(
+                f"latents have shape {_nchw(job.latents.shape)}; need NCHW ({n}, {c}, h, w) with h, w from 1 to "
+                f"{MAX_SIDE // f} ({n} rows as cond, {c} latent channels)"
+            )
+        check_finite("latents", job.latents)
+
+    def rows(name: str, array: np.ndarray, channels: int, what: str) -> None:
+        want = (n, *latent, channels)
+        if array.shape != want:
+            raise InvalidRequest(f"{name} has shape {_nchw(array.shape)}; this request needs NCHW {_nchw(want)} ({what})")
+        check_finite(name, array)
+
+    if job.init_latents is not None:
+        rows("init_latents", job.init_latents, c, "the init image's latents, Decoder.EncodeImage")
+        check_strength(job.strength, job.steps)
+    if e and job.extra is None:
+        raise InvalidRequest(
+            f"this UNet takes {e} conditioning channels beyond the latents (an inpainting, depth or upscaling "
+            "model): send them as extra (N, E, h, w)"
+        )
+    if job.extra is not None:
+        if not e:
+            raise InvalidRequest(
+                "extra was given but this UNet takes only the latents; drop it or use an inpainting/depth model"
+            )
+        rows("extra", job.extra, e, f"{e} channels beyond the latents")
+    if job.blend_mask is not None:
+        if job.init_latents is None:
+            raise InvalidRequest("blend_mask needs init_latents: the latents to keep where the mask is 0")
+        rows("blend_mask", job.blend_mask, 1, "1 repaints, 0 keeps")
+        if job.blend_mask.min() < 0 or job.blend_mask.max() > 1:
+            raise InvalidRequest("blend_mask values must lie in [0, 1]")
+    shape = facts.class_labels_shape
+    if shape is not None and job.class_labels is None:
+        raise InvalidRequest("this UNet has a class embedding (the x4 upscaler: the noise level); send class_labels")
+    if job.class_labels is not None:
+        labels = job.class_labels
+        if shape is None:
+            raise InvalidRequest("class_labels were given but this UNet has no class embedding; drop them")
+        if labels.shape != (n, *shape):
+            raise InvalidRequest(f"class_labels have shape {list(labels.shape)}; need {[n, *shape]}")
+        check_finite("class_labels", labels)
+        if facts.kind == "upscaling":
+            level = labels.reshape(-1)[0]
+            if np.any(labels != level) or level % 1 or not 0 <= level <= facts.max_noise_level:
+                raise InvalidRequest(
+                    f"the x4 upscaler's class_labels are its noise level: one integer from 0 to "
+                    f"{facts.max_noise_level} for every row, got {labels.tolist()}"
+                )
+
+
+def _nchw(nhwc: tuple[int, ...]) -> list[int]:
+    """An NHWC shape as the NCHW the wire and the messages speak."""
+    return [nhwc[0], nhwc[3], nhwc[1], nhwc[2]] if len(nhwc) == 4 else list(nhwc)
