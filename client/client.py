@@ -20,10 +20,9 @@ from typing import Any
 import grpc
 
 from sdmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from sdmesh.v1.limits import GATEWAY_MESSAGE_BYTES
 
-# Big enough for the PNGs of the gateway's largest batch.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-DEFAULT_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),)
+DEFAULT_OPTIONS = (("grpc.max_receive_message_length", GATEWAY_MESSAGE_BYTES),)
 
 
 class GatewayError(Exception):

@@ -2,7 +2,8 @@
 
     denoise_chunk(unet, with_uncond, params, inputs, state, cursor, iterations)   one compiled program
     Slot                                                                     one image's work (host side)
-    RunningBatch(stage, …).join(slots) / .run_chunk(n) / .leave()            joining and leaving between chunks
+    RunningBatch(run, class_labels_shape, buckets)                           slots stepping together; `run` runs one chunk
+    batch.join(slots) / batch.run_chunk(n) / batch.leave(keep)               joining and leaving between chunks
 
 Every per-request choice (prompt, guidance, rescale, sampler, step count, η, start step,
 conditioning channels) is a per-slot input of the compiled program, never a compile-time
@@ -114,7 +115,7 @@ def denoise_chunk(
         active = cursor.step < cursor.stop
         i = jnp.minimum(cursor.step, rows_per_slot - 1)
         row = jnp.take_along_axis(inputs.rows, i[:, None, None], axis=1)[:, 0]  # (B, K)
-        c = lambda name: row[:, table.COL[name]][:, None, None, None]  # noqa: E731
+        c = lambda name: row[:, table.COL[name]][:, None, None, None]
         x_in = jnp.concatenate([c("c_in") * state.x, inputs.extra], axis=-1)
         out = guided_output(unet, params, x_in, row[:, table.COL["t"]], inputs.cond, inputs.uncond if with_uncond else None,
                             inputs.guidance, inputs.rescale, labels, inputs.guided)

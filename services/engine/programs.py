@@ -88,7 +88,7 @@ class Programs:
         mesh = self.mesh
         params = jax.tree_util.tree_map(lambda a: a.sharding, args[0])
         rest = tuple(
-            jax.tree_util.tree_map(lambda a: sharding.batch_sharding(mesh, a.shape) if i in batched else sharding.replicated(mesh), arg)
+            jax.tree_util.tree_map(lambda a, i=i: sharding.batch_sharding(mesh, a.shape) if i in batched else sharding.replicated(mesh), arg)
             for i, arg in enumerate(args[1:], start=1)
         )
         # every output is split by batch (the stages return per-sample arrays only)

@@ -242,7 +242,7 @@ def check_seed(seed: Any) -> int:
 
 
 def check_priority(priority: Any) -> int:
-    if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)) or abs(priority) > MAX_PRIORITY:
+    if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)) or abs(int(priority)) > MAX_PRIORITY:
         raise InvalidRequest(f"priority must be an integer from {-MAX_PRIORITY} to {MAX_PRIORITY}, got {priority!r}")
     return int(priority)
 
@@ -378,13 +378,11 @@ def _mode(request: GenerationRequest, facts: ModelFacts, steps: int) -> dict[str
         for name, value in (("mask_image", mask), ("depth_map", depth), ("strength", request.strength)):
             if value is not None:
                 raise InvalidRequest(f"{name} needs an init image (img2img/inpainting); give init_image too or drop it")
-        if request.height is None or request.width is None:
-            if facts.default_size is None:
-                raise InvalidRequest(
-                    "this model has no native size (its UNet config names no sample_size): give height and width"
-                )
-        height = facts.default_size[0] if request.height is None else request.height
-        width = facts.default_size[1] if request.width is None else request.width
+        if (request.height is None or request.width is None) and facts.default_size is None:
+            raise InvalidRequest("this model has no native size (its UNet config names no sample_size): give height and width")
+        native = facts.default_size or (0, 0)  # unused when None: both sides were given
+        height = native[0] if request.height is None else request.height
+        width = native[1] if request.width is None else request.width
         check_size(height, width, multiple=f)
         return dict(mode="text-to-image", height=int(height), width=int(width), latent_size=(height // f, width // f))
     if image is None:

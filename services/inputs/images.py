@@ -15,6 +15,7 @@ Everything a caller can get wrong raises `InvalidRequest` naming the problem and
 from __future__ import annotations
 
 import io
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -56,7 +57,8 @@ def _opaque(image: Image.Image, what: str, fix: str) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        if image.getchannel("A").getextrema()[0] < 255:
+        lowest, _ = cast("tuple[int, int]", image.getchannel("A").getextrema())  # one band: (min, max)
+        if lowest < 255:
             raise InvalidRequest(f"{what} has transparent pixels (mode {image.mode}); {fix}")
         image = image.convert("RGB" if image.mode in ("RGBA", "RGBa", "PA") else "L")
     return image

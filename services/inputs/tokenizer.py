@@ -1,8 +1,8 @@
 """Prompt tokenization for the text encoder, exactly as diffusers' pipelines do it.
 
 A thin wrapper over transformers' CLIP tokenizer loaded from a diffusers
-checkpoint's `tokenizer/` folder. No JAX here: the gateway can tokenize (and
-tell the user what was cut off) without loading a model.
+checkpoint's `tokenizer/` folder, used by the text-encoder stage; it reports
+the text each prompt lost to truncation. No JAX here.
 
 `write_tiny_vocab` writes a small but real CLIP BPE tokenizer, so tests and the
 demo model can build checkpoints without network access.

@@ -108,7 +108,7 @@ def threshold(x0: jax.Array, ratio: jax.Array, max_value: jax.Array) -> jax.Arra
 def predict(row: jax.Array, x: jax.Array, out: jax.Array, clip: jax.Array,
             threshold_ratio: jax.Array, threshold_max: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x̂₀, ε̂) from the network's output; `row` is (B, len(COLUMNS)), the rest per sample."""
-    c = lambda name: _per_sample(row[:, COL[name]])  # noqa: E731
+    c = lambda name: _per_sample(row[:, COL[name]])
     x0 = c("x0_x") * x + c("x0_out") * out
     x0 = jnp.clip(x0, -_per_sample(clip), _per_sample(clip))
     thresholded = jax.lax.cond(jnp.any(threshold_ratio > 0),
@@ -122,7 +122,7 @@ def predict(row: jax.Array, x: jax.Array, out: jax.Array, clip: jax.Array,
 def step(row: jax.Array, state: SlotState, out: jax.Array, noise: jax.Array | None, clip: jax.Array,
          threshold_ratio: jax.Array, threshold_max: jax.Array) -> SlotState:
     """One row of every slot's plan: the sample after this UNet evaluation, and the updated history."""
-    c = lambda name: _per_sample(row[:, COL[name]])  # noqa: E731
+    c = lambda name: _per_sample(row[:, COL[name]])
     x = state.x
     x0, eps = predict(row, x, out, clip, threshold_ratio, threshold_max)
     h_out, h_x0 = state.out_history, state.x0_history

@@ -13,7 +13,7 @@ decoder: no op mixes the batch), so a request's result does not depend on what i
 padding rows, being real inputs, cannot produce NaN or change the rows beside them.
 
 A request with more rows than `max_batch` runs alone at its own size (it is not split: its rows already
-make a full call, and the stage compiles that size as it did before batching).
+make a full call, and the stage compiles that size for it).
 
 The queue is bounded: at most `max_queue` requests wait (the running batch is not counted, as in
 `server.DeviceQueue`); one more raises `errors.Overloaded` at submit. A batch is gathered from the
@@ -244,7 +244,7 @@ class Batcher:
             output = self.run(join([r.rows for r in batch], size))
             seconds = time.perf_counter() - t0
             pieces = split(output, counts)
-        except Exception as e:  # noqa: BLE001 - handed to this batch's callers; their handlers map it to a status
+        except Exception as e:  # handed to this batch's callers; their handlers map it to a status
             for request in batch:
                 request.future.set_exception(e)
             return

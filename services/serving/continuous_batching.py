@@ -134,7 +134,7 @@ class ContinuousBatcher:
                     self._join(ticket)
                 self._drop_cancelled()
                 self._run_one_chunk()
-            except Exception as error:  # noqa: BLE001 - fail the calls in flight, keep serving the next ones
+            except Exception as error:  # fail the calls in flight, keep serving the next ones
                 log.exception("denoise chunk failed")
                 self._fail_all(error)
 

@@ -43,11 +43,12 @@ from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.services.serving.server import ended_with
 from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2_grpc, gateway_pb2,
                        gateway_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc)
+from sdmesh.v1.limits import GATEWAY_MESSAGE_BYTES
 from sdmesh.v1.tensors import TensorError, from_proto, to_proto
 
 log = logging.getLogger("sdmesh.gateway")
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # decoded images of the largest batch fit; larger is rejected by gRPC, not crashed on
+MAX_MESSAGE_BYTES = GATEWAY_MESSAGE_BYTES  # decoded images of the largest batch fit; larger is refused by gRPC
 # Stage failures another replica may not have; CANCELLED counts only when the stage (shutting down), not our client, cancelled.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
 STUBS = {"encoder": text_encoder_pb2_grpc.TextEncoderStub, "denoiser": denoiser_pb2_grpc.DenoiserStub,
@@ -524,7 +525,7 @@ def build_server(service: GatewayService, address: str, *, workers: int | None =
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    server.health = health_servicer  # type: ignore[attr-defined]  # so `serve` can report NOT_SERVING on shutdown
+    server.health = health_servicer  # so `serve` can report NOT_SERVING on shutdown
     return server, port
 
 
@@ -547,7 +548,7 @@ def main(args: argparse.Namespace) -> int:
         bound = service.metrics.serve_http(args.metrics_port, args.host)
         log.warning("sdmesh.v1.Gateway metrics on http://%s:%d/metrics", args.host, bound)
     for name in ("", "sdmesh.v1.Gateway"):  # until the stages answer (below)
-        server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # type: ignore[attr-defined]
+        server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     log.warning("sdmesh.v1.Gateway listening on %s:%d (encoder %s; denoiser %s; decoder %s)", args.host, port,
                 *(",".join(r.address for r in pool.replicas) for pool in pools))
@@ -559,13 +560,13 @@ def main(args: argparse.Namespace) -> int:
         if now != serving:
             status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", "sdmesh.v1.Gateway"):
-                server.health.set(name, status)  # type: ignore[attr-defined]
+                server.health.set(name, status)
             log.warning("sdmesh.v1.Gateway %s", "SERVING" if now else "NOT_SERVING: a stage has no SERVING replica")
             serving = now
         if stopping.wait(0.25):
             break
     log.warning("sdmesh.v1.Gateway stopping")
-    server.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    server.health.enter_graceful_shutdown()
     server.stop(grace=5).wait()
     for pool in pools:
         pool.close()

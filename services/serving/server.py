@@ -171,7 +171,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
                         return behaviour(request, context)
             except CallerGone:
                 pass
-            except Exception as e:  # noqa: BLE001 - this is the one place errors become statuses
+            except Exception as e:  # this is the one place errors become statuses
                 _abort(context, e)
             finally:
                 self._record(context, t0)
@@ -188,7 +188,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
                         yield from behaviour(request, context)
             except CallerGone:
                 pass
-            except Exception as e:  # noqa: BLE001 - this is the one place errors become statuses
+            except Exception as e:  # this is the one place errors become statuses
                 _abort(context, e)
             finally:  # also when gRPC closes the generator of a call whose client went away
                 self._record(context, t0)
