@@ -7,6 +7,7 @@ Both pipelines get the same prompt, steps, guidance and size; each compiles/warm
 --repeat timed runs; we report medians and the ratio sdmesh / diffusers (lower is better).
 Per-stage times for diffusers come from timing its modules' calls inside the same pipeline runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,17 @@ from pathlib import Path
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def diffusers_timing(folder: Path, height: int, width: int, steps: int, repeat: int, guidance: float, dtype: str) -> dict:
+def diffusers_timing(
+    folder: Path, height: int, width: int, steps: int, repeat: int, guidance: float, dtype: str
+) -> dict:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -44,6 +49,7 @@ def diffusers_timing(folder: Path, height: int, width: int, steps: int, repeat: 
                 torch.cuda.synchronize()
             stage_times[name].append(time.perf_counter() - t0)
             return out
+
         return wrapper
 
     pipe.text_encoder.forward = timed("text_encoder", pipe.text_encoder.forward)
@@ -55,8 +61,15 @@ def diffusers_timing(folder: Path, height: int, width: int, steps: int, repeat: 
             v.clear()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pipe(PROMPT, num_inference_steps=steps, height=height, width=width, guidance_scale=guidance,
-                 generator=torch.Generator(device).manual_seed(0), output_type="np")
+            pipe(
+                PROMPT,
+                num_inference_steps=steps,
+                height=height,
+                width=width,
+                guidance_scale=guidance,
+                generator=torch.Generator(device).manual_seed(0),
+                output_type="np",
+            )
         return time.perf_counter() - t0
 
     first = run()
@@ -73,11 +86,15 @@ def diffusers_timing(folder: Path, height: int, width: int, steps: int, repeat: 
         "text_encoder_seconds": statistics.median(te),
         "unet_step_seconds": statistics.median(unet),
         "vae_decode_seconds": statistics.median(vae),
-        "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device,
+        "threads": torch.get_num_threads(),
     }
 
 
-def sdmesh_timing(folder: Path, height: int, width: int, steps: int, repeat: int, guidance: float, dtype: str, precision: str) -> dict:
+def sdmesh_timing(
+    folder: Path, height: int, width: int, steps: int, repeat: int, guidance: float, dtype: str, precision: str
+) -> dict:
     import jax
 
     from sdmesh.services.dev.benchmark import time_pipeline
@@ -104,7 +121,9 @@ def main() -> int:
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--precision", default="default")
-    p.add_argument("--only", choices=("sdmesh", "diffusers"), help="time one side (e.g. where the other is not installed)")
+    p.add_argument(
+        "--only", choices=("sdmesh", "diffusers"), help="time one side (e.g. where the other is not installed)"
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -118,8 +137,12 @@ def main() -> int:
     report: dict = {
         "what": "seconds per image, median over repeats, after one warm-up/compile run; CFG batch of 2 UNet rows",
         "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "resolution": args.resolution, "steps": args.steps, "repeat": args.repeat, "dtype": args.dtype,
-        "guidance_scale": args.guidance_scale, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "repeat": args.repeat,
+        "dtype": args.dtype,
+        "guidance_scale": args.guidance_scale,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     if args.only != "diffusers":
         report["sdmesh"] = sdmesh_timing(*common, args.precision)
@@ -130,8 +153,10 @@ def main() -> int:
             print(json.dumps(report["diffusers"], indent=2), file=sys.stderr)
     if "sdmesh" in report and "diffusers" in report:
         ours, ref = report["sdmesh"], report["diffusers"]
-        report["ratio"] = {k: ours[k] / ref[k] for k in
-                           ("seconds_per_image", "text_encoder_seconds", "unet_step_seconds", "vae_decode_seconds")}
+        report["ratio"] = {
+            k: ours[k] / ref[k]
+            for k in ("seconds_per_image", "text_encoder_seconds", "unet_step_seconds", "vae_decode_seconds")
+        }
     print(json.dumps({k: report[k] for k in ("ratio",) if k in report}, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ one-device baseline without a mesh. We record what `sdmesh bench` reports: the m
 and per-image times, compile time and peak host memory. On a CPU the fake devices share the same
 cores, so this measures the sharding's overhead, not a speed-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,24 @@ from pathlib import Path
 
 def bench(args: argparse.Namespace, mesh: str | None) -> dict:
     out = Path(tempfile.mkdtemp()) / "bench.json"
-    command = [sys.executable, "-m", "sdmesh.client.cli", "bench", "--model", args.model, "--resolution", str(args.resolution),
-               "--steps", str(args.steps), "--num-images", str(args.num_images), "--repeat", str(args.repeat),
-               "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "sdmesh.client.cli",
+        "bench",
+        "--model",
+        args.model,
+        "--resolution",
+        str(args.resolution),
+        "--steps",
+        str(args.steps),
+        "--num-images",
+        str(args.num_images),
+        "--repeat",
+        str(args.repeat),
+        "--json",
+        str(out),
+    ]
     env = dict(os.environ)
     if mesh is not None:
         data, fsdp, tensor = mesh.split(",")
@@ -48,15 +64,26 @@ def main() -> int:
     p.add_argument("--gpu", dest="cpu", action="store_false", help="use the real devices (no fake host devices)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    report = {"model": args.model, "resolution": args.resolution, "steps": args.steps, "num_images": args.num_images,
-              "devices": args.devices, "machine": platform.platform(), "cpus": os.cpu_count(), "meshes": {}}
+    report = {
+        "model": args.model,
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "num_images": args.num_images,
+        "devices": args.devices,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "meshes": {},
+    }
     for mesh in [None, *args.meshes]:
         name = mesh or "one device"
         r = bench(args, mesh)
         keep = ("unet_step_seconds", "seconds_per_image", "compile_seconds", "peak_host_memory_mb", "mesh")
         report["meshes"][name] = {k: r[k] for k in keep}
-        print(f"{name:>12}: UNet step {r['unet_step_seconds']:.3f}s, {r['seconds_per_image']:.2f} s/image, "
-              f"compile {r['compile_seconds']:.1f}s, peak host {r['peak_host_memory_mb'] / 1024:.1f} GB", file=sys.stderr)
+        print(
+            f"{name:>12}: UNet step {r['unet_step_seconds']:.3f}s, {r['seconds_per_image']:.2f} s/image, "
+            f"compile {r['compile_seconds']:.1f}s, peak host {r['peak_host_memory_mb'] / 1024:.1f} GB",
+            file=sys.stderr,
+        )
     text = json.dumps(report, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

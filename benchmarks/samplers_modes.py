@@ -8,6 +8,7 @@ the split by stage (encode, encode_image, denoise, decode). Modes run at strengt
 same number of steps as text-to-image and the difference is the mode's own cost (VAE encode of the
 init and masked images, the blend, the wider UNet input).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if not Path(args.model).exists():
-        subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "make-checkpoint", "full-sd2", args.model], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "sdmesh.client.cli", "make-checkpoint", "full-sd2", args.model], check=True
+        )
 
     from sdmesh.services.inputs.contract import GenerationRequest
     from sdmesh.services.pipeline import StableDiffusion
@@ -40,26 +43,39 @@ def main() -> int:
     rng = np.random.default_rng(0)
     init = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     mask = np.zeros((size, size), np.uint8)
-    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
     base = dict(prompt="a lighthouse at dusk", height=size, width=size, seed=0, guidance_scale=7.5)
     cases = {
         "ddim-50": dict(sampler="ddim", steps=50),
         "dpm++2m-20": dict(sampler="dpm++2m", steps=20),
         "text-to-image-20": dict(sampler="dpm++2m", steps=20),
         "img2img-20": dict(sampler="dpm++2m", steps=20, init_image=init, strength=1.0, height=None, width=None),
-        "inpaint-blend-20": dict(sampler="dpm++2m", steps=20, init_image=init, mask_image=mask, strength=1.0,
-                                 height=None, width=None),
+        "inpaint-blend-20": dict(
+            sampler="dpm++2m", steps=20, init_image=init, mask_image=mask, strength=1.0, height=None, width=None
+        ),
     }
-    report = {"model": args.model, "resolution": size, "repeat": args.repeat, "machine": platform.platform(),
-              "cpus": os.cpu_count(), "cases": {}}
+    report = {
+        "model": args.model,
+        "resolution": size,
+        "repeat": args.repeat,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cases": {},
+    }
     for name, options in cases.items():
         request = GenerationRequest(**{**base, **options})
         first = pipe.generate(request)  # compiles
         runs = [pipe.generate(request).timings for _ in range(args.repeat)]
         median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        report["cases"][name] = {"seconds_per_image": median["total"], "stages": median, "compile_s": first.timings["compile"]}
-        print(f"{name:>18}: {median['total']:.2f} s/image  ({', '.join(f'{k} {v:.2f}' for k, v in median.items() if k != 'total')})",
-              file=sys.stderr)
+        report["cases"][name] = {
+            "seconds_per_image": median["total"],
+            "stages": median,
+            "compile_s": first.timings["compile"],
+        }
+        print(
+            f"{name:>18}: {median['total']:.2f} s/image  ({', '.join(f'{k} {v:.2f}' for k, v in median.items() if k != 'total')})",
+            file=sys.stderr,
+        )
     c = report["cases"]
     report["dpm20_over_ddim50"] = c["dpm++2m-20"]["seconds_per_image"] / c["ddim-50"]["seconds_per_image"]
     for mode in ("img2img-20", "inpaint-blend-20"):

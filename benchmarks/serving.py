@@ -17,6 +17,7 @@ The arrival rate defaults to --load × the one-at-a-time service rate, measured 
 a calibration request of the mean step count. All modes share one JAX compilation cache,
 so every mode after the first starts warm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,30 @@ def start_stack(model: str, mode: str, args: argparse.Namespace, log_dir: Path) 
     size = args.resolution
     batch = ["--max-batch", str(args.max_batch)] if mode != "one" else []
     shapes = ",".join(f"{b}x{size}x{size}" for b in (1, 2, 4, 8, 16) if b <= (1 if mode == "one" else args.max_batch))
-    command = [sys.executable, "-m", "sdmesh.client.cli", "up", "--model", model, "--port", "0", "--shapes", shapes,
-               "--chunk-steps", str(args.chunk_steps), "--jax-cache-dir", str(args.jax_cache_dir),
-               "--log-dir", str(log_dir / mode), "--max-inflight", "256", "--max-queue", "256", *batch, *MODES[mode]]
+    command = [
+        sys.executable,
+        "-m",
+        "sdmesh.client.cli",
+        "up",
+        "--model",
+        model,
+        "--port",
+        "0",
+        "--shapes",
+        shapes,
+        "--chunk-steps",
+        str(args.chunk_steps),
+        "--jax-cache-dir",
+        str(args.jax_cache_dir),
+        "--log-dir",
+        str(log_dir / mode),
+        "--max-inflight",
+        "256",
+        "--max-queue",
+        "256",
+        *batch,
+        *MODES[mode],
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     address = process.stdout.readline().strip()  # `sdmesh up` prints the gateway's address once everything serves
     if not address:
@@ -68,10 +90,18 @@ def run_load(address: str, requests: list[dict], size: int) -> list[dict]:
                 time.sleep(delay)
             sent = time.perf_counter() - t0
             try:
-                client.generate(r["prompt"], steps=r["steps"], seed=r["seed"], height=size, width=size, guidance_scale=7.5)
+                client.generate(
+                    r["prompt"], steps=r["steps"], seed=r["seed"], height=size, width=size, guidance_scale=7.5
+                )
                 results[i] = {"sent": sent, "done": time.perf_counter() - t0, "steps": r["steps"], "ok": True}
-            except Exception as e:  # noqa: BLE001 - recorded, not hidden
-                results[i] = {"sent": sent, "done": time.perf_counter() - t0, "steps": r["steps"], "ok": False, "error": str(e)}
+            except Exception as e:
+                results[i] = {
+                    "sent": sent,
+                    "done": time.perf_counter() - t0,
+                    "steps": r["steps"],
+                    "ok": False,
+                    "error": str(e),
+                }
 
         threads = [threading.Thread(target=one, args=(i, r)) for i, r in enumerate(requests)]
         for t in threads:
@@ -89,9 +119,15 @@ def summarize(results: list[dict]) -> dict:
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, round(p / 100 * (len(latencies) - 1)))]
 
-    return {"completed": len(ok), "failed": len(results) - len(ok), "images_per_s": len(ok) / span,
-            "latency_p50_s": pct(50), "latency_p99_s": pct(99), "latency_mean_s": statistics.fmean(latencies),
-            "span_s": span}
+    return {
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "images_per_s": len(ok) / span,
+        "latency_p50_s": pct(50),
+        "latency_p99_s": pct(99),
+        "latency_mean_s": statistics.fmean(latencies),
+        "span_s": span,
+    }
 
 
 def main() -> int:
@@ -103,7 +139,9 @@ def main() -> int:
     p.add_argument("--steps-max", type=int, default=50)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--chunk-steps", type=int, default=2)
-    p.add_argument("--load", type=float, default=2.0, help="arrival rate as a multiple of the one-at-a-time service rate")
+    p.add_argument(
+        "--load", type=float, default=2.0, help="arrival rate as a multiple of the one-at-a-time service rate"
+    )
     p.add_argument("--rate", type=float, help="arrival rate in requests/s (instead of --load)")
     p.add_argument("--modes", default="one,request,continuous")
     p.add_argument("--seed", type=int, default=0)
@@ -111,14 +149,24 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if not Path(args.model).exists():
-        subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "make-checkpoint", "full-sd2", args.model], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "sdmesh.client.cli", "make-checkpoint", "full-sd2", args.model], check=True
+        )
 
     rng = random.Random(args.seed)
     steps = [rng.randint(args.steps_min, args.steps_max) for _ in range(args.requests)]
     log_dir = Path(tempfile.mkdtemp(prefix="sdmesh-serving-"))
-    report: dict = {"model": args.model, "resolution": args.resolution, "requests": args.requests,
-                    "steps": [args.steps_min, args.steps_max], "max_batch": args.max_batch, "chunk_steps": args.chunk_steps,
-                    "machine": platform.platform(), "cpus": os.cpu_count(), "modes": {}}
+    report: dict = {
+        "model": args.model,
+        "resolution": args.resolution,
+        "requests": args.requests,
+        "steps": [args.steps_min, args.steps_max],
+        "max_batch": args.max_batch,
+        "chunk_steps": args.chunk_steps,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "modes": {},
+    }
     rate = args.rate
     for mode in args.modes.split(","):
         process, address = start_stack(args.model, mode, args, log_dir)
@@ -140,20 +188,27 @@ def main() -> int:
             results = run_load(address, requests, args.resolution)
             report["modes"][mode] = {**summarize(results), "requests": results}
             s = report["modes"][mode]
-            print(f"{mode:>10}: {s['images_per_s']:.3f} images/s, p50 {s['latency_p50_s']:.1f}s, "
-                  f"p99 {s['latency_p99_s']:.1f}s ({s['completed']} ok, {s['failed']} failed)", file=sys.stderr)
+            print(
+                f"{mode:>10}: {s['images_per_s']:.3f} images/s, p50 {s['latency_p50_s']:.1f}s, "
+                f"p99 {s['latency_p99_s']:.1f}s ({s['completed']} ok, {s['failed']} failed)",
+                file=sys.stderr,
+            )
         finally:
             process.terminate()
             process.wait(timeout=60)
     modes = report["modes"]
     if "continuous" in modes and "request" in modes:
         c, r = modes["continuous"], modes["request"]
-        report["continuous_vs_request"] = {"throughput_ratio": c["images_per_s"] / r["images_per_s"],
-                                           "p99_ratio": c["latency_p99_s"] / r["latency_p99_s"]}
+        report["continuous_vs_request"] = {
+            "throughput_ratio": c["images_per_s"] / r["images_per_s"],
+            "p99_ratio": c["latency_p99_s"] / r["latency_p99_s"],
+        }
     if "continuous" in modes and "one" in modes:
         c, o = modes["continuous"], modes["one"]
-        report["continuous_vs_one"] = {"throughput_ratio": c["images_per_s"] / o["images_per_s"],
-                                       "p99_vs_single_latency": c["latency_p99_s"] / report["single_request_latency_s"]}
+        report["continuous_vs_one"] = {
+            "throughput_ratio": c["images_per_s"] / o["images_per_s"],
+            "p99_vs_single_latency": c["latency_p99_s"] / report["single_request_latency_s"],
+        }
     text = json.dumps(report, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

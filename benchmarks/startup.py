@@ -7,6 +7,7 @@ cache empty (cold: every program compiles), then again (warm: XLA reads the comp
 the cache). We record the seconds from process start to SERVING, and the warm-up (compile) part
 the service logs itself ("SERVING on … (warm-up Xs)"); the rest is imports and loading weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,23 @@ STAGES = ("encoder", "denoiser", "decoder")
 
 
 def start_once(stage: str, args: argparse.Namespace, cache: Path) -> dict:
-    command = [sys.executable, "-m", "sdmesh.client.cli", "serve", stage, "--model", args.model, "--port", "0",
-               "--shapes", args.shapes, "--jax-cache-dir", str(cache), "--max-batch", str(args.max_batch)]
+    command = [
+        sys.executable,
+        "-m",
+        "sdmesh.client.cli",
+        "serve",
+        stage,
+        "--model",
+        args.model,
+        "--port",
+        "0",
+        "--shapes",
+        args.shapes,
+        "--jax-cache-dir",
+        str(cache),
+        "--max-batch",
+        str(args.max_batch),
+    ]
     t0 = time.perf_counter()
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     try:
@@ -46,15 +62,24 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=1, help="1: compile only the --shapes batch sizes")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    report = {"model": args.model, "shapes": args.shapes, "max_batch": args.max_batch, "machine": platform.platform(),
-              "cpus": os.cpu_count(), "stages": {}}
+    report = {
+        "model": args.model,
+        "shapes": args.shapes,
+        "max_batch": args.max_batch,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "stages": {},
+    }
     for stage in STAGES:
         cache = Path(tempfile.mkdtemp(prefix=f"sdmesh-jax-{stage}-"))
         cold = start_once(stage, args, cache)
         warm = start_once(stage, args, cache)
         report["stages"][stage] = {"cold": cold, "warm": warm}
-        print(f"{stage:>8}: cold {cold['to_serving_s']:.1f}s (compile {cold['warm_up_s']:.1f}s), "
-              f"warm {warm['to_serving_s']:.1f}s (compile {warm['warm_up_s']:.1f}s)", file=sys.stderr)
+        print(
+            f"{stage:>8}: cold {cold['to_serving_s']:.1f}s (compile {cold['warm_up_s']:.1f}s), "
+            f"warm {warm['to_serving_s']:.1f}s (compile {warm['warm_up_s']:.1f}s)",
+            file=sys.stderr,
+        )
     text = json.dumps(report, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,18 @@
 `Client`/`AsyncClient` call the gateway; `TextEncoderClient`, `DenoiserClient` and `DecoderClient`
 call one stage each (numpy in and out).
 """
+
 from sdmesh.client.client import AsyncClient, Client, GatewayError, GenerateResult, Progress
 from sdmesh.client.stages import DecoderClient, DenoiserClient, TextEncoderClient, wait_for_serving
 
-__all__ = ["AsyncClient", "Client", "DecoderClient", "DenoiserClient", "GatewayError", "GenerateResult", "Progress",
-           "TextEncoderClient", "wait_for_serving"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DecoderClient",
+    "DenoiserClient",
+    "GatewayError",
+    "GenerateResult",
+    "Progress",
+    "TextEncoderClient",
+    "wait_for_serving",
+]

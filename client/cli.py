@@ -12,6 +12,7 @@
 Imports of JAX and the models happen inside the commands that need them, so the
 light client (`pip install sdmesh`) starts fast and says what to install.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,32 +66,83 @@ def _resolution(text: str) -> tuple[int, int]:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="a diffusers-format folder or a Hugging Face Hub id (default: %(default)s; env SDMESH_MODEL)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a diffusers-format folder or a Hugging Face Hub id (default: %(default)s; env SDMESH_MODEL)",
+    )
     g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     g.add_argument("--variant", help="weights variant, e.g. fp16 for *.fp16.safetensors")
     g.add_argument("--unet-checkpoint", help="a UNet folder or .safetensors file that replaces the model's UNet")
-    g.add_argument("--allow-pickle", action="store_true", help="allow .bin (PyTorch pickle) weights, read with torch.load(weights_only=True)")
+    g.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .bin (PyTorch pickle) weights, read with torch.load(weights_only=True)",
+    )
     r = p.add_argument_group("runtime")
     r.add_argument("--weights-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     r.add_argument("--activations-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    r.add_argument("--precision", default="default", type=str.lower, choices=("default", "high", "highest"), help="matmul precision")
+    r.add_argument(
+        "--precision",
+        default="default",
+        type=str.lower,
+        choices=("default", "high", "highest"),
+        help="matmul precision",
+    )
     r.add_argument("--attention", default="dot_product", choices=("dot_product", "flash"))
     r.add_argument("--jax-cache-dir", help="persistent JAX compilation cache (a second run skips compiling)")
-    m = p.add_argument_group("mesh", "devices along each axis of a stage's mesh; their product is the device count, "
-                                     "-1 fills with the devices left; all 1 (the default): one device, nothing sharded")
+    m = p.add_argument_group(
+        "mesh",
+        "devices along each axis of a stage's mesh; their product is the device count, "
+        "-1 fills with the devices left; all 1 (the default): one device, nothing sharded",
+    )
     m.add_argument("--ici-data-parallelism", type=int, default=1, metavar="N", help="batch split across N devices")
-    m.add_argument("--ici-fsdp-parallelism", type=int, default=1, metavar="N", help="parameters' input features split across N devices")
-    m.add_argument("--ici-tensor-parallelism", type=int, default=1, metavar="N", help="output channels and features split across N devices")
-    m.add_argument("--per-device-batch-size", type=_finite_float, metavar="X",
-                   help="the batch as images per data-parallel device (X × data devices; below 1 the batch is replicated "
-                        "along data): generate/bench --num-images, serve --max-batch")
-    m.add_argument("--dcn-data-parallelism", type=int, default=1, metavar="N",
-                   help="batch split across N groups of processes (hosts); the --ici-* sizes then describe one group")
-    m.add_argument("--coordinator-address", metavar="HOST:PORT",
-                   help="serve: span the stage over several processes with jax.distributed, process 0 listening here "
-                        "(default: env JAX_COORDINATOR_ADDRESS; none: one process)")
-    m.add_argument("--num-processes", type=_positive_int, metavar="N", help="serve: processes in the stage (default: env JAX_NUM_PROCESSES or the cluster's)")
-    m.add_argument("--process-id", type=int, metavar="I", help="serve: this process's index, 0 serves gRPC (default: env JAX_PROCESS_ID or the cluster's)")
+    m.add_argument(
+        "--ici-fsdp-parallelism",
+        type=int,
+        default=1,
+        metavar="N",
+        help="parameters' input features split across N devices",
+    )
+    m.add_argument(
+        "--ici-tensor-parallelism",
+        type=int,
+        default=1,
+        metavar="N",
+        help="output channels and features split across N devices",
+    )
+    m.add_argument(
+        "--per-device-batch-size",
+        type=_finite_float,
+        metavar="X",
+        help="the batch as images per data-parallel device (X × data devices; below 1 the batch is replicated "
+        "along data): generate/bench --num-images, serve --max-batch",
+    )
+    m.add_argument(
+        "--dcn-data-parallelism",
+        type=int,
+        default=1,
+        metavar="N",
+        help="batch split across N groups of processes (hosts); the --ici-* sizes then describe one group",
+    )
+    m.add_argument(
+        "--coordinator-address",
+        metavar="HOST:PORT",
+        help="serve: span the stage over several processes with jax.distributed, process 0 listening here "
+        "(default: env JAX_COORDINATOR_ADDRESS; none: one process)",
+    )
+    m.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        metavar="N",
+        help="serve: processes in the stage (default: env JAX_NUM_PROCESSES or the cluster's)",
+    )
+    m.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="serve: this process's index, 0 serves gRPC (default: env JAX_PROCESS_ID or the cluster's)",
+    )
 
 
 def _add_size_options(p: argparse.ArgumentParser) -> None:
@@ -100,10 +152,16 @@ def _add_size_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdmesh", description="Stable Diffusion 1.x/2.x in JAX, in one process or as gRPC stage services.")
+    parser = argparse.ArgumentParser(
+        prog="sdmesh", description="Stable Diffusion 1.x/2.x in JAX, in one process or as gRPC stage services."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images from a prompt", description="Generate images from a prompt and write image_{i}.png.")
+    gen = sub.add_parser(
+        "generate",
+        help="generate images from a prompt",
+        description="Generate images from a prompt and write image_{i}.png.",
+    )
     gen.add_argument("prompt")
     gen.add_argument("--negative-prompt", default=None)
     _add_model_options(gen)
@@ -111,27 +169,46 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=_finite_float, default=contract.DEFAULT_GUIDANCE_SCALE)
     gen.add_argument("--guidance-rescale", type=_finite_float, default=0.0)
     gen.add_argument("--eta", type=_finite_float, default=0.0, help="DDIM η: 0 is deterministic")
-    gen.add_argument("--sampler", help="ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras or plms "
-                                       "(default: the checkpoint's own, from its scheduler config)")
-    gen.add_argument("--priority", type=int, default=0, help="with --server: higher is served first when the denoiser is busy")
-    img = gen.add_argument_group("image-conditioned generation", "PNG or JPEG files; the output has the init image's size "
-                                 "(4× it for the x4 upscaler)")
-    img.add_argument("--init-image", type=Path, help="img2img, inpainting and depth: the image to start from; "
-                                                     "x4 upscaler: the low-resolution image")
+    gen.add_argument(
+        "--sampler",
+        help="ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras or plms "
+        "(default: the checkpoint's own, from its scheduler config)",
+    )
+    gen.add_argument(
+        "--priority", type=int, default=0, help="with --server: higher is served first when the denoiser is busy"
+    )
+    img = gen.add_argument_group(
+        "image-conditioned generation",
+        "PNG or JPEG files; the output has the init image's size (4× it for the x4 upscaler)",
+    )
+    img.add_argument(
+        "--init-image",
+        type=Path,
+        help="img2img, inpainting and depth: the image to start from; x4 upscaler: the low-resolution image",
+    )
     img.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (same size as --init-image)")
-    img.add_argument("--strength", type=_finite_float, help="how much of the schedule runs from the init image, (0, 1] "
-                                                            "(default: 0.8 img2img and depth, 1 inpainting)")
+    img.add_argument(
+        "--strength",
+        type=_finite_float,
+        help="how much of the schedule runs from the init image, (0, 1] (default: 0.8 img2img and depth, 1 inpainting)",
+    )
     img.add_argument("--depth-map", type=Path, help="depth checkpoints: a grayscale PNG (8 or 16 bit) or a .npy array")
     img.add_argument("--noise-level", type=int, help="x4 upscaler: noise added to the low-res image (default: 20)")
     _add_size_options(gen)
     gen.add_argument("--num-images", type=_positive_int, default=1)
     gen.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    gen.add_argument("--latents", type=Path, help="initial noise as .npy, NCHW float32 (N, C, H/8, W/8), as diffusers' `latents`")
+    gen.add_argument(
+        "--latents", type=Path, help="initial noise as .npy, NCHW float32 (N, C, H/8, W/8), as diffusers' `latents`"
+    )
     gen.add_argument("--output-dir", type=Path, default=Path("."))
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_server_options(gen)
 
-    bench = sub.add_parser("bench", help="time the in-process pipeline", description="Steady-state timing: compile once, then --repeat timed runs.")
+    bench = sub.add_parser(
+        "bench",
+        help="time the in-process pipeline",
+        description="Steady-state timing: compile once, then --repeat timed runs.",
+    )
     _add_model_options(bench)
     _add_size_options(bench)
     bench.add_argument("--steps", type=_positive_int, default=contract.DEFAULT_STEPS)
@@ -141,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="write the results here")
 
     make = sub.add_parser("make-checkpoint", help="write a random-weight diffusers checkpoint (needs the dev extra)")
-    make.add_argument("spec", choices=("tiny-sd2", "tiny-sd1", "full-sd2", "tiny-sd2-inpaint", "tiny-sd2-depth", "tiny-sd2-upscale"))
+    make.add_argument(
+        "spec", choices=("tiny-sd2", "tiny-sd1", "full-sd2", "tiny-sd2-inpaint", "tiny-sd2-depth", "tiny-sd2-upscale")
+    )
     make.add_argument("directory", type=Path)
     make.add_argument("--seed", type=int, default=0)
 
@@ -154,12 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_top_parser(sub: Any) -> argparse.ArgumentParser:
     """`sdmesh top ADDR...`: a live table from the services' Prometheus endpoints (client/top.py)."""
-    top = sub.add_parser("top", help="live summary of services' metrics",
-                         description="Scrape each service's Prometheus metrics endpoint (its --metrics-port) and print "
-                                     "one row per service: queue depth, batch occupancy, chunk and request latency, "
-                                     "images served and their rate, errors by status code.")
+    top = sub.add_parser(
+        "top",
+        help="live summary of services' metrics",
+        description="Scrape each service's Prometheus metrics endpoint (its --metrics-port) and print "
+        "one row per service: queue depth, batch occupancy, chunk and request latency, "
+        "images served and their rate, errors by status code.",
+    )
     top.add_argument("addresses", nargs="+", metavar="HOST:PORT", help="metrics endpoints (http://HOST:PORT/metrics)")
-    top.add_argument("--interval", type=_finite_float, default=2.0, help="seconds between scrapes (default: %(default)s)")
+    top.add_argument(
+        "--interval", type=_finite_float, default=2.0, help="seconds between scrapes (default: %(default)s)"
+    )
     top.add_argument("--once", action="store_true", help="print one table and exit (1 if an endpoint failed)")
     top.add_argument("--timeout", type=_finite_float, default=5.0, help="seconds per scrape (default: %(default)s)")
     return top
@@ -178,8 +262,11 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def _add_health_parser(sub: Any) -> argparse.ArgumentParser:
     """`sdmesh health ADDR`: a grpc.health.v1 probe for container health checks."""
-    h = sub.add_parser("health", help="check a service's grpc.health.v1 status",
-                       description="Ask a service's grpc.health.v1 Check; exit 0 if SERVING, 1 otherwise (prints the status).")
+    h = sub.add_parser(
+        "health",
+        help="check a service's grpc.health.v1 status",
+        description="Ask a service's grpc.health.v1 Check; exit 0 if SERVING, 1 otherwise (prints the status).",
+    )
     h.add_argument("address", metavar="HOST:PORT")
     h.add_argument("--service", default="", help="the health service name (default: the whole server)")
     h.add_argument("--timeout", type=_finite_float, default=5.0, help="seconds (default: %(default)s)")
@@ -194,7 +281,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     try:
         status = health_status(args.address, args.service, timeout=args.timeout)
     except ImportError as e:
-        raise UsageError(f"health checks need grpcio-health-checking ({e.name} is missing): pip install 'sdmesh[serve]'") from e
+        raise UsageError(
+            f"health checks need grpcio-health-checking ({e.name} is missing): pip install 'sdmesh[serve]'"
+        ) from e
     except grpc.RpcError as e:
         status = f"{e.code().name}: {e.details()}"
     print(status)
@@ -203,28 +292,65 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
     """`sdmesh up`: encoder, N denoisers, decoder and gateway as local processes (client/stack.py)."""
-    up = sub.add_parser("up", help="run the whole stack on this machine",
-                        description="Start the encoder, --denoisers denoiser replicas, the decoder and the gateway as "
-                                    "separate processes on loopback ports; print the gateway's address once all report "
-                                    "SERVING; stop them all on Ctrl-C or SIGTERM.")
+    up = sub.add_parser(
+        "up",
+        help="run the whole stack on this machine",
+        description="Start the encoder, --denoisers denoiser replicas, the decoder and the gateway as "
+        "separate processes on loopback ports; print the gateway's address once all report "
+        "SERVING; stop them all on Ctrl-C or SIGTERM.",
+    )
     _add_model_options(up)
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
-    up.add_argument("--port", type=int, default=SERVE_PORTS["gateway"], help="the gateway's port (default: %(default)s; 0: any free port)")
+    up.add_argument(
+        "--port",
+        type=int,
+        default=SERVE_PORTS["gateway"],
+        help="the gateway's port (default: %(default)s; 0: any free port)",
+    )
     up.add_argument("--denoisers", type=_positive_int, default=1, help="denoiser replicas (default: %(default)s)")
-    up.add_argument("--shapes", help="BATCHxHEIGHTxWIDTH,... each stage compiles at start-up (default: 1 at the native size)")
-    up.add_argument("--max-queue", type=int, help="per stage: calls that may wait for the device (default: --max-inflight)")
-    up.add_argument("--chunk-steps", type=_positive_int, help="denoiser steps per compiled chunk (progress and cancellation points)")
-    up.add_argument("--max-batch", type=_positive_int, help="per stage: rows per device call gathered from concurrent calls "
-                                                            "(the denoiser's running batch; default: serve's)")
-    up.add_argument("--batching", choices=("continuous", "request"), help="the denoiser's batching (default: serve's, continuous)")
-    up.add_argument("--batch-wait-ms", type=_finite_float, help="encoder and decoder: how long a call may wait for others "
-                                                               "to fill its batch (default: serve's, 0)")
-    up.add_argument("--max-inflight", type=_positive_int, default=contract.DEFAULT_MAX_INFLIGHT, help="requests the gateway holds at once (default: %(default)s)")
-    up.add_argument("--start-timeout", type=_finite_float, default=900.0, help="seconds to wait for every service to report SERVING (default: %(default)s)")
+    up.add_argument(
+        "--shapes", help="BATCHxHEIGHTxWIDTH,... each stage compiles at start-up (default: 1 at the native size)"
+    )
+    up.add_argument(
+        "--max-queue", type=int, help="per stage: calls that may wait for the device (default: --max-inflight)"
+    )
+    up.add_argument(
+        "--chunk-steps", type=_positive_int, help="denoiser steps per compiled chunk (progress and cancellation points)"
+    )
+    up.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        help="per stage: rows per device call gathered from concurrent calls "
+        "(the denoiser's running batch; default: serve's)",
+    )
+    up.add_argument(
+        "--batching", choices=("continuous", "request"), help="the denoiser's batching (default: serve's, continuous)"
+    )
+    up.add_argument(
+        "--batch-wait-ms",
+        type=_finite_float,
+        help="encoder and decoder: how long a call may wait for others to fill its batch (default: serve's, 0)",
+    )
+    up.add_argument(
+        "--max-inflight",
+        type=_positive_int,
+        default=contract.DEFAULT_MAX_INFLIGHT,
+        help="requests the gateway holds at once (default: %(default)s)",
+    )
+    up.add_argument(
+        "--start-timeout",
+        type=_finite_float,
+        default=900.0,
+        help="seconds to wait for every service to report SERVING (default: %(default)s)",
+    )
     up.add_argument("--log-dir", type=Path, help="write each service's output to DIR/NAME.log (default: this terminal)")
-    up.add_argument("--metrics-base-port", type=int, metavar="PORT",
-                    help="serve each service's Prometheus metrics: the gateway on PORT, the stages on the ports after it "
-                         "(0: free ports); printed with the services (default: off)")
+    up.add_argument(
+        "--metrics-base-port",
+        type=int,
+        metavar="PORT",
+        help="serve each service's Prometheus metrics: the gateway on PORT, the stages on the ports after it "
+        "(0: free ports); printed with the services (default: off)",
+    )
     return up
 
 
@@ -237,14 +363,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 # Default ports: the gateway on the usual gRPC port, the stages after it.
 SERVE_PORTS = {"gateway": 50051, "encoder": 50052, "denoiser": 50053, "decoder": 50054}
 # Each service's module in sdmesh.services.serving, holding its main(args).
-SERVE_MODULES = {"gateway": "gateway", "encoder": "text_encoder_service", "denoiser": "denoiser_service",
-                 "decoder": "decoder_service"}
+SERVE_MODULES = {
+    "gateway": "gateway",
+    "encoder": "text_encoder_service",
+    "denoiser": "denoiser_service",
+    "decoder": "decoder_service",
+}
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
     """Generate through a running gateway instead of in this process (the model options are then the gateway's)."""
     g = p.add_argument_group("remote (through a gateway)")
-    g.add_argument("--server", metavar="HOST:PORT", help="the gateway's address, e.g. 127.0.0.1:50051 (see `sdmesh up`)")
+    g.add_argument(
+        "--server", metavar="HOST:PORT", help="the gateway's address, e.g. 127.0.0.1:50051 (see `sdmesh up`)"
+    )
     g.add_argument("--timeout", type=_finite_float, help="seconds before the request is given up (default: none)")
     g.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
     g.add_argument("--tls-ca", type=Path, metavar="PEM", help="TLS with these root certificates")
@@ -255,36 +387,75 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
 def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     """`sdmesh serve SERVICE`: one gRPC service in this process, until SIGTERM or Ctrl-C."""
     serve = sub.add_parser(
-        "serve", help="run one gRPC service (a stage or the gateway)",
+        "serve",
+        help="run one gRPC service (a stage or the gateway)",
         description="Run one gRPC service: it loads only its own weights, compiles --shapes, then reports SERVING "
-                    "on grpc.health.v1 and serves until SIGTERM or Ctrl-C.")
+        "on grpc.health.v1 and serves until SIGTERM or Ctrl-C.",
+    )
     serve.add_argument("service", choices=tuple(SERVE_MODULES))
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: " + ", ".join(f"{k} {v}" for k, v in SERVE_PORTS.items()) + ")")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)"
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        help="port to listen on (default: " + ", ".join(f"{k} {v}" for k, v in SERVE_PORTS.items()) + ")",
+    )
     _add_model_options(serve)
     stage = serve.add_argument_group("stages")
-    stage.add_argument("--shapes", help="BATCHxHEIGHTxWIDTH,... to compile at start-up (default: 1 at the model's native size; "
-                                        "the encoder reads BATCH as prompts per call)")
-    stage.add_argument("--max-queue", type=int, default=contract.DEFAULT_MAX_QUEUE, help="calls that may wait for the device; more get RESOURCE_EXHAUSTED (default: %(default)s)")
-    stage.add_argument("--chunk-steps", type=_positive_int, default=contract.DEFAULT_CHUNK_STEPS,
-                       help="denoiser: steps per compiled chunk; progress events and cancellation checks come between "
-                            "chunks, and every chunk runs the same program (default: %(default)s)")
-    stage.add_argument("--strict-shapes", action="store_true",
-                       help="denoiser and decoder: refuse (INVALID_ARGUMENT) any image size not in --shapes instead of "
-                            "compiling it on first use")
-    stage.add_argument("--max-batch", type=_positive_int, default=contract.DEFAULT_MAX_BATCH,
-                       help="rows per device call gathered from concurrent calls (encoder: texts, a negative prompt "
-                            "counting as one; denoiser: images in the running batch; decoder: images), padded to a power "
-                            "of two; 1 turns batching off (default: %(default)s)")
-    stage.add_argument("--batching", choices=("continuous", "request"), default="continuous",
-                       help="denoiser: continuous lets requests join and leave the running batch between chunks; "
-                            "request lets a batch form only when the last one has finished (default: %(default)s)")
-    stage.add_argument("--batch-wait-ms", type=_finite_float, default=0.0,
-                       help="encoder and decoder, with --max-batch: how long the oldest waiting call may wait for others "
-                            "to fill its batch; 0 batches only calls already waiting (default: %(default)s)")
+    stage.add_argument(
+        "--shapes",
+        help="BATCHxHEIGHTxWIDTH,... to compile at start-up (default: 1 at the model's native size; "
+        "the encoder reads BATCH as prompts per call)",
+    )
+    stage.add_argument(
+        "--max-queue",
+        type=int,
+        default=contract.DEFAULT_MAX_QUEUE,
+        help="calls that may wait for the device; more get RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    stage.add_argument(
+        "--chunk-steps",
+        type=_positive_int,
+        default=contract.DEFAULT_CHUNK_STEPS,
+        help="denoiser: steps per compiled chunk; progress events and cancellation checks come between "
+        "chunks, and every chunk runs the same program (default: %(default)s)",
+    )
+    stage.add_argument(
+        "--strict-shapes",
+        action="store_true",
+        help="denoiser and decoder: refuse (INVALID_ARGUMENT) any image size not in --shapes instead of "
+        "compiling it on first use",
+    )
+    stage.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=contract.DEFAULT_MAX_BATCH,
+        help="rows per device call gathered from concurrent calls (encoder: texts, a negative prompt "
+        "counting as one; denoiser: images in the running batch; decoder: images), padded to a power "
+        "of two; 1 turns batching off (default: %(default)s)",
+    )
+    stage.add_argument(
+        "--batching",
+        choices=("continuous", "request"),
+        default="continuous",
+        help="denoiser: continuous lets requests join and leave the running batch between chunks; "
+        "request lets a batch form only when the last one has finished (default: %(default)s)",
+    )
+    stage.add_argument(
+        "--batch-wait-ms",
+        type=_finite_float,
+        default=0.0,
+        help="encoder and decoder, with --max-batch: how long the oldest waiting call may wait for others "
+        "to fill its batch; 0 batches only calls already waiting (default: %(default)s)",
+    )
     _add_gateway_options(serve)
-    serve.add_argument("--metrics-port", type=int, metavar="PORT",
-                       help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged; default: off)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged; default: off)",
+    )
     return serve
 
 
@@ -292,10 +463,18 @@ def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
     """`sdmesh serve gateway`: where the stages are, and how many requests it holds at once."""
     g = serve.add_argument_group("gateway")
     for stage in ("encoder", "denoiser", "decoder"):
-        g.add_argument(f"--{stage}", action="append", metavar="ADDR[,ADDR...]",
-                       help=f"{stage} replica addresses, comma-separated or repeated (default: 127.0.0.1:{SERVE_PORTS[stage]})")
-    g.add_argument("--max-inflight", type=_positive_int, default=contract.DEFAULT_MAX_INFLIGHT,
-                   help="requests the gateway holds at once; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+        g.add_argument(
+            f"--{stage}",
+            action="append",
+            metavar="ADDR[,ADDR...]",
+            help=f"{stage} replica addresses, comma-separated or repeated (default: 127.0.0.1:{SERVE_PORTS[stage]})",
+        )
+    g.add_argument(
+        "--max-inflight",
+        type=_positive_int,
+        default=contract.DEFAULT_MAX_INFLIGHT,
+        help="requests the gateway holds at once; more get RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
 
 
 def _apply_per_device_batch(args: argparse.Namespace, field: str) -> None:
@@ -306,7 +485,9 @@ def _apply_per_device_batch(args: argparse.Namespace, field: str) -> None:
 
     from sdmesh.services.engine import sharding
 
-    setattr(args, field, sharding.global_batch(args.per_device_batch_size, sharding.mesh_config(args), jax.device_count()))
+    setattr(
+        args, field, sharding.global_batch(args.per_device_batch_size, sharding.mesh_config(args), jax.device_count())
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -335,21 +516,33 @@ def _size(args: argparse.Namespace) -> tuple[int | None, int | None]:
 def _load(args: argparse.Namespace) -> Any:
     given = [f for f in ("coordinator_address", "num_processes", "process_id") if getattr(args, f, None) is not None]
     if given:
-        raise UsageError(f"--{given[0].replace('_', '-')} spans a stage over processes, which `sdmesh serve` does; "
-                         "generate and bench run in this one process (drop the flag, or serve the stage)")
+        raise UsageError(
+            f"--{given[0].replace('_', '-')} spans a stage over processes, which `sdmesh serve` does; "
+            "generate and bench run in this one process (drop the flag, or serve the stage)"
+        )
     try:
         from sdmesh.services import pipeline
         from sdmesh.services.engine import sharding
     except ImportError as e:
-        raise UsageError(f"running models in this process needs the serve extra ({e.name} is missing): pip install 'sdmesh[serve]'") from e
+        raise UsageError(
+            f"running models in this process needs the serve extra ({e.name} is missing): pip install 'sdmesh[serve]'"
+        ) from e
     options = pipeline.RuntimeOptions(
-        weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype, precision=args.precision,
-        attention=args.attention, jax_cache_dir=args.jax_cache_dir, mesh=sharding.mesh_config(args),
+        weights_dtype=args.weights_dtype,
+        activations_dtype=args.activations_dtype,
+        precision=args.precision,
+        attention=args.attention,
+        jax_cache_dir=args.jax_cache_dir,
+        mesh=sharding.mesh_config(args),
     )
     t0 = time.perf_counter()
     pipe = pipeline.StableDiffusion.load(
-        args.model, revision=args.revision, variant=args.variant, unet_checkpoint=args.unet_checkpoint,
-        allow_pickle=args.allow_pickle, options=options,
+        args.model,
+        revision=args.revision,
+        variant=args.variant,
+        unet_checkpoint=args.unet_checkpoint,
+        allow_pickle=args.allow_pickle,
+        options=options,
     )
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return pipeline, pipe
@@ -365,7 +558,9 @@ def _read_latents(path: Path) -> Any:
     except (ValueError, OSError) as e:
         raise UsageError(f"--latents {path}: not a readable .npy array ({e})") from None
     if latents.dtype != np.float32:
-        raise UsageError(f"--latents {path}: expected float32, got {latents.dtype} (np.save(path, x.astype(np.float32)))")
+        raise UsageError(
+            f"--latents {path}: expected float32, got {latents.dtype} (np.save(path, x.astype(np.float32)))"
+        )
     return latents
 
 
@@ -398,9 +593,13 @@ def _read_file(path: Path | None, flag: str) -> bytes | None:
 
 def _image_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The image-conditioning flags as bytes, for the wire (the gateway decodes them)."""
-    return {"init_image": _read_file(args.init_image, "--init-image"), "mask_image": _read_file(args.mask, "--mask"),
-            "depth_map": _read_file(args.depth_map, "--depth-map"), "strength": args.strength,
-            "noise_level": args.noise_level}
+    return {
+        "init_image": _read_file(args.init_image, "--init-image"),
+        "mask_image": _read_file(args.mask, "--mask"),
+        "depth_map": _read_file(args.depth_map, "--depth-map"),
+        "strength": args.strength,
+        "noise_level": args.noise_level,
+    }
 
 
 def _decoded_image_inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -408,10 +607,15 @@ def _decoded_image_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from sdmesh.services.inputs import images
 
     raw = _image_inputs(args)
-    return {"init_image": None if raw["init_image"] is None else images.decode_image(raw["init_image"], what="--init-image"),
-            "mask_image": None if raw["mask_image"] is None else images.decode_mask(raw["mask_image"], what="--mask"),
-            "depth_map": None if raw["depth_map"] is None else images.decode_depth(raw["depth_map"], what="--depth-map"),
-            "strength": raw["strength"], "noise_level": raw["noise_level"]}
+    return {
+        "init_image": None
+        if raw["init_image"] is None
+        else images.decode_image(raw["init_image"], what="--init-image"),
+        "mask_image": None if raw["mask_image"] is None else images.decode_mask(raw["mask_image"], what="--mask"),
+        "depth_map": None if raw["depth_map"] is None else images.decode_depth(raw["depth_map"], what="--depth-map"),
+        "strength": raw["strength"],
+        "noise_level": raw["noise_level"],
+    }
 
 
 def _write_images(images: list[Any], output_dir: Path) -> None:
@@ -437,8 +641,9 @@ def _channel_credentials(args: argparse.Namespace) -> Any:
         except OSError as e:
             raise UsageError(f"cannot read {path}: {e.strerror}") from None
 
-    return grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
-                                        certificate_chain=read(args.tls_cert))
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(args.tls_ca), private_key=read(args.tls_key), certificate_chain=read(args.tls_cert)
+    )
 
 
 def _generate_remote(args: argparse.Namespace) -> int:
@@ -452,11 +657,21 @@ def _generate_remote(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Client(args.server, credentials=_channel_credentials(args), timeout=args.timeout) as client:
         try:
-            for event in client.stream(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                                       steps=args.steps, guidance_scale=args.guidance_scale,
-                                       guidance_rescale=args.guidance_rescale, eta=args.eta, height=height,
-                                       width=width, seed=args.seed, sampler=args.sampler, priority=args.priority,
-                                       **_image_inputs(args)):
+            for event in client.stream(
+                args.prompt,
+                negative_prompt=args.negative_prompt,
+                num_images=args.num_images,
+                steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                guidance_rescale=args.guidance_rescale,
+                eta=args.eta,
+                height=height,
+                width=width,
+                seed=args.seed,
+                sampler=args.sampler,
+                priority=args.priority,
+                **_image_inputs(args),
+            ):
                 if isinstance(event, GenerateResult):
                     result = event
                 elif event.stage == "denoise":
@@ -478,9 +693,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     latents = _read_latents(args.latents) if args.latents else None
     pipeline, pipe = _load(args)
     request = pipeline.GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images, steps=args.steps,
-        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, eta=args.eta,
-        height=height, width=width, seed=args.seed, latents=latents, sampler=args.sampler, **_decoded_image_inputs(args),
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        eta=args.eta,
+        height=height,
+        width=width,
+        seed=args.seed,
+        latents=latents,
+        sampler=args.sampler,
+        **_decoded_image_inputs(args),
     )
     pipe.validate(request)  # fail before compiling anything
     chunk = max(1, args.steps // 20)  # ~20 progress updates; the compiled program is the same for every chunk
@@ -492,8 +717,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _write_images([Image.fromarray(image) for image in result.images], args.output_dir)
     t = result.timings
     seed = "from --latents" if latents is not None else result.seed
-    print(f"seed {seed}; compile {t['compile']:.2f}s, generate {t['total'] - t['compile']:.2f}s "
-          f"(encode {t['encode']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s)", file=sys.stderr)
+    print(
+        f"seed {seed}; compile {t['compile']:.2f}s, generate {t['total'] - t['compile']:.2f}s "
+        f"(encode {t['encode']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -505,11 +733,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from sdmesh.services.dev.benchmark import time_pipeline
 
-    request = pipeline.GenerationRequest(prompt="a photograph of an astronaut riding a horse", num_images=args.num_images,
-                                         steps=args.steps, guidance_scale=args.guidance_scale, height=height, width=width, seed=0)
+    request = pipeline.GenerationRequest(
+        prompt="a photograph of an astronaut riding a horse",
+        num_images=args.num_images,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=height,
+        width=width,
+        seed=0,
+    )
     report = {
-        "model": args.model, "weights_dtype": args.weights_dtype, "activations_dtype": args.activations_dtype,
-        "precision": args.precision, "attention": args.attention, "devices": [str(d) for d in jax.devices()],
+        "model": args.model,
+        "weights_dtype": args.weights_dtype,
+        "activations_dtype": args.activations_dtype,
+        "precision": args.precision,
+        "attention": args.attention,
+        "devices": [str(d) for d in jax.devices()],
         "mesh": dict(pipe.denoiser.mesh.shape) if pipe.denoiser.mesh is not None else None,
         **time_pipeline(pipe, request, args.repeat),
     }
@@ -531,15 +770,22 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "make-checkpoint": cmd_make_checkpoint, "serve": cmd_serve, "up": cmd_up, "health": cmd_health,
-            "top": cmd_top}
+COMMANDS = {
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "make-checkpoint": cmd_make_checkpoint,
+    "serve": cmd_serve,
+    "up": cmd_up,
+    "health": cmd_health,
+    "top": cmd_top,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # errors a user can fix; both modules are JAX-free, so the light client starts fast
-    from sdmesh.services.inputs.errors import InvalidRequest
     from sdmesh.services.checkpoints.weights import CheckpointError
+    from sdmesh.services.inputs.errors import InvalidRequest
 
     user_errors: tuple[type[BaseException], ...] = (UsageError, InvalidRequest, CheckpointError)
     try:

@@ -1,15 +1,16 @@
 """Python clients for the gateway: `Client` (blocking) and `AsyncClient` (asyncio). No JAX needed.
 
-    with Client("localhost:50051") as client:
-        result = client.generate("an astronaut riding a horse", seed=0)
-        result.images[0].save("astronaut.png")
+with Client("localhost:50051") as client:
+    result = client.generate("an astronaut riding a horse", seed=0)
+    result.images[0].save("astronaut.png")
 
-        for event in client.stream("a red fox", steps=30):
-            if isinstance(event, Progress):
-                print(f"{event.stage} {event.step}/{event.total_steps}")
-            else:
-                event.images[0].save("fox.png")
+    for event in client.stream("a red fox", steps=30):
+        if isinstance(event, Progress):
+            print(f"{event.stage} {event.step}/{event.total_steps}")
+        else:
+            event.images[0].save("fox.png")
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ class GatewayError(Exception):
         self.code, self.message = code, message
 
     @classmethod
-    def from_rpc(cls, e: grpc.RpcError) -> "GatewayError":
+    def from_rpc(cls, e: grpc.RpcError) -> GatewayError:
         return cls(e.code(), e.details() or "")
 
 
@@ -51,12 +52,26 @@ class GenerateResult:
     truncation_notes: list[str]  # one per prompt cut at the tokenizer's limit
 
 
-def generate_request(prompt: str, *, negative_prompt: str | None = None, num_images: int | None = None,
-                     steps: int | None = None, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
-                     height: int | None = None,
-                     width: int | None = None, seed: int | None = None, eta: float = 0.0, sampler: str | None = None,
-                     priority: int = 0, init_image: Any = None, mask_image: Any = None, strength: float | None = None,
-                     depth_map: Any = None, noise_level: int | None = None) -> gateway_pb2.GenerateRequest:
+def generate_request(
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    num_images: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    eta: float = 0.0,
+    sampler: str | None = None,
+    priority: int = 0,
+    init_image: Any = None,
+    mask_image: Any = None,
+    strength: float | None = None,
+    depth_map: Any = None,
+    noise_level: int | None = None,
+) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (None means the gateway's default: 1 image, 50 steps, guidance 7.5,
     the native size, a random seed, the checkpoint's own sampler).
 
@@ -64,9 +79,18 @@ def generate_request(prompt: str, *, negative_prompt: str | None = None, num_ima
     depth map array is sent as .npy.
     """
     request = gateway_pb2.GenerateRequest(
-        prompt=prompt, negative_prompt=negative_prompt or "", num_images=num_images or 0, num_inference_steps=steps or 0,
-        guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta,
-        sampler=sampler or "", priority=priority, init_image=image_bytes(init_image), mask_image=image_bytes(mask_image),
+        prompt=prompt,
+        negative_prompt=negative_prompt or "",
+        num_images=num_images or 0,
+        num_inference_steps=steps or 0,
+        guidance_rescale=guidance_rescale,
+        height=height or 0,
+        width=width or 0,
+        eta=eta,
+        sampler=sampler or "",
+        priority=priority,
+        init_image=image_bytes(init_image),
+        mask_image=image_bytes(mask_image),
         depth_map=image_bytes(depth_map),
     )
     if guidance_scale is not None:
@@ -124,19 +148,33 @@ class Client:
     options: extra gRPC channel options. timeout: the default per-call deadline in seconds (None: none).
     """
 
-    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None, timeout: float | None = None):
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+        timeout: float | None = None,
+    ):
         opts = _channel_options(options)
         self.address, self.timeout = address, timeout
-        self.channel = grpc.secure_channel(address, credentials, options=opts) if credentials else grpc.insecure_channel(address, options=opts)
+        self.channel = (
+            grpc.secure_channel(address, credentials, options=opts)
+            if credentials
+            else grpc.insecure_channel(address, options=opts)
+        )
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
-    def stream(self, prompt: str, *, timeout: float | None = None, **kwargs: Any) -> Iterator[Progress | GenerateResult]:
+    def stream(
+        self, prompt: str, *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[Progress | GenerateResult]:
         """Progress events as the stages report them, then the GenerateResult. Arguments as `generate`.
 
         Stopping the iteration early (or closing it) cancels the request on the gateway and its stages.
         """
-        call = self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout)
+        call = self.stub.Generate(
+            generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout
+        )
         try:
             for event in call:
                 yield event_from_proto(event)
@@ -156,14 +194,16 @@ class Client:
 
     def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:
         try:
-            return self.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout)
+            return self.stub.ModelInfo(
+                common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout
+            )
         except grpc.RpcError as e:
             raise GatewayError.from_rpc(e) from None
 
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -173,16 +213,29 @@ class Client:
 class AsyncClient:
     """`Client` on grpc.aio: the same methods, awaited (`stream` is an async iterator)."""
 
-    def __init__(self, address: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None, timeout: float | None = None):
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+        timeout: float | None = None,
+    ):
         opts = _channel_options(options)
         self.address, self.timeout = address, timeout
-        self.channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials
-                        else grpc.aio.insecure_channel(address, options=opts))
+        self.channel = (
+            grpc.aio.secure_channel(address, credentials, options=opts)
+            if credentials
+            else grpc.aio.insecure_channel(address, options=opts)
+        )
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
-    async def stream(self, prompt: str, *, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[Progress | GenerateResult]:
-        call = self.stub.Generate(generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout)
+    async def stream(
+        self, prompt: str, *, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[Progress | GenerateResult]:
+        call = self.stub.Generate(
+            generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout
+        )
         try:
             async for event in call:
                 yield event_from_proto(event)
@@ -200,14 +253,16 @@ class AsyncClient:
 
     async def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:
         try:
-            return await self.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout)
+            return await self.stub.ModelInfo(
+                common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout
+            )
         except grpc.RpcError as e:
             raise GatewayError.from_rpc(e) from None
 
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -12,6 +12,7 @@ on that port, the stages on the ports after it in order (0: free ports).
 Children run in their own session (a terminal's Ctrl-C reaches only `sdmesh up`, which then
 stops them in order) and, on Linux, get SIGTERM if `sdmesh up` itself dies: no orphans.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,11 @@ class Child:
 
     def describe_exit(self) -> str:
         code = self.process.returncode if self.process else None
-        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with status {code}"
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exited with status {code}"
+        )
         where = f"; its log: {self.log}" if self.log else ""
         return f"{self.name} ({self.address}, pid {self.process.pid if self.process else '?'}) {how}{where}"
 
@@ -84,18 +89,31 @@ class Stack:
     (0: free ports); None: none.
     """
 
-    def __init__(self, serve_args: list[str], *, host: str = "127.0.0.1", port: int = 50051, denoisers: int = 1,
-                 gateway_args: list[str] = (), log_dir: Path | None = None, metrics_base_port: int | None = None):
+    def __init__(
+        self,
+        serve_args: list[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        denoisers: int = 1,
+        gateway_args: list[str] = (),
+        log_dir: Path | None = None,
+        metrics_base_port: int | None = None,
+    ):
         if denoisers < 1:
             raise ValueError(f"denoisers must be at least 1, got {denoisers}")
         self.host, self.log_dir = host, log_dir
         names = ["encoder", *(f"denoiser-{i}" for i in range(denoisers)), "decoder"]
         metrics = self._metrics_ports(metrics_base_port, len(names) + 1)  # the gateway's first
-        self.children = [self._child(name, name.split("-")[0], free_port(host), serve_args, metrics[i + 1])
-                         for i, name in enumerate(names)]
+        self.children = [
+            self._child(name, name.split("-")[0], free_port(host), serve_args, metrics[i + 1])
+            for i, name in enumerate(names)
+        ]
         addresses = {stage: ",".join(c.address for c in self.children if c.service == stage) for stage in STAGES}
         routing = [a for stage in STAGES for a in (f"--{stage}", addresses[stage])]
-        self.children.append(self._child("gateway", "gateway", port or free_port(host), [*routing, *gateway_args], metrics[0]))
+        self.children.append(
+            self._child("gateway", "gateway", port or free_port(host), [*routing, *gateway_args], metrics[0])
+        )
         self._logs: list[TextIO] = []
 
     def _metrics_ports(self, base: int | None, n: int) -> list[int | None]:
@@ -104,7 +122,18 @@ class Stack:
         return [base + i for i in range(n)] if base else [free_port(self.host) for _ in range(n)]
 
     def _child(self, name: str, service: str, port: int, args: list[str], metrics_port: int | None = None) -> Child:
-        argv = [sys.executable, "-m", "sdmesh.client.cli", "serve", service, "--host", self.host, "--port", str(port), *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "sdmesh.client.cli",
+            "serve",
+            service,
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            *args,
+        ]
         metrics = None
         if metrics_port is not None:
             argv += ["--metrics-port", str(metrics_port)]
@@ -120,7 +149,7 @@ class Stack:
     def address(self) -> str:
         return self.gateway.address
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         env = dict(os.environ)
         # Several JAX processes may share one accelerator: none may take most of its memory up front.
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -133,8 +162,15 @@ class Stack:
             if child.log:
                 out = child.log.open("w")
                 self._logs.append(out)
-            child.process = subprocess.Popen(child.argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=on_parent_death)
+            child.process = subprocess.Popen(
+                child.argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=on_parent_death,
+            )
         return self
 
     def dead(self) -> list[Child]:
@@ -184,7 +220,7 @@ class Stack:
             log.close()
         self._logs.clear()
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -194,8 +230,22 @@ class Stack:
 def serve_args(args: argparse.Namespace) -> list[str]:
     """The `sdmesh serve` options every stage gets, from `sdmesh up`'s."""
     out = ["--model", str(args.model)]
-    for flag in ("revision", "variant", "unet_checkpoint", "weights_dtype", "activations_dtype", "precision", "attention",
-                 "jax_cache_dir", "shapes", "max_queue", "chunk_steps", "max_batch", "batch_wait_ms", "batching"):
+    for flag in (
+        "revision",
+        "variant",
+        "unet_checkpoint",
+        "weights_dtype",
+        "activations_dtype",
+        "precision",
+        "attention",
+        "jax_cache_dir",
+        "shapes",
+        "max_queue",
+        "chunk_steps",
+        "max_batch",
+        "batch_wait_ms",
+        "batching",
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             out += [f"--{flag.replace('_', '-')}", str(value)]
@@ -208,9 +258,15 @@ def main(args: argparse.Namespace) -> int:
     """`sdmesh up`: start, wait for SERVING, print the gateway address, run until Ctrl-C/SIGTERM or a stage is gone."""
     if args.max_queue is None:  # each stage can hold every request the gateway admits: none is refused downstream
         args.max_queue = args.max_inflight
-    stack = Stack(serve_args(args), host=args.host, port=args.port, denoisers=args.denoisers,
-                  gateway_args=["--max-inflight", str(args.max_inflight)], log_dir=args.log_dir,
-                  metrics_base_port=getattr(args, "metrics_base_port", None))
+    stack = Stack(
+        serve_args(args),
+        host=args.host,
+        port=args.port,
+        denoisers=args.denoisers,
+        gateway_args=["--max-inflight", str(args.max_inflight)],
+        log_dir=args.log_dir,
+        metrics_base_port=getattr(args, "metrics_base_port", None),
+    )
     # SIGTERM behaves as Ctrl-C: one path stops everything.
     signal.signal(signal.SIGTERM, _interrupt)
     reported: set[str] = set()
@@ -226,7 +282,10 @@ def main(args: argparse.Namespace) -> int:
             metrics = f"  metrics http://{c.metrics}/metrics" if c.metrics else ""
             print(f"  {c.name:<12} {c.address}  pid {c.process.pid}{metrics}", file=sys.stderr)
         if any(c.metrics for c in stack.children):
-            print(f"  live summary: sdmesh top {' '.join(c.metrics for c in stack.children if c.metrics)}", file=sys.stderr)
+            print(
+                f"  live summary: sdmesh top {' '.join(c.metrics for c in stack.children if c.metrics)}",
+                file=sys.stderr,
+            )
         print(stack.address, flush=True)
         print("serving; Ctrl-C stops the stack", file=sys.stderr)
         while True:
@@ -234,7 +293,9 @@ def main(args: argparse.Namespace) -> int:
                 if child.name not in reported:
                     reported.add(child.name)
                     print(f"sdmesh up: {child.describe_exit()}", file=sys.stderr)
-            lost = [s for s in (*STAGES, "gateway") if all(c.name in reported for c in stack.children if c.service == s)]
+            lost = [
+                s for s in (*STAGES, "gateway") if all(c.name in reported for c in stack.children if c.service == s)
+            ]
             if lost:
                 print(f"sdmesh up: no {', '.join(lost)} left; stopping the stack", file=sys.stderr)
                 return 1

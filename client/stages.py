@@ -11,6 +11,7 @@ Each client takes an address ("host:port") or a grpc.Channel. Failures are grpc.
 with the server's status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, …), left
 for the caller to judge: a gateway retries some on another replica.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,9 +22,16 @@ import grpc
 import numpy as np
 
 from sdmesh.client.client import Progress
+from sdmesh.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    text_encoder_pb2,
+    text_encoder_pb2_grpc,
+)
 from sdmesh.v1.tensors import from_proto, to_proto
-from sdmesh.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc
-from sdmesh.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 # The client trusts its servers: it accepts replies as large as they send (the server's limit is the one that binds).
 MAX_MESSAGE_BYTES = 1 << 30
@@ -45,8 +53,9 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
-def connect(address: str, *, credentials: grpc.ChannelCredentials | None = None,
-            max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+def connect(
+    address: str, *, credentials: grpc.ChannelCredentials | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> grpc.Channel:
     """A channel to `host:port`: TLS when credentials are given, else plaintext."""
     options = channel_options(max_message_bytes)
     if credentials is not None:
@@ -75,7 +84,9 @@ def wait_for_serving(target: str | grpc.Channel, timeout: float, service: str = 
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"{target if isinstance(target, str) else 'the server'} did not report SERVING within {timeout:g}s (last: {last})")
+            raise TimeoutError(
+                f"{target if isinstance(target, str) else 'the server'} did not report SERVING within {timeout:g}s (last: {last})"
+            )
         try:
             last = health_status(channel, service, timeout=min(left, 2.0))
             if last == "SERVING":
@@ -89,11 +100,21 @@ class TextEncoderClient:
     def __init__(self, target: str | grpc.Channel):
         self.stub = text_encoder_pb2_grpc.TextEncoderStub(_channel(target))
 
-    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] = (), unconditional: bool = False,
-               *, timeout: float | None = None) -> Encoded:
+    def encode(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] = (),
+        unconditional: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> Encoded:
         """Conditioning for the prompts, and with `unconditional` for the negatives ("" each when none are given)."""
-        reply = self.stub.Encode(text_encoder_pb2.EncodeRequest(
-            prompts=list(prompts), negative_prompts=list(negative_prompts), unconditional=unconditional), timeout=timeout)
+        reply = self.stub.Encode(
+            text_encoder_pb2.EncodeRequest(
+                prompts=list(prompts), negative_prompts=list(negative_prompts), unconditional=unconditional
+            ),
+            timeout=timeout,
+        )
         cond = from_proto(reply.cond, name="cond", dtype="float32", ndim=3)
         uncond = from_proto(reply.uncond, name="uncond", dtype="float32", ndim=3) if reply.HasField("uncond") else None
         truncations = [Truncation(t.prompt_index, t.removed_text, t.negative) for t in reply.truncated]
@@ -134,10 +155,24 @@ class DenoiserClient:
     def __init__(self, target: str | grpc.Channel):
         self.stub = denoiser_pb2_grpc.DenoiserStub(_channel(target))
 
-    def denoise(self, cond: np.ndarray, uncond: np.ndarray | None = None, *, seed: int | None = None,
-                latents: np.ndarray | None = None, steps: int, guidance_scale: float, guidance_rescale: float = 0.0,
-                eta: float = 0.0, height: int = 0, width: int = 0, noise_seed: int = 0, sampler: str | None = None,
-                priority: int = 0, timeout: float | None = None) -> DenoiseStream:
+    def denoise(
+        self,
+        cond: np.ndarray,
+        uncond: np.ndarray | None = None,
+        *,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        steps: int,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        height: int = 0,
+        width: int = 0,
+        noise_seed: int = 0,
+        sampler: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> DenoiseStream:
         """Start the sampling loop from `seed`'s noise or from `latents` (N, C, h, w); height/width 0: the default or the latents'.
 
         With a seed, the seed also seeds the η stream; with latents, `noise_seed` does.
@@ -145,9 +180,17 @@ class DenoiserClient:
         if (seed is None) == (latents is None):
             raise ValueError("give exactly one of seed and latents")
         request = denoiser_pb2.DenoiseRequest(
-            cond=to_proto(np.asarray(cond, np.float32)), num_inference_steps=steps, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, eta=eta, height=height, width=width, noise_seed=noise_seed,
-            sampler=sampler or "", priority=priority)
+            cond=to_proto(np.asarray(cond, np.float32)),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            height=height,
+            width=width,
+            noise_seed=noise_seed,
+            sampler=sampler or "",
+            priority=priority,
+        )
         if uncond is not None:
             request.uncond.CopyFrom(to_proto(np.asarray(uncond, np.float32)))
         if seed is not None:
@@ -166,7 +209,9 @@ class DecoderClient:
 
     def decode(self, latents: np.ndarray, *, timeout: float | None = None) -> np.ndarray:
         """Latents (N, C, h, w) float32 as the denoiser returns them → (N, H, W, 3) uint8 images."""
-        reply = self.stub.Decode(decoder_pb2.DecodeRequest(latents=to_proto(np.asarray(latents, np.float32))), timeout=timeout)
+        reply = self.stub.Decode(
+            decoder_pb2.DecodeRequest(latents=to_proto(np.asarray(latents, np.float32))), timeout=timeout
+        )
         return from_proto(reply.images, name="images", dtype="uint8", ndim=4)
 
     def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:

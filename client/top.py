@@ -11,6 +11,7 @@ scrape, or since the service started on the first one (and with --once). IMG/S i
 the last scrape. Light client only: the text exposition format is parsed here, with no
 prometheus_client.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,11 +107,15 @@ def scrape(address: str, timeout: float = 5.0) -> list[Sample]:
     except urllib.error.HTTPError as e:
         raise ScrapeError(f"{address}: {url} answered HTTP {e.code} {e.reason}: not a metrics endpoint") from None
     except urllib.error.URLError as e:
-        raise ScrapeError(f"{address}: cannot reach {url} ({e.reason}); is the service running with --metrics-port?") from None
+        raise ScrapeError(
+            f"{address}: cannot reach {url} ({e.reason}); is the service running with --metrics-port?"
+        ) from None
     except (http.client.HTTPException, ConnectionError, UnicodeDecodeError, TimeoutError) as e:
         # no message: a gRPC port answers HTTP/1.1 with HTTP/2 frames, and BadStatusLine would quote their bytes
-        raise ScrapeError(f"{address}: {url} did not answer as an HTTP metrics endpoint ({type(e).__name__}); "
-                          f"is this the service's gRPC port rather than its --metrics-port?") from None
+        raise ScrapeError(
+            f"{address}: {url} did not answer as an HTTP metrics endpoint ({type(e).__name__}); "
+            f"is this the service's gRPC port rather than its --metrics-port?"
+        ) from None
     try:
         samples = parse_exposition(text)
     except ValueError as e:
@@ -135,7 +140,11 @@ class Histogram:
 
     def minus(self, earlier: Histogram | None) -> Histogram:
         """The observations since `earlier` (a scrape of the same histogram); itself when there is none or it reset."""
-        if earlier is None or [le for le, _ in earlier.buckets] != [le for le, _ in self.buckets] or earlier.count > self.count:
+        if (
+            earlier is None
+            or [le for le, _ in earlier.buckets] != [le for le, _ in self.buckets]
+            or earlier.count > self.count
+        ):
             return self
         return Histogram(tuple((le, n - m) for (le, n), (_, m) in zip(self.buckets, earlier.buckets)))
 
@@ -180,16 +189,25 @@ def summarize(address: str, samples: Iterable[Sample]) -> list[StageSummary]:
         return next((s.value for s in of if s.name == name), None)
 
     def histogram(of: list[Sample], name: str) -> Histogram:
-        buckets = sorted((float(s.labels["le"]), s.value) for s in of if s.name == f"{name}_bucket" and "le" in s.labels)
+        buckets = sorted(
+            (float(s.labels["le"]), s.value) for s in of if s.name == f"{name}_bucket" and "le" in s.labels
+        )
         return Histogram(tuple(buckets))
 
-    return [StageSummary(address=address, stage=stage, queue_depth=value(of, "sdmesh_queue_depth"),
-                         # no batch yet (or never: the gateway): the gauge's 0 means nothing
-                         occupancy=value(of, "sdmesh_batch_occupancy") if value(of, "sdmesh_batch_size_count") else None,
-                         chunk=histogram(of, "sdmesh_chunk_seconds"), request=histogram(of, "sdmesh_request_seconds"),
-                         images=value(of, "sdmesh_images_served_total") or 0.0,
-                         errors={s.labels.get("code", "?"): s.value for s in of if s.name == "sdmesh_errors_total" and s.value})
-            for stage, of in by_stage.items()]
+    return [
+        StageSummary(
+            address=address,
+            stage=stage,
+            queue_depth=value(of, "sdmesh_queue_depth"),
+            # no batch yet (or never: the gateway): the gauge's 0 means nothing
+            occupancy=value(of, "sdmesh_batch_occupancy") if value(of, "sdmesh_batch_size_count") else None,
+            chunk=histogram(of, "sdmesh_chunk_seconds"),
+            request=histogram(of, "sdmesh_request_seconds"),
+            images=value(of, "sdmesh_images_served_total") or 0.0,
+            errors={s.labels.get("code", "?"): s.value for s in of if s.name == "sdmesh_errors_total" and s.value},
+        )
+        for stage, of in by_stage.items()
+    ]
 
 
 # --- the table ----------------------------------------------------------------------
@@ -215,15 +233,29 @@ def row(now: StageSummary, before: StageSummary | None, elapsed: float | None) -
     if before is not None and elapsed and now.images >= before.images:
         rate = (now.images - before.images) / elapsed
     errors = " ".join(f"{code}={n:.0f}" for code, n in sorted(now.errors.items())) or "-"
-    return [now.address, now.stage, number(now.queue_depth), number(now.occupancy, "{:.2f}"), seconds(chunk.quantile(0.5)),
-            seconds(request.quantile(0.5)), seconds(request.quantile(0.99)), number(now.images), number(rate, "{:.2f}"), errors]
+    return [
+        now.address,
+        now.stage,
+        number(now.queue_depth),
+        number(now.occupancy, "{:.2f}"),
+        seconds(chunk.quantile(0.5)),
+        seconds(request.quantile(0.5)),
+        seconds(request.quantile(0.99)),
+        number(now.images),
+        number(rate, "{:.2f}"),
+        errors,
+    ]
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
     right = {"QUEUE", "OCCUP", "CHUNK p50", "REQ p50", "REQ p99", "IMAGES", "IMG/S"}
-    lines = ["  ".join(cell.rjust(w) if COLUMNS[i] in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
-             for r in [COLUMNS, *rows]]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if COLUMNS[i] in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in [COLUMNS, *rows]
+    ]
     return "\n".join(lines)
 
 

@@ -69,7 +69,7 @@ class StableDiffusion:
         unet_checkpoint: str | None = None,
         allow_pickle: bool = False,
         options: RuntimeOptions = RuntimeOptions(),
-    ) -> "StableDiffusion":
+    ) -> StableDiffusion:
         if options.jax_cache_dir:
             enable_compilation_cache(options.jax_cache_dir)
         folder = checkpoint.resolve(model, revision=revision, variant=variant)
@@ -92,7 +92,9 @@ class StableDiffusion:
     def default_size(self) -> tuple[int, int]:
         """(height, width) from the UNet's sample_size, as diffusers' pipeline defaults them."""
         if self.facts.default_size is None:
-            raise InvalidRequest("this UNet's config names no sample_size, so there is no default size: give height and width")
+            raise InvalidRequest(
+                "this UNet's config names no sample_size, so there is no default size: give height and width"
+            )
         return self.facts.default_size
 
     def validate(self, request: GenerationRequest) -> Job:

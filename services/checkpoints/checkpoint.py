@@ -6,6 +6,7 @@ Layout (what `StableDiffusionPipeline.save_pretrained` writes and the Hub serves
   unet/{config.json, diffusion_pytorch_model[.variant].safetensors}, vae/… likewise;
   sometimes sharded (`*.safetensors.index.json`) or PyTorch pickles (`*.bin`) only.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,14 +47,16 @@ def resolve(model: str, *, revision: str | None = None, variant: str | None = No
             )
         return path
     if path.exists() or not _HUB_ID.match(model):
-        raise ModelNotFound(f"no model folder at {path}; check the path, or pass a Hub id such as stabilityai/stable-diffusion-2-1")
+        raise ModelNotFound(
+            f"no model folder at {path}; check the path, or pass a Hub id such as stabilityai/stable-diffusion-2-1"
+        )
     return _from_hub(model, revision=revision, variant=variant)
 
 
 def _from_hub(repo_id: str, *, revision: str | None, variant: str | None) -> Path:
     try:
-        from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hf_errors
+        from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - serve extra always has it
         raise ModelNotFound(f"{repo_id!r} is not a local folder and huggingface_hub is not installed") from e
     suffix = f".{variant}" if variant else ""
@@ -63,7 +66,8 @@ def _from_hub(repo_id: str, *, revision: str | None, variant: str | None) -> Pat
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.GatedRepoError) as e:
         raise ModelNotFound(
-            f"the Hugging Face Hub has no model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+            f"the Hugging Face Hub has no model {repo_id!r}"
+            + (f" at revision {revision!r}" if revision else "")
             + f" that this machine may read ({type(e).__name__}); check the id, or log in with `hf auth login` for gated models"
         ) from e
     except Exception as e:  # offline, no network, or not cached: all mean the same to the user
@@ -107,7 +111,11 @@ def weight_files(directory: Path, stem: str, *, variant: str | None = None, allo
     if not variant and any(".fp16." in n for n in present):
         hint = "; this folder has fp16 files: pass --variant fp16"
     elif variant:
-        hint = f"; drop --variant {variant} to load the default files" if (directory / f"{stem}.safetensors").is_file() else ""
+        hint = (
+            f"; drop --variant {variant} to load the default files"
+            if (directory / f"{stem}.safetensors").is_file()
+            else ""
+        )
     raise CheckpointError(f"no {stem}{v}.safetensors in {directory} (found: {', '.join(present) or 'nothing'}){hint}")
 
 

@@ -11,6 +11,7 @@ The mapping is mechanical (nanoGPT's `from_pretrained` shape):
 Tensors are converted one at a time (read, relayout, cast, place), so host memory
 peaks near one copy of the weights.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
@@ -120,13 +121,22 @@ def convert(
 
 # --- Reading tensors from disk ---------------------------------------------------
 
+
 # safetensors dtype names → numpy dtypes (bfloat16 via ml_dtypes, which JAX ships).
 def _safetensors_dtypes() -> dict[str, Any]:
     import ml_dtypes
 
     return {
-        "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+        "F64": np.float64,
+        "F32": np.float32,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
     }
 
 

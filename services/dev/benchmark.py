@@ -1,4 +1,5 @@
 """Steady-state timing of the in-process pipeline (what `sdmesh bench` and benchmarks/ report)."""
+
 from __future__ import annotations
 
 import resource
@@ -24,8 +25,12 @@ def time_pipeline(pipe: StableDiffusion, request: GenerationRequest, repeat: int
         return statistics.median(r[key] for r in runs)
 
     return {
-        "height": int(warm.images.shape[1]), "width": int(warm.images.shape[2]), "steps": request.steps,
-        "num_images": n, "repeat": repeat, "guidance_scale": request.guidance_scale,
+        "height": int(warm.images.shape[1]),
+        "width": int(warm.images.shape[2]),
+        "steps": request.steps,
+        "num_images": n,
+        "repeat": repeat,
+        "guidance_scale": request.guidance_scale,
         "compile_seconds": warm.timings["compile"],
         "first_run_seconds": warm.timings["total"],
         "seconds_per_image": median("total") / n,

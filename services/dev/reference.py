@@ -13,6 +13,7 @@ pipeline class so the folder layout (model_index.json, extra components) is the 
 estimator that sdmesh never runs: depth maps come with the request) and "tiny-sd2-upscale"
 (the x4 upscaler: 7-channel UNet with a noise-level table, 3-level VAE, a DDPM low_res_scheduler).
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,9 +24,16 @@ from typing import Any
 from sdmesh.services.inputs.tokenizer import write_tiny_vocab
 
 TINY_VAE = dict(
-    block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1, sample_size=16, scaling_factor=0.18215,
+    block_out_channels=(16, 32),
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    sample_size=16,
+    scaling_factor=0.18215,
 )
 
 # Tiny configs: every option SD uses, at toy widths. "sd2" is 2.1-shaped (v-prediction,
@@ -33,37 +41,75 @@ TINY_VAE = dict(
 TINY = {
     "sd2": {
         "unet": dict(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 64),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4, 4), use_linear_projection=True,
-            upcast_attention=True, norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=8,
         ),
         "vae": TINY_VAE,
         "text_encoder": dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=32,
         ),
         "scheduler": dict(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
-            set_alpha_to_one=False, prediction_type="v_prediction", timestep_spacing="leading",
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            prediction_type="v_prediction",
+            timestep_spacing="leading",
         ),
         "pad_token": "!",
     },
     "sd1": {
         "unet": dict(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4, use_linear_projection=False, norm_num_groups=8,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            use_linear_projection=False,
+            norm_num_groups=8,
         ),
         "vae": TINY_VAE,
         "text_encoder": dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=32,
         ),
         "scheduler": dict(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-            set_alpha_to_one=False, prediction_type="epsilon", skip_prk_steps=True,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            set_alpha_to_one=False,
+            prediction_type="epsilon",
+            skip_prk_steps=True,
         ),
         "pad_token": "<|endoftext|>",
         "scheduler_class": "PNDMScheduler",  # what SD 1.x checkpoints ship
@@ -76,24 +122,53 @@ TINY = {
 # 865.9M UNet, 340.4M text encoder (OpenCLIP ViT-H), 83.7M VAE parameters.
 FULL_SD2 = {
     "unet": dict(
-        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        sample_size=96,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-        upcast_attention=True, flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        norm_num_groups=32,
     ),
     "vae": dict(
-        block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, sample_size=768, scaling_factor=0.18215, norm_num_groups=32,
+        block_out_channels=(128, 256, 512, 512),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        sample_size=768,
+        scaling_factor=0.18215,
+        norm_num_groups=32,
     ),
     "text_encoder": dict(
-        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-        max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=512,
     ),
     "scheduler": dict(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
-        set_alpha_to_one=False, prediction_type="v_prediction", timestep_spacing="leading",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="v_prediction",
+        timestep_spacing="leading",
     ),
     "pad_token": "!",
 }
@@ -107,8 +182,13 @@ TINY["sd2-inpaint"] = {
     "pipeline": "inpaint",
     "unet": dict(_TINY_SD2_UNET, in_channels=9, upcast_attention=False),
     "scheduler": dict(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, set_alpha_to_one=False,
-        prediction_type="epsilon", skip_prk_steps=True,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        prediction_type="epsilon",
+        skip_prk_steps=True,
     ),
     "scheduler_class": "PNDMScheduler",
     "scheduler_json_extra": {"clip_sample": False},
@@ -121,12 +201,25 @@ TINY["sd2-depth"] = {
     "pipeline": "depth",
     "unet": dict(_TINY_SD2_UNET, in_channels=5, upcast_attention=False),
     "scheduler": dict(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
-        set_alpha_to_one=False, prediction_type="epsilon",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="epsilon",
     ),
     "depth_estimator": dict(
-        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32, patch_size=8,
-        neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, backbone_out_indices=[0, 1, 2, 3], head_hidden_size=8,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+        patch_size=8,
+        neck_hidden_sizes=[8, 8, 8, 8],
+        fusion_hidden_size=8,
+        backbone_out_indices=[0, 1, 2, 3],
+        head_hidden_size=8,
         is_hybrid=False,
     ),
 }
@@ -139,30 +232,56 @@ TINY["sd2-upscale"] = {
     **TINY["sd2"],
     "pipeline": "upscale",
     "unet": dict(
-        sample_size=16, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64),
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
-        cross_attention_dim=32, attention_head_dim=8, num_class_embeds=1000, only_cross_attention=(True, True, True, False),
-        use_linear_projection=True, norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        num_class_embeds=1000,
+        only_cross_attention=(True, True, True, False),
+        use_linear_projection=True,
+        norm_num_groups=8,
     ),
     "vae": dict(
-        TINY_VAE, block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, sample_size=64, scaling_factor=0.08333,
+        TINY_VAE,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=2,
+        sample_size=64,
+        scaling_factor=0.08333,
     ),
     "scheduler": dict(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
-        set_alpha_to_one=False, prediction_type="v_prediction",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="v_prediction",
     ),
     "low_res_scheduler": dict(
-        beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, clip_sample=False, num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        clip_sample=False,
+        num_train_timesteps=1000,
         variance_type="fixed_small",
     ),
     "max_noise_level": 350,
 }
 
 SPECS = {
-    "tiny-sd2": TINY["sd2"], "tiny-sd1": TINY["sd1"], "full-sd2": FULL_SD2,
-    "tiny-sd2-inpaint": TINY["sd2-inpaint"], "tiny-sd2-depth": TINY["sd2-depth"], "tiny-sd2-upscale": TINY["sd2-upscale"],
+    "tiny-sd2": TINY["sd2"],
+    "tiny-sd1": TINY["sd1"],
+    "full-sd2": FULL_SD2,
+    "tiny-sd2-inpaint": TINY["sd2-inpaint"],
+    "tiny-sd2-depth": TINY["sd2-depth"],
+    "tiny-sd2-upscale": TINY["sd2-upscale"],
 }
 
 
@@ -189,7 +308,9 @@ def build(directory: str | Path, spec: dict[str, Any], *, seed: int = 0, perturb
     torch.manual_seed(seed)
     te_config = dict(spec["text_encoder"])
     te_config.setdefault("vocab_size", len(tokenizer))
-    te_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    te_config.update(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
     unet = UNet2DConditionModel(**spec["unet"])
     vae = AutoencoderKL(**spec["vae"])
@@ -214,11 +335,13 @@ def _pipeline(spec: dict[str, Any], **components: Any) -> Any:
 
     kind = spec.get("pipeline", "text2img")
     if kind == "text2img":
-        return diffusers.StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)
+        return diffusers.StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     if kind == "inpaint":
-        return diffusers.StableDiffusionInpaintPipeline(**components, safety_checker=None, feature_extractor=None,
-                                                        requires_safety_checker=False)
+        return diffusers.StableDiffusionInpaintPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     if kind == "depth":
         from transformers import DPTConfig, DPTForDepthEstimation
 
@@ -228,12 +351,14 @@ def _pipeline(spec: dict[str, Any], **components: Any) -> Any:
             from transformers import DPTImageProcessor as processor
         size = spec["depth_estimator"]["image_size"]
         return diffusers.StableDiffusionDepth2ImgPipeline(
-            **components, depth_estimator=DPTForDepthEstimation(DPTConfig(**spec["depth_estimator"])).eval(),
+            **components,
+            depth_estimator=DPTForDepthEstimation(DPTConfig(**spec["depth_estimator"])).eval(),
             feature_extractor=processor(size={"height": size, "width": size}),
         )
     if kind == "upscale":
         return diffusers.StableDiffusionUpscalePipeline(
-            **components, low_res_scheduler=diffusers.DDPMScheduler(**spec["low_res_scheduler"]),
+            **components,
+            low_res_scheduler=diffusers.DDPMScheduler(**spec["low_res_scheduler"]),
             max_noise_level=spec["max_noise_level"],
         )
     raise ValueError(f"unknown pipeline kind {kind!r} in reference spec")

@@ -11,6 +11,7 @@ constant, so requests that differ in all of them share one batch (step-level con
 batching), and a slot's result does not depend on its neighbours: its noise
 comes from its own key, and nothing mixes samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,9 @@ from sdmesh.services.inputs.contract import MAX_STEPS
 from sdmesh.services.models import unet as un
 from sdmesh.services.samplers import table
 
-MAX_ROWS = MAX_STEPS + 1  # plans are padded to this many rows (PLMS evaluates steps + 1 times), so steps never recompile
+MAX_ROWS = (
+    MAX_STEPS + 1
+)  # plans are padded to this many rows (PLMS evaluates steps + 1 times), so steps never recompile
 
 
 class SlotInputs(NamedTuple):
@@ -76,8 +79,13 @@ def guided_output(
         return unet.apply({"params": params}, x.astype(dtype), t, cond, **kw).astype(jnp.float32)
     if class_labels is not None:
         kw = {"class_labels": jnp.concatenate([class_labels, class_labels])}
-    both = unet.apply({"params": params}, jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([t, t]),
-                      jnp.concatenate([uncond, cond]), **kw)
+    both = unet.apply(
+        {"params": params},
+        jnp.concatenate([x, x]).astype(dtype),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([uncond, cond]),
+        **kw,
+    )
     out_uncond, out_cond = jnp.split(both.astype(jnp.float32), 2)
     g = guidance_scale[:, None, None, None]
     out = out_uncond + g * (out_cond - out_uncond)
@@ -117,8 +125,18 @@ def denoise_chunk(
         row = jnp.take_along_axis(inputs.rows, i[:, None, None], axis=1)[:, 0]  # (B, K)
         c = lambda name: row[:, table.COL[name]][:, None, None, None]
         x_in = jnp.concatenate([c("c_in") * state.x, inputs.extra], axis=-1)
-        out = guided_output(unet, params, x_in, row[:, table.COL["t"]], inputs.cond, inputs.uncond if with_uncond else None,
-                            inputs.guidance, inputs.rescale, labels, inputs.guided)
+        out = guided_output(
+            unet,
+            params,
+            x_in,
+            row[:, table.COL["t"]],
+            inputs.cond,
+            inputs.uncond if with_uncond else None,
+            inputs.guidance,
+            inputs.rescale,
+            labels,
+            inputs.guided,
+        )
         keys = jax.random.wrap_key_data(inputs.keys)
         wants_noise = active & ((row[:, table.COL["next_noise"]] != 0) | (inputs.blend_mask.min(axis=(1, 2, 3)) < 1))
         noise = jax.lax.cond(
@@ -191,8 +209,12 @@ class RunningBatch:
     changes the state stays on the device.
     """
 
-    def __init__(self, run: Callable[..., tuple[table.SlotState, Cursor]], class_labels_shape: tuple[int, ...] | None,
-                 buckets: Sequence[int]):
+    def __init__(
+        self,
+        run: Callable[..., tuple[table.SlotState, Cursor]],
+        class_labels_shape: tuple[int, ...] | None,
+        buckets: Sequence[int],
+    ):
         self._run, self.class_labels_shape, self.buckets = run, class_labels_shape, tuple(buckets)
         self.slots: list[Slot] = []
         self._device: tuple[SlotInputs, table.SlotState] | None = None  # None: rebuild before the next chunk
@@ -239,8 +261,10 @@ class RunningBatch:
         if self._device is None:
             self._device = self._build()
         inputs, state = self._device
-        cursor = Cursor(jnp.asarray(self._column(lambda s: s.step), jnp.int32),
-                        jnp.asarray(self._column(lambda s: s.plan.evaluations), jnp.int32))
+        cursor = Cursor(
+            jnp.asarray(self._column(lambda s: s.step), jnp.int32),
+            jnp.asarray(self._column(lambda s: s.plan.evaluations), jnp.int32),
+        )
         state, cursor, compile_s = self._run(self.with_uncond, inputs, state, cursor, iterations)
         self._device = (inputs, state)
         for s in self.slots:
@@ -274,7 +298,7 @@ class RunningBatch:
         for s in slots:
             r = np.zeros((MAX_ROWS, len(table.COLUMNS)), np.float32)
             r[: s.plan.evaluations] = s.plan.rows
-            r[s.plan.evaluations:] = s.plan.rows[-1]  # never read (the slot is idle), but finite
+            r[s.plan.evaluations :] = s.plan.rows[-1]  # never read (the slot is idle), but finite
             rows.append(r)
         h, w, c = first.x.shape
         e = 0 if first.extra is None else first.extra.shape[-1]
@@ -291,10 +315,18 @@ class RunningBatch:
             threshold_max=stack([np.float32(s.plan.threshold_max) for s in slots]),
             keys=stack([np.asarray(s.key, np.uint32) for s in slots]),
             extra=stack([s.extra if s.extra is not None else np.zeros((h, w, e), np.float32) for s in slots]),
-            class_labels=stack([np.zeros((0,), np.float32) if label_shape is None else
-                                np.broadcast_to(np.asarray(s.class_label, np.float32), label_shape) for s in slots]),
-            blend_mask=np.stack([s.blend[0] if s.blend else np.ones((h, w, 1), np.float32) for s in slots]
-                                + [np.ones((h, w, 1), np.float32)] * pad).astype(np.float32),
+            class_labels=stack(
+                [
+                    np.zeros((0,), np.float32)
+                    if label_shape is None
+                    else np.broadcast_to(np.asarray(s.class_label, np.float32), label_shape)
+                    for s in slots
+                ]
+            ),
+            blend_mask=np.stack(
+                [s.blend[0] if s.blend else np.ones((h, w, 1), np.float32) for s in slots]
+                + [np.ones((h, w, 1), np.float32)] * pad
+            ).astype(np.float32),
             blend_latents=stack([s.blend[1] if s.blend else np.zeros((h, w, c), np.float32) for s in slots]),
             blend_noise=stack([s.blend[2] if s.blend else np.zeros((h, w, c), np.float32) for s in slots]),
         )
@@ -307,5 +339,6 @@ class RunningBatch:
 def _fresh_state(x: np.ndarray) -> table.SlotState:
     x = np.asarray(x, np.float32)
     z = np.zeros_like(x)
-    return table.SlotState(x, z, np.zeros((table.OUT_HISTORY,) + x.shape, np.float32),
-                           np.zeros((table.X0_HISTORY,) + x.shape, np.float32))
+    return table.SlotState(
+        x, z, np.zeros((table.OUT_HISTORY,) + x.shape, np.float32), np.zeros((table.X0_HISTORY,) + x.shape, np.float32)
+    )

@@ -30,6 +30,7 @@ re-join). A follower whose process 0 goes exits at once.
 The channel carries pickles (inputs and the program's function): it must be as private as
 the coordinator's address, which jax.distributed already trusts with the whole job.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,6 @@ import numpy as np
 from sdmesh.services.engine.errors import FollowerLost
 from sdmesh.services.inputs.errors import InvalidRequest
 
-
 log = logging.getLogger("sdmesh.distributed")
 
 HEARTBEAT_S = 0.5  # each side sends one this often, whatever else it is doing
@@ -62,8 +62,6 @@ CONNECT_TIMEOUT_S = 300.0  # followers load their weights before they connect; s
 LEADER_KEY = "sdmesh/leader-port"  # in jax.distributed's key-value store: where process 0 listens
 HEARTBEAT, COMPILE, CALL, STOP, HELLO = b"H", b"P", b"C", b"S", b"O"  # frame kinds
 _FRAME = struct.Struct("!cQ")  # kind, payload length
-
-
 
 
 # --- which processes: flags, then environment -----------------------------------------
@@ -95,8 +93,10 @@ def process_group(args: Any, environ: dict[str, str] | None = None) -> ProcessGr
     index = given("process_id", "JAX_PROCESS_ID", int)
     if address is None:
         if count not in (None, 1) or index not in (None, 0):
-            raise InvalidRequest("--num-processes/--process-id need --coordinator-address HOST:PORT (process 0's address "
-                                 "and a free port), or JAX_COORDINATOR_ADDRESS")
+            raise InvalidRequest(
+                "--num-processes/--process-id need --coordinator-address HOST:PORT (process 0's address "
+                "and a free port), or JAX_COORDINATOR_ADDRESS"
+            )
         return None
     if count is not None and index is not None and not 0 <= index < count:
         raise InvalidRequest(f"--process-id {index} must be from 0 to --num-processes − 1 = {count - 1}")
@@ -112,11 +112,16 @@ def initialize(group: ProcessGroup, heartbeat_timeout_s: int = 10) -> None:
     jax.config.update("jax_enable_preemption_service", False)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no other CPU collectives cross processes
     try:
-        jax.distributed.initialize(group.coordinator_address, group.num_processes, group.process_id,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+        jax.distributed.initialize(
+            group.coordinator_address,
+            group.num_processes,
+            group.process_id,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
     except (ValueError, TypeError) as e:  # jax's messages about missing or inconsistent numbers
-        raise InvalidRequest(f"cannot start a multi-process stage ({e}); give --coordinator-address, --num-processes "
-                             "and --process-id") from None
+        raise InvalidRequest(
+            f"cannot start a multi-process stage ({e}); give --coordinator-address, --num-processes and --process-id"
+        ) from None
 
 
 def is_multi_process() -> bool:
@@ -167,8 +172,9 @@ def host_inputs(args: Sequence[Any]) -> tuple:
     return tuple(jax.tree_util.tree_map(np.asarray, a) for a in args)
 
 
-def program_call(program: Callable, in_shardings: Any, lockstep: Leader | None, name: str, fn: Callable,
-                 batched: tuple[int, ...]) -> Callable:
+def program_call(
+    program: Callable, in_shardings: Any, lockstep: Leader | None, name: str, fn: Callable, batched: tuple[int, ...]
+) -> Callable:
     """The callable `Programs.get` returns on a multi-process mesh: run here, or (process 0) through `lockstep`."""
 
     def run(*args: Any) -> Any:
@@ -259,7 +265,9 @@ class Leader:
         """
         leader, expected = cls(on_lost), jax.process_count() - 1
         ipv6 = socket.has_dualstack_ipv6()  # the coordinator's address, which followers dial, may be either
-        listener = socket.create_server(("", 0), family=socket.AF_INET6 if ipv6 else socket.AF_INET, dualstack_ipv6=ipv6)
+        listener = socket.create_server(
+            ("", 0), family=socket.AF_INET6 if ipv6 else socket.AF_INET, dualstack_ipv6=ipv6
+        )
         listener.settimeout(timeout_s)
         # a follower proves it read the key-value store, so a stray connection never takes a follower's place
         token = secrets.token_hex(16)
@@ -278,8 +286,10 @@ class Leader:
                     continue
                 leader._peers.append(_Peer(int(process), sock, leader._stop, leader._gone))
         except TimeoutError:
-            raise FollowerLost(f"only {len(leader._peers)} of {expected} follower processes connected within "
-                               f"{timeout_s:.0f}s; start every process of the stage with the same --coordinator-address") from None
+            raise FollowerLost(
+                f"only {len(leader._peers)} of {expected} follower processes connected within "
+                f"{timeout_s:.0f}s; start every process of the stage with the same --coordinator-address"
+            ) from None
         finally:
             listener.close()
         log.warning("leading %d follower process(es)", expected)
@@ -315,14 +325,18 @@ class Leader:
                 return future.result(timeout=0.05)
             except TimeoutError:
                 if self._lost.is_set():  # the program may wait in a collective for the dead process for ever
-                    raise FollowerLost(f"{self._why} while program {name!r} ran; restart all of this stage's "
-                                       "processes (the devices may stay busy until then)") from None
+                    raise FollowerLost(
+                        f"{self._why} while program {name!r} ran; restart all of this stage's "
+                        "processes (the devices may stay busy until then)"
+                    ) from None
             except Exception as e:
                 # a collective whose peer was killed can also fail at once (gloo: "Connection reset by peer");
                 # the side channel sees the death at about the same moment, so give it a moment to say so
                 if self._lost.wait(LOSS_GRACE_S):
-                    raise FollowerLost(f"{self._why} while program {name!r} ran ({type(e).__name__}); restart all "
-                                       "of this stage's processes") from e
+                    raise FollowerLost(
+                        f"{self._why} while program {name!r} ran ({type(e).__name__}); restart all "
+                        "of this stage's processes"
+                    ) from e
                 raise
 
     def _send(self, kind: bytes, name: str, message: tuple) -> None:
@@ -331,8 +345,10 @@ class Leader:
         try:
             payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as e:
-            raise TypeError(f"program {name!r}: its function must pickle (a module-level function or a "
-                            f"functools.partial of one) to run on a multi-process stage: {e}") from e
+            raise TypeError(
+                f"program {name!r}: its function must pickle (a module-level function or a "
+                f"functools.partial of one) to run on a multi-process stage: {e}"
+            ) from e
         for peer in self._peers:
             try:
                 peer.send(kind, payload)
@@ -418,7 +434,9 @@ def initialize_from_args(args: Any) -> bool:
     if group is None:
         return False
     if sharding.mesh_config(args) is None:
-        raise InvalidRequest("a stage over several processes needs a mesh over all their devices: give "
-                             "--dcn-data-parallelism (the processes) and --ici-*-parallelism (each one's devices)")
+        raise InvalidRequest(
+            "a stage over several processes needs a mesh over all their devices: give "
+            "--dcn-data-parallelism (the processes) and --ici-*-parallelism (each one's devices)"
+        )
     initialize(group)
     return True

@@ -25,7 +25,9 @@ class Lockstep(Protocol):
 
     def compile(self, name: str, fn: Callable, batched: tuple[int, ...], args: Sequence[Any]) -> None: ...
 
-    def call(self, name: str, fn: Callable, batched: tuple[int, ...], run: Callable, params: Any, *args: Any) -> Any: ...
+    def call(
+        self, name: str, fn: Callable, batched: tuple[int, ...], run: Callable, params: Any, *args: Any
+    ) -> Any: ...
 
 
 class Programs:
@@ -50,7 +52,9 @@ class Programs:
         """(compiled `fn` for these shapes, seconds spent compiling it now: 0 when it was already compiled)."""
         # args[0] is the params, fixed for the stage's life: the other inputs' shapes are the key
         rest = args[1:]
-        key = (name, jax.tree_util.tree_structure(rest)) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(rest))
+        key = (name, jax.tree_util.tree_structure(rest)) + tuple(
+            (a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(rest)
+        )
         compile_s = 0.0
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -88,7 +92,10 @@ class Programs:
         mesh = self.mesh
         params = jax.tree_util.tree_map(lambda a: a.sharding, args[0])
         rest = tuple(
-            jax.tree_util.tree_map(lambda a, i=i: sharding.batch_sharding(mesh, a.shape) if i in batched else sharding.replicated(mesh), arg)
+            jax.tree_util.tree_map(
+                lambda a, i=i: sharding.batch_sharding(mesh, a.shape) if i in batched else sharding.replicated(mesh),
+                arg,
+            )
             for i, arg in enumerate(args[1:], start=1)
         )
         # every output is split by batch (the stages return per-sample arrays only)

@@ -9,6 +9,7 @@ axis does not divide is replicated instead, so every SD config runs on every mes
     params = shard_params(params, mesh)          # each leaf onto its shards
     x = jax.device_put(latents, batch_sharding(mesh, latents.shape))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +29,12 @@ DCN_FLAG = "--dcn-data-parallelism"
 
 # Logical axis → mesh axis (None: replicated). The one place that decides what is split where.
 RULES: dict[str, str | None] = {
-    "batch": "data",        # activations: each data-parallel group runs its own images
-    "embed": "fsdp",        # a kernel's input features: split for memory, gathered before use
-    "mlp": "tensor",        # a Dense kernel's output features
-    "conv_out": "tensor",   # a convolution's output channels
-    "vocab": None,          # token and position tables: looked up by index, kept whole
-    "norm": None,           # biases and norm scales: tiny, kept whole on every device
+    "batch": "data",  # activations: each data-parallel group runs its own images
+    "embed": "fsdp",  # a kernel's input features: split for memory, gathered before use
+    "mlp": "tensor",  # a Dense kernel's output features
+    "conv_out": "tensor",  # a convolution's output channels
+    "vocab": None,  # token and position tables: looked up by index, kept whole
+    "norm": None,  # biases and norm scales: tiny, kept whole on every device
 }
 
 
@@ -54,7 +55,9 @@ class MeshConfig:
     def __post_init__(self) -> None:
         sizes = self._ici()
         if not all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes) or sizes.count(-1) > 1:
-            raise InvalidRequest(f"{self._flags()}: each must be a positive integer or -1 (at most one -1), got {self._given()}")
+            raise InvalidRequest(
+                f"{self._flags()}: each must be a positive integer or -1 (at most one -1), got {self._given()}"
+            )
         if not isinstance(self.dcn_data, int) or self.dcn_data < 1:
             raise InvalidRequest(f"{DCN_FLAG} must be a positive integer, got {self.dcn_data!r}")
 
@@ -66,18 +69,26 @@ class MeshConfig:
         if device_count % self.dcn_data:
             raise InvalidRequest(f"{DCN_FLAG} {self.dcn_data} does not divide the {device_count} devices")
         group = device_count // self.dcn_data
-        where = f"this stage uses {group}" if self.dcn_data == 1 else f"each of the {self.dcn_data} {DCN_FLAG} groups has {group}"
+        where = (
+            f"this stage uses {group}"
+            if self.dcn_data == 1
+            else f"each of the {self.dcn_data} {DCN_FLAG} groups has {group}"
+        )
         fixed = math.prod(s for s in self._ici() if s != -1)
         sizes = {axis: getattr(self, axis) for axis in AXES}
         for axis, size in sizes.items():
             if size == -1:
                 if group % fixed:
-                    raise InvalidRequest(f"{self._flags()} = {self._given()}: the fixed sizes ({fixed}) do not divide "
-                                         f"the {group} devices, so -1 cannot fill the rest")
+                    raise InvalidRequest(
+                        f"{self._flags()} = {self._given()}: the fixed sizes ({fixed}) do not divide "
+                        f"the {group} devices, so -1 cannot fill the rest"
+                    )
                 sizes[axis] = group // fixed
         if math.prod(sizes.values()) != group:
-            raise InvalidRequest(f"{self._flags()} = {self._given()} make a mesh of {math.prod(sizes.values())} devices, "
-                                 f"but {where}; make their product {group} or set one to -1")
+            raise InvalidRequest(
+                f"{self._flags()} = {self._given()} make a mesh of {math.prod(sizes.values())} devices, "
+                f"but {where}; make their product {group} or set one to -1"
+            )
         sizes["data"] *= self.dcn_data
         return sizes
 
@@ -126,9 +137,11 @@ def dcn_order(devices: Sequence[Any], groups: int) -> list[Any]:
         by_process.setdefault(d.process_index, []).append(d)
     counts = {len(ds) for ds in by_process.values()}
     if len(by_process) % groups or len(counts) != 1:
-        raise InvalidRequest(f"{DCN_FLAG} {groups} must divide the processes into equal groups, but the stage has "
-                             f"{len(by_process)} process(es) with {sorted(counts)} devices each; start it on a multiple of "
-                             f"{groups} processes (--num-processes) or lower {DCN_FLAG}")
+        raise InvalidRequest(
+            f"{DCN_FLAG} {groups} must divide the processes into equal groups, but the stage has "
+            f"{len(by_process)} process(es) with {sorted(counts)} devices each; start it on a multiple of "
+            f"{groups} processes (--num-processes) or lower {DCN_FLAG}"
+        )
     return [d for ds in by_process.values() for d in ds]
 
 
@@ -160,7 +173,8 @@ def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     """The NamedSharding of each leaf of a params tree (arrays or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, a: NamedSharding(mesh, spec(mesh, logical_axes(_path_names(path), a.shape), a.shape)), params)
+        lambda path, a: NamedSharding(mesh, spec(mesh, logical_axes(_path_names(path), a.shape), a.shape)), params
+    )
 
 
 def place(mesh: Mesh) -> Any:

@@ -43,7 +43,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 PRECISIONS = ("default", "high", "highest")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
     weights_dtype: str = "float32"
@@ -73,7 +72,9 @@ def encode_text(encoder: te.CLIPTextEncoder, params: Any, ids: jax.Array) -> jax
 
 def decode(vae: va.AutoencoderKL, params: Any, latents: jax.Array) -> jax.Array:
     """Scaled latents (B, h, w, C) → uint8 images (B, H, W, 3), rounded as diffusers' postprocess does."""
-    images = vae.apply({"params": params}, va.unscale_latents(latents, vae.config).astype(vae.dtype), method=va.AutoencoderKL.decode)
+    images = vae.apply(
+        {"params": params}, va.unscale_latents(latents, vae.config).astype(vae.dtype), method=va.AutoencoderKL.decode
+    )
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return jnp.round(images * 255).astype(jnp.uint8)
 
@@ -119,20 +120,30 @@ def stage_mesh(options: RuntimeOptions) -> jax.sharding.Mesh | None:
     return None if options.mesh is None else sharding.make_mesh(options.mesh)
 
 
-def _unet_source(folder: Path, override: str | None, variant: str | None, allow_pickle: bool) -> tuple[dict, list[Path], str]:
+def _unet_source(
+    folder: Path, override: str | None, variant: str | None, allow_pickle: bool
+) -> tuple[dict, list[Path], str]:
     """(config, files, label) for the UNet, honouring --unet-checkpoint (a UNet folder or one .safetensors file)."""
     stem = checkpoint.WEIGHT_STEMS["unet"]
     if override is None:
-        return checkpoint.read_config(folder, "unet"), checkpoint.weight_files(folder / "unet", stem, variant=variant, allow_pickle=allow_pickle), f"{folder}/unet"
+        return (
+            checkpoint.read_config(folder, "unet"),
+            checkpoint.weight_files(folder / "unet", stem, variant=variant, allow_pickle=allow_pickle),
+            f"{folder}/unet",
+        )
     path = Path(override).expanduser()
     if path.is_dir():
         config = checkpoint.read_config(path.parent, path.name)
         return config, checkpoint.weight_files(path, stem, variant=variant, allow_pickle=allow_pickle), str(path)
     if path.is_file() and path.suffix in (".safetensors", ".bin"):
         if path.suffix == ".bin" and not allow_pickle:
-            raise CheckpointError(f"{path} is a PyTorch pickle; pass --allow-pickle to load it with torch.load(weights_only=True)")
+            raise CheckpointError(
+                f"{path} is a PyTorch pickle; pass --allow-pickle to load it with torch.load(weights_only=True)"
+            )
         return checkpoint.read_config(folder, "unet"), [path], str(path)
-    raise CheckpointError(f"--unet-checkpoint {override}: expected a UNet folder (config.json + weights) or a .safetensors file")
+    raise CheckpointError(
+        f"--unet-checkpoint {override}: expected a UNet folder (config.json + weights) or a .safetensors file"
+    )
 
 
 def fix_old_scheduler_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -168,11 +179,19 @@ class TextEncoderStage:
         self._encode = functools.partial(encode_text, encoder)
 
     @classmethod
-    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "TextEncoderStage":
+    def load(
+        cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()
+    ) -> TextEncoderStage:
         config = te.TextEncoderConfig.from_json(checkpoint.read_config(folder, "text_encoder"))
         encoder = te.CLIPTextEncoder(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
-        params = load_params(load.files(folder, "text_encoder"), te.init_shapes(config), dtype=DTYPES[options.weights_dtype],
-                             fix_key=te.fix_checkpoint_key, source=f"{folder}/text_encoder", mesh=stage_mesh(options))
+        params = load_params(
+            load.files(folder, "text_encoder"),
+            te.init_shapes(config),
+            dtype=DTYPES[options.weights_dtype],
+            fix_key=te.fix_checkpoint_key,
+            source=f"{folder}/text_encoder",
+            mesh=stage_mesh(options),
+        )
         return cls(load_tokenizer(folder / "tokenizer"), encoder, params, options)
 
     @property
@@ -195,7 +214,9 @@ class DenoiserStage:
     guidance value and request mix. `run_slots(...)` runs slots alone, the one-request path.
     """
 
-    def __init__(self, unet: un.UNet2DConditionModel, scheduler_json: dict[str, Any], params: Any, options: RuntimeOptions):
+    def __init__(
+        self, unet: un.UNet2DConditionModel, scheduler_json: dict[str, Any], params: Any, options: RuntimeOptions
+    ):
         self.unet, self.scheduler_json, self.options = unet, scheduler_json, options
         # the training noise schedule's facts (prediction type, timestep range); samplers build their plans from it
         self.noise_schedule = ddim.DDIMConfig.from_json(scheduler_json)
@@ -214,17 +235,28 @@ class DenoiserStage:
         return contract.model_kind(c.in_channels, c.out_channels, c.class_labels_shape is not None)
 
     @classmethod
-    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DenoiserStage":
+    def load(
+        cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()
+    ) -> DenoiserStage:
         unet_json, files, label = _unet_source(folder, load.unet_checkpoint, load.variant, load.allow_pickle)
         config = un.UNetConfig.from_json(unet_json)
-        unet = un.UNet2DConditionModel(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
-        params = load_params(files, un.init_shapes(config), dtype=DTYPES[options.weights_dtype],
-                             fix_key=un.fix_checkpoint_key, source=label, mesh=stage_mesh(options))
+        unet = un.UNet2DConditionModel(
+            config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention
+        )
+        params = load_params(
+            files,
+            un.init_shapes(config),
+            dtype=DTYPES[options.weights_dtype],
+            fix_key=un.fix_checkpoint_key,
+            source=label,
+            mesh=stage_mesh(options),
+        )
         scheduler_json = fix_old_scheduler_config(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
         stage = cls(unet, scheduler_json, params, options)
         if is_upscaler(folder):
             stage.low_res_alphas = conditioning.low_res_alphas_cumprod(
-                checkpoint.read_config(folder, "low_res_scheduler", "scheduler_config.json"))
+                checkpoint.read_config(folder, "low_res_scheduler", "scheduler_config.json")
+            )
             stage.max_noise_level = int(model_index(folder).get("max_noise_level", contract.DEFAULT_MAX_NOISE_LEVEL))
         return stage
 
@@ -251,11 +283,18 @@ class DenoiserStage:
         sample = c.sample_size
         size = None if sample is None else ((sample, sample) if isinstance(sample, int) else tuple(sample))
         return ModelFacts(
-            kind=self.kind, vae_scale_factor=vae_scale_factor, latent_channels=self.latent_channels,
+            kind=self.kind,
+            vae_scale_factor=vae_scale_factor,
+            latent_channels=self.latent_channels,
             default_size=None if size is None else (size[0] * vae_scale_factor, size[1] * vae_scale_factor),
-            max_steps=self.max_steps, samplers=self.samplers, default_sampler=self.default_sampler,
-            hidden_size=c.context_dim, max_length=max_length, prediction_type=self.noise_schedule.prediction_type,
-            extra_channels=c.in_channels - self.latent_channels, class_labels_shape=c.class_labels_shape,
+            max_steps=self.max_steps,
+            samplers=self.samplers,
+            default_sampler=self.default_sampler,
+            hidden_size=c.context_dim,
+            max_length=max_length,
+            prediction_type=self.noise_schedule.prediction_type,
+            extra_channels=c.in_channels - self.latent_channels,
+            class_labels_shape=c.class_labels_shape,
             max_noise_level=self.max_noise_level,
         )
 
@@ -279,8 +318,9 @@ class DenoiserStage:
         first = 0 if job.init_latents is None else conditioning.img2img_start(job.steps, job.strength)[0]
         self.plan(job.steps, sampler=job.sampler, eta=job.eta, first=first)
 
-    def job_slots(self, job: DenoiseJob, facts: ModelFacts, *, owner: Any = None,
-                  low_res_noise: np.ndarray | None = None) -> list[dn.Slot]:
+    def job_slots(
+        self, job: DenoiseJob, facts: ModelFacts, *, owner: Any = None, low_res_noise: np.ndarray | None = None
+    ) -> list[dn.Slot]:
         """One slot per image of a checked call: the initial noise drawn from its seed unless given, and the
         x4 upscaler's low-res image noised to its level (from the seed, or `low_res_noise`)."""
         noise = job.latents
@@ -292,9 +332,20 @@ class DenoiserStage:
             level = int(job.class_labels.reshape(-1)[0])
             extra = modes.noise_low_res(extra, level, job.seed, self.low_res_alphas, low_res_noise)
         return self.slots(
-            noise, job.cond, job.uncond, steps=job.steps, guidance_scale=job.guidance_scale,
-            guidance_rescale=job.guidance_rescale, eta=job.eta, seed=job.seed, sampler=job.sampler, owner=owner,
-            init_latents=job.init_latents, strength=job.strength, extra=extra, class_labels=job.class_labels,
+            noise,
+            job.cond,
+            job.uncond,
+            steps=job.steps,
+            guidance_scale=job.guidance_scale,
+            guidance_rescale=job.guidance_rescale,
+            eta=job.eta,
+            seed=job.seed,
+            sampler=job.sampler,
+            owner=owner,
+            init_latents=job.init_latents,
+            strength=job.strength,
+            extra=extra,
+            class_labels=job.class_labels,
             blend_mask=job.blend_mask,
         )
 
@@ -347,11 +398,20 @@ class DenoiserStage:
 
         steps_run = min(steps - first, plan.evaluations)
         return [
-            dn.Slot(plan=plan, x=start(k), cond=cond[k], uncond=None if uncond is None else uncond[k],
-                    guidance=float(guidance_scale), rescale=float(guidance_rescale), key=keys[k], owner=owner,
-                    extra=row(extra, k), class_label=row(class_labels, k),
-                    blend=None if blend_mask is None else (row(blend_mask, k), init_latents[k], noise[k]),
-                    steps=steps_run)
+            dn.Slot(
+                plan=plan,
+                x=start(k),
+                cond=cond[k],
+                uncond=None if uncond is None else uncond[k],
+                guidance=float(guidance_scale),
+                rescale=float(guidance_rescale),
+                key=keys[k],
+                owner=owner,
+                extra=row(extra, k),
+                class_label=row(class_labels, k),
+                blend=None if blend_mask is None else (row(blend_mask, k), init_latents[k], noise[k]),
+                steps=steps_run,
+            )
             for k in range(noise.shape[0])
         ]
 
@@ -359,8 +419,9 @@ class DenoiserStage:
         """An empty running batch compiled at these batch sizes (a batch of n slots runs at the smallest ≥ n)."""
         return dn.RunningBatch(self._run_chunk, self.unet.config.class_labels_shape, buckets)
 
-    def _run_chunk(self, with_uncond: bool, inputs: dn.SlotInputs, state: table.SlotState, cursor: dn.Cursor,
-                   iterations: int) -> tuple[table.SlotState, dn.Cursor, float]:
+    def _run_chunk(
+        self, with_uncond: bool, inputs: dn.SlotInputs, state: table.SlotState, cursor: dn.Cursor, iterations: int
+    ) -> tuple[table.SlotState, dn.Cursor, float]:
         fn = functools.partial(dn.denoise_chunk, self.unet, with_uncond)
         name = "denoise" if with_uncond else "denoise-unguided"
         n = jnp.int32(iterations)
@@ -369,12 +430,15 @@ class DenoiserStage:
         jax.block_until_ready(state)
         return state, cursor, compile_s
 
-    def run(self, latents: Any, cond: Any, uncond: Any | None, *, chunk: int | None = None,
-            **options: Any) -> Iterator[tuple[int, np.ndarray | None, float]]:
+    def run(
+        self, latents: Any, cond: Any, uncond: Any | None, *, chunk: int | None = None, **options: Any
+    ) -> Iterator[tuple[int, np.ndarray | None, float]]:
         """`run_slots` over `slots(latents, cond, uncond, **options)`: one request's arrays alone."""
         return self.run_slots(self.slots(latents, cond, uncond, **options), chunk=chunk)
 
-    def run_slots(self, slots: list[dn.Slot], *, chunk: int | None = None) -> Iterator[tuple[int, np.ndarray | None, float]]:
+    def run_slots(
+        self, slots: list[dn.Slot], *, chunk: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray | None, float]]:
         """Slots alone: yield (steps done, latents, compile seconds) after each chunk of `chunk` steps.
 
         Latents (N, h, w, C) come with the last chunk (None before). A caller that stops
@@ -411,15 +475,23 @@ class DecoderStage:
         self._encode_image = functools.partial(va.encode_image, vae)
 
     @classmethod
-    def load(cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()) -> "DecoderStage":
+    def load(
+        cls, folder: Path, options: RuntimeOptions = RuntimeOptions(), load: LoadOptions = LoadOptions()
+    ) -> DecoderStage:
         vae_json = checkpoint.read_config(folder, "vae")
         if is_upscaler(folder):
             vae_json = conditioning.fix_upscaler_vae_config(vae_json)  # as StableDiffusionUpscalePipeline.__init__ does
         config = va.VAEConfig.from_json(vae_json)
         vae = va.AutoencoderKL(config, dtype=DTYPES[options.activations_dtype], attention_impl=options.attention)
-        params = load_params(load.files(folder, "vae"), va.init_shapes(config), dtype=DTYPES[options.weights_dtype],
-                             fix_key=va.fix_checkpoint_key, fix_tensor=va.fix_checkpoint_tensor, source=f"{folder}/vae",
-                             mesh=stage_mesh(options))
+        params = load_params(
+            load.files(folder, "vae"),
+            va.init_shapes(config),
+            dtype=DTYPES[options.weights_dtype],
+            fix_key=va.fix_checkpoint_key,
+            fix_tensor=va.fix_checkpoint_tensor,
+            source=f"{folder}/vae",
+            mesh=stage_mesh(options),
+        )
         return cls(vae, params, options)
 
     @property
@@ -431,8 +503,9 @@ class DecoderStage:
         program, compile_s = self.programs.get("decode", self._decode, self.params, latents, batched=(1,))
         return np.asarray(program(self.params, latents)), compile_s
 
-    def encode_image(self, images: Any, *, seed: int | None = None, stream: int = 0,
-                     noise: Any | None = None) -> tuple[np.ndarray, float]:
+    def encode_image(
+        self, images: Any, *, seed: int | None = None, stream: int = 0, noise: Any | None = None
+    ) -> tuple[np.ndarray, float]:
         """Images (N, H, W, 3) float32 in [-1, 1] → (scaled latents (N, h, w, C), compile seconds).
 
         The posterior sample's noise comes from `stream` of `seed` (None: the posterior mean), or is given.
@@ -441,9 +514,13 @@ class DecoderStage:
         if noise is None and seed is not None:
             f, c = self.scale_factor, self.vae.config.latent_channels
             shape = (images.shape[0], images.shape[1] // f, images.shape[2] // f, c)
-            noise = jax.random.normal(jax.random.fold_in(jax.random.fold_in(seed_key(seed), 3), stream), shape, jnp.float32)
+            noise = jax.random.normal(
+                jax.random.fold_in(jax.random.fold_in(seed_key(seed), 3), stream), shape, jnp.float32
+            )
         args = (self.params, images) if noise is None else (self.params, images, jnp.asarray(noise, jnp.float32))
-        program, compile_s = self.programs.get("encode-image", self._encode_image, *args, batched=tuple(range(1, len(args))))
+        program, compile_s = self.programs.get(
+            "encode-image", self._encode_image, *args, batched=tuple(range(1, len(args)))
+        )
         return np.asarray(program(*args)), compile_s
 
 

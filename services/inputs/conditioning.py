@@ -21,6 +21,7 @@ Everything here is numpy (the JAX-free gateway prepares requests with it). The l
 (services/denoise.py) does the concatenation and the blend generically, per slot; the
 in-loop functions here state what it must equal and are what the parity tests check.
 """
+
 from __future__ import annotations
 
 import math

@@ -114,7 +114,9 @@ class GenerationRequest:
     sampler: str | None = None  # None: the checkpoint's own
     priority: int = 0  # higher joins the denoiser's running batch first
     # Image-conditioned generation (which checkpoint takes what: see `validate`):
-    init_image: np.ndarray | None = None  # (H, W, 3) uint8 RGB: img2img, inpainting, depth; the upscaler's low-res image
+    init_image: np.ndarray | None = (
+        None  # (H, W, 3) uint8 RGB: img2img, inpainting, depth; the upscaler's low-res image
+    )
     mask_image: np.ndarray | None = None  # (H, W) uint8: inpainting, white repaints
     strength: float | None = None  # with init_image, (0, 1]; None: DEFAULT_STRENGTH of the mode
     depth_map: np.ndarray | None = None  # (H, W) float: depth checkpoints
@@ -272,7 +274,11 @@ def check_strength(strength: Any, steps: int) -> float:
 
 
 def check_noise_level(noise_level: Any, maximum: int) -> int:
-    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or not 0 <= noise_level <= maximum:
+    if (
+        isinstance(noise_level, bool)
+        or not isinstance(noise_level, (int, np.integer))
+        or not 0 <= noise_level <= maximum
+    ):
         raise InvalidRequest(
             f"noise_level must be an integer from 0 to {maximum} (this checkpoint's max_noise_level), got {noise_level!r}"
         )
@@ -367,9 +373,14 @@ def _mode(request: GenerationRequest, facts: ModelFacts, steps: int) -> dict[str
             raise InvalidRequest(
                 f"init_image is {w}×{h}: upscaled {UPSCALE_FACTOR}× it would pass {MAX_SIDE} pixels; send a smaller one"
             )
-        for name, asked, got in (("height", request.height, h * UPSCALE_FACTOR), ("width", request.width, w * UPSCALE_FACTOR)):
+        for name, asked, got in (
+            ("height", request.height, h * UPSCALE_FACTOR),
+            ("width", request.width, w * UPSCALE_FACTOR),
+        ):
             if asked and asked != got:
-                raise InvalidRequest(f"{name} {asked} disagrees with the upscaled init_image's {got}; drop it or send {got}")
+                raise InvalidRequest(
+                    f"{name} {asked} disagrees with the upscaled init_image's {got}; drop it or send {got}"
+                )
         return dict(mode="upscaling", height=h * UPSCALE_FACTOR, width=w * UPSCALE_FACTOR, latent_size=(h, w),
                     noise_level=level)  # fmt: skip
     if request.noise_level is not None:
@@ -379,7 +390,9 @@ def _mode(request: GenerationRequest, facts: ModelFacts, steps: int) -> dict[str
             if value is not None:
                 raise InvalidRequest(f"{name} needs an init image (img2img/inpainting); give init_image too or drop it")
         if (request.height is None or request.width is None) and facts.default_size is None:
-            raise InvalidRequest("this model has no native size (its UNet config names no sample_size): give height and width")
+            raise InvalidRequest(
+                "this model has no native size (its UNet config names no sample_size): give height and width"
+            )
         native = facts.default_size or (0, 0)  # unused when None: both sides were given
         height = native[0] if request.height is None else request.height
         width = native[1] if request.width is None else request.width
@@ -387,12 +400,16 @@ def _mode(request: GenerationRequest, facts: ModelFacts, steps: int) -> dict[str
         return dict(mode="text-to-image", height=int(height), width=int(width), latent_size=(height // f, width // f))
     if image is None:
         inputs = "init_image and mask_image" if kind == "inpainting" else "init_image and depth_map"
-        raise InvalidRequest(f"this is {'an inpainting' if kind == 'inpainting' else 'a depth'} checkpoint: give {inputs}")
+        raise InvalidRequest(
+            f"this is {'an inpainting' if kind == 'inpainting' else 'a depth'} checkpoint: give {inputs}"
+        )
     h, w = image.shape[:2]
     check_size(h, w, multiple=f, what="init_image")
     for name, asked, got in (("height", request.height, h), ("width", request.width, w)):
         if asked and asked != got:
-            raise InvalidRequest(f"{name} {asked} disagrees with init_image's {got}; the output has the init image's size")
+            raise InvalidRequest(
+                f"{name} {asked} disagrees with init_image's {got}; the output has the init image's size"
+            )
     if kind == "depth" and depth is None:
         raise InvalidRequest("this is a depth checkpoint: give depth_map (a grayscale PNG or .npy), with init_image")
     if kind != "depth" and depth is not None:
@@ -417,7 +434,9 @@ def check_denoise_job(job: DenoiseJob, facts: ModelFacts) -> None:
     """Check a denoiser call's arrays and numbers against the model; raises InvalidRequest saying what to fix."""
     n, f, c, e = job.images, facts.vae_scale_factor, facts.latent_channels, facts.extra_channels
     if job.cond.ndim != 3 or not 1 <= n <= MAX_IMAGES:
-        raise InvalidRequest(f"cond has shape {list(job.cond.shape)}: one row per image; give 1 to {MAX_IMAGES} rows (N, L, D)")
+        raise InvalidRequest(
+            f"cond has shape {list(job.cond.shape)}: one row per image; give 1 to {MAX_IMAGES} rows (N, L, D)"
+        )
     length, dim = job.cond.shape[1:]
     if dim != facts.hidden_size or not 1 <= length <= MAX_CONTEXT_LENGTH:
         raise InvalidRequest(
@@ -448,7 +467,9 @@ def check_denoise_job(job: DenoiseJob, facts: ModelFacts) -> None:
     def rows(name: str, array: np.ndarray, channels: int, what: str) -> None:
         want = (n, *latent, channels)
         if array.shape != want:
-            raise InvalidRequest(f"{name} has shape {_nchw(array.shape)}; this request needs NCHW {_nchw(want)} ({what})")
+            raise InvalidRequest(
+                f"{name} has shape {_nchw(array.shape)}; this request needs NCHW {_nchw(want)} ({what})"
+            )
         check_finite(name, array)
 
     if job.init_latents is not None:

@@ -12,6 +12,7 @@ exactly the arrays diffusers' pipelines feed their models, NHWC instead of NCHW:
 
 Everything a caller can get wrong raises `InvalidRequest` naming the problem and the fix.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,12 @@ from sdmesh.services.inputs.errors import InvalidRequest
 FORMATS = ("PNG", "JPEG")
 _NPY_MAGIC = b"\x93NUMPY"
 # VaeImageProcessor's `resample` names → PIL filters (diffusers' PIL_INTERPOLATION).
-RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
-            "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+RESAMPLE = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 # --------------------------------------------------------------------------- decoding
@@ -40,7 +45,9 @@ def _open(data: bytes, what: str, max_side: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
     except UnidentifiedImageError:
-        raise InvalidRequest(f"{what} is not a PNG or JPEG file; convert it to PNG (lossless) and send its bytes") from None
+        raise InvalidRequest(
+            f"{what} is not a PNG or JPEG file; convert it to PNG (lossless) and send its bytes"
+        ) from None
     w, h = image.size
     if max(w, h) > max_side:
         raise InvalidRequest(f"{what} is {w}×{h}; the largest side allowed is {max_side}: downscale it first")
@@ -70,11 +77,16 @@ def decode_image(data: bytes, *, what: str = "image", max_side: int = MAX_SIDE) 
     Grayscale and palette images become RGB (unambiguous); an alpha channel is dropped when
     every pixel is opaque and refused otherwise; 16-bit/float grayscale and CMYK are refused.
     """
-    image = _opaque(_open(data, what, max_side), what,
-                    "flatten it onto a background (e.g. PIL's Image.convert('RGB')) and send an RGB image; "
-                    "for inpainting, send the area to repaint as a separate mask")
+    image = _opaque(
+        _open(data, what, max_side),
+        what,
+        "flatten it onto a background (e.g. PIL's Image.convert('RGB')) and send an RGB image; "
+        "for inpainting, send the area to repaint as a separate mask",
+    )
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        raise InvalidRequest(f"{what} is a {image.mode} (16-bit or float) grayscale image; send an 8-bit RGB or grayscale image")
+        raise InvalidRequest(
+            f"{what} is a {image.mode} (16-bit or float) grayscale image; send an 8-bit RGB or grayscale image"
+        )
     if image.mode not in ("RGB", "L", "1"):
         raise InvalidRequest(f"{what} has mode {image.mode}; convert it to RGB (e.g. PIL's Image.convert('RGB')) first")
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -86,10 +98,15 @@ def decode_mask(data: bytes, *, what: str = "mask", max_side: int = MAX_SIDE) ->
     RGB masks are reduced to luminance exactly as diffusers' mask processor does (PIL's
     convert("L"), ITU-R 601-2). Transparency is refused: it is not how diffusers reads a mask.
     """
-    image = _opaque(_open(data, what, max_side), what,
-                    "masks are read by brightness, not alpha: send a black-and-white image, white where to repaint")
+    image = _opaque(
+        _open(data, what, max_side),
+        what,
+        "masks are read by brightness, not alpha: send a black-and-white image, white where to repaint",
+    )
     if image.mode not in ("L", "RGB", "1"):
-        raise InvalidRequest(f"{what} has mode {image.mode}; send an 8-bit grayscale PNG, white where to repaint, black elsewhere")
+        raise InvalidRequest(
+            f"{what} has mode {image.mode}; send an 8-bit grayscale PNG, white where to repaint, black elsewhere"
+        )
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
@@ -107,7 +124,9 @@ def decode_depth(data: bytes, *, what: str = "depth map", max_side: int = MAX_SI
         if image.mode in ("RGB", "RGBA"):
             rgb = np.asarray(image.convert("RGB"))
             if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-                raise InvalidRequest(f"{what} is a color image; send depth as one channel: a grayscale PNG or a .npy array")
+                raise InvalidRequest(
+                    f"{what} is a color image; send depth as one channel: a grayscale PNG or a .npy array"
+                )
             depth = rgb[..., 0]
         elif image.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
             depth = np.asarray(image)

@@ -79,7 +79,9 @@ def starts_from_pure_noise(kind: str, blend_mask: np.ndarray | None, strength: f
     return (blend_mask is not None or kind == "inpainting") and strength >= 1.0
 
 
-def noise_low_res(low: np.ndarray, level: int, seed: int, alphas: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
+def noise_low_res(
+    low: np.ndarray, level: int, seed: int, alphas: np.ndarray, given: np.ndarray | None = None
+) -> np.ndarray:
     """The x4 upscaler's low-res images (N, h, w, 3) noised to `level` (its low_res_scheduler.add_noise).
 
     The noise is numpy from the seed, one draw shared by the N rows (the pipeline draws once per input

@@ -7,6 +7,7 @@ the text each prompt lost to truncation. No JAX here.
 `write_tiny_vocab` writes a small but real CLIP BPE tokenizer, so tests and the
 demo model can build checkpoints without network access.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,9 +56,7 @@ class PromptTokenizer:
         if not prompts:
             return TokenizedPrompts(np.zeros((0, self.max_length), np.int32), (), ())
         # The ids the model sees: diffusers' StableDiffusionPipeline call, verbatim.
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True
-        )["input_ids"]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True)["input_ids"]
         input_ids = np.asarray(ids, dtype=np.int32)
         # What was cut off, as diffusers reports it: tokenize without truncation and
         # decode what lies between the kept tokens (the last kept one is the EOS at
@@ -65,8 +64,7 @@ class PromptTokenizer:
         full = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
         truncated = tuple(len(row) > self.max_length for row in full)
         removed = tuple(
-            self.tokenizer.decode(row[self.max_length - 1 : -1]) if cut else ""
-            for row, cut in zip(full, truncated)
+            self.tokenizer.decode(row[self.max_length - 1 : -1]) if cut else "" for row, cut in zip(full, truncated)
         )
         return TokenizedPrompts(input_ids, truncated, removed)
 
@@ -83,9 +81,7 @@ def load_tokenizer(path: str | Path, *, max_length: int | None = None) -> Prompt
     if not _has_tokenizer_files(path) and _has_tokenizer_files(path / "tokenizer"):
         path = path / "tokenizer"
     if not _has_tokenizer_files(path):
-        raise FileNotFoundError(
-            f"{path}: no CLIP tokenizer files (vocab.json + merges.txt, or tokenizer.json)"
-        )
+        raise FileNotFoundError(f"{path}: no CLIP tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
     # diffusers loads `CLIPTokenizer`; in transformers 4 that is the slow, file-pair
     # tokenizer, so a folder holding only tokenizer.json needs the fast class.
     # (transformers 5 has one class that reads either; CLIPTokenizerFast is its alias.)
@@ -105,9 +101,7 @@ def load_tokenizer(path: str | Path, *, max_length: int | None = None) -> Prompt
 
 
 def _has_tokenizer_files(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (
-        (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
-    )
+    return (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
 
 
 # ---------------------------------------------------------------------------
@@ -119,17 +113,45 @@ EOS_TOKEN = "<|endoftext|>"
 # A few merges, in rank order, so common prompt words become single tokens and
 # the BPE path is exercised. Each merge's parts are bytes or earlier merges.
 _TINY_MERGES = (
-    "t h", "th e</w>", "a n", "an d</w>", "o f</w>", "i n", "in g</w>", "o n</w>",
-    "i n</w>", "c a", "ca t</w>", "p h", "o t", "ph ot", "phot o</w>", "d o",
-    "do g</w>", "h o", "r s", "ho rs", "hors e</w>", "r i", "d ing</w>", "ri ding</w>",
-    "a s", "t r", "as tr", "astr o", "a u", "n au", "nau t</w>", "astro naut</w>",
+    "t h",
+    "th e</w>",
+    "a n",
+    "an d</w>",
+    "o f</w>",
+    "i n",
+    "in g</w>",
+    "o n</w>",
+    "i n</w>",
+    "c a",
+    "ca t</w>",
+    "p h",
+    "o t",
+    "ph ot",
+    "phot o</w>",
+    "d o",
+    "do g</w>",
+    "h o",
+    "r s",
+    "ho rs",
+    "hors e</w>",
+    "r i",
+    "d ing</w>",
+    "ri ding</w>",
+    "a s",
+    "t r",
+    "as tr",
+    "astr o",
+    "a u",
+    "n au",
+    "nau t</w>",
+    "astro naut</w>",
 )
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-level alphabet: each byte ↦ a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = printable[:]
     n = 0

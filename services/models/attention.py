@@ -3,6 +3,7 @@
 One function so the attention implementation is chosen in one place: the
 models pass `impl` through from their config and never branch on it themselves.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,11 @@ log = logging.getLogger("sdmesh.attention")
 
 @functools.cache
 def _notice_cpu_fallback() -> None:
-    log.warning("--attention flash on CPU: no fused kernel here, using query-blocked attention "
-                "(memory bounded by %d queries at a time; same numbers as dot_product)", QUERY_BLOCK)
+    log.warning(
+        "--attention flash on CPU: no fused kernel here, using query-blocked attention "
+        "(memory bounded by %d queries at a time; same numbers as dot_product)",
+        QUERY_BLOCK,
+    )
 
 
 def attention(
@@ -50,8 +54,9 @@ def attention(
     return _dot_product(q, k, v, causal=causal, upcast=upcast)
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, upcast: bool = False,
-                      block: int = QUERY_BLOCK) -> jax.Array:
+def blocked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, upcast: bool = False, block: int = QUERY_BLOCK
+) -> jax.Array:
     """Attention over blocks of `block` queries, one block at a time (lax.map): each query's softmax sees
     every key, so the result is dot-product attention's, with scores held for one block only."""
     b, lq, h, d = q.shape

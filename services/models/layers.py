@@ -1,4 +1,5 @@
 """Layers shared by the UNet and the VAE."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,7 +22,9 @@ def _conv_as_matmul(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Ar
     kh, kw, c, o = kernel.shape
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    patches = jnp.concatenate([x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)  # (B, H', W', kh·kw·C)
+    patches = jnp.concatenate(
+        [x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+    )  # (B, H', W', kh·kw·C)
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, o))
 
 
@@ -34,7 +37,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: Padding
     kh, kw = kernel.shape[:2]
     if stride == 1 and (kh * kw == 1 or (_small(x) and jax.default_backend() == "cpu")):
         return _conv_as_matmul(x, kernel, padding)
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def _phase_taps(w: jax.Array, phase: int, axis: int) -> jax.Array:

@@ -9,6 +9,7 @@ Module and parameter names are the checkpoint's (see `sdmesh.services.checkpoint
 `encoder.layers.3.self_attn.q_proj.weight` lives at
 `params['encoder']['layers_3']['self_attn']['q_proj']['kernel']`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,7 @@ class TextEncoderConfig:
         # Fail when the config is read, not deep inside a trace.
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
-                f"text encoder hidden_act {self.hidden_act!r} is not supported; "
-                f"supported: {', '.join(ACTIVATIONS)}"
+                f"text encoder hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(

@@ -12,6 +12,7 @@ so `sdmesh.services.checkpoints.weights.convert` maps checkpoint tensors onto ou
 without a renaming table. Input feature sizes are inferred by Flax, so the only
 channel bookkeeping here is each layer's *output* width.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -217,7 +218,10 @@ class UNetConfig:
             raise unsupported("mid_block_type", self.mid_block_type, _MID_BLOCKS)
         if self.class_embed_type not in _CLASS_EMBED_TYPES:
             raise unsupported("class_embed_type", self.class_embed_type, _CLASS_EMBED_TYPES)
-        if self.class_embed_type in ("projection", "simple_projection") and self.projection_class_embeddings_input_dim is None:
+        if (
+            self.class_embed_type in ("projection", "simple_projection")
+            and self.projection_class_embeddings_input_dim is None
+        ):
             raise ValueError(
                 f"UNetConfig: class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim (as in diffusers)"
             )
@@ -444,7 +448,9 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         def attn(name: str) -> Attention:
-            return Attention(self.heads, self.head_dim, self.upcast_attention, self.attention_impl, self.dtype, name=name)
+            return Attention(
+                self.heads, self.head_dim, self.upcast_attention, self.attention_impl, self.dtype, name=name
+            )
 
         # only_cross_attention: attn1 also attends to the text instead of to itself.
         x = x + attn("attn1")(_layer_norm(self.dtype, "norm1")(x), context if self.only_cross_attention else None)
@@ -645,7 +651,11 @@ def _class_embedding(cfg: UNetConfig, dtype: Any) -> nn.Module | None:
     """diffusers' `_set_class_embedding`: the module named `class_embedding`, or None (also for "identity")."""
     dim = cfg.time_embed_dim
     if cfg.class_embed_type is None:
-        return None if cfg.num_class_embeds is None else nn.Embed(cfg.num_class_embeds, dim, dtype=dtype, name="class_embedding")
+        return (
+            None
+            if cfg.num_class_embeds is None
+            else nn.Embed(cfg.num_class_embeds, dim, dtype=dtype, name="class_embedding")
+        )
     if cfg.class_embed_type == "timestep":
         return TimestepEmbedding(dim, act_fn=cfg.act_fn, dtype=dtype, name="class_embedding")
     if cfg.class_embed_type == "projection":
@@ -790,15 +800,20 @@ class UNet2DConditionModel(nn.Module):
         """class_labels (B, ...) → (B, time_embed_dim), as diffusers' `get_class_embed`."""
         cfg = self.config
         if class_labels is None:
-            raise ValueError("this UNet's config has a class embedding, so class_labels must be given "
-                             "(the x4 upscaler: the noise level of its low-res image)")
+            raise ValueError(
+                "this UNet's config has a class embedding, so class_labels must be given "
+                "(the x4 upscaler: the noise level of its low-res image)"
+            )
         labels = jnp.asarray(class_labels)
         labels = jnp.broadcast_to(labels, (batch, *labels.shape[1:]) if labels.ndim else (batch,))
         if cfg.class_embed_type is None:  # a learned table, indexed by integer label
             return self.class_embedding(labels.astype(jnp.int32))
         if cfg.class_embed_type == "timestep":  # the same sinusoid as the timestep, then its own MLP
             labels = timestep_embedding(
-                labels, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift
+                labels,
+                cfg.block_out_channels[0],
+                flip_sin_to_cos=cfg.flip_sin_to_cos,
+                downscale_freq_shift=cfg.freq_shift,
             )
         labels = labels.astype(self.dtype)
         return labels if cfg.class_embed_type == "identity" else self.class_embedding(labels)

@@ -16,6 +16,7 @@ with f = `VAEConfig.scale_factor` (8 for SD, 4 for the x4 upscaler's 3-level VAE
 (`scaling_factor`, `shift_factor`) is left to the pipeline: see `scale_latents` / `unscale_latents`,
 and `encode_image` for images → scaled latents (img2img, inpainting).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ The name picks the algorithm; the checkpoint's config supplies the noise schedul
 and the algorithm's own options, read as diffusers' `<Scheduler>.from_config(config)` reads them.
 (SD pipelines rewrite old configs, steps_offset → 1 and clip_sample → False; callers do that first.)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,16 +35,29 @@ def default_sampler(scheduler_json: dict[str, Any]) -> str:
 
 def _euler_config(name: str, scheduler_json: dict[str, Any]) -> euler.EulerConfig:
     if name == "euler-ancestral":  # EulerAncestralDiscreteScheduler has none of Euler's σ-spacing options
-        scheduler_json = dict(scheduler_json, interpolation_type="linear", use_karras_sigmas=False,
-                              use_exponential_sigmas=False, use_beta_sigmas=False)
+        scheduler_json = dict(
+            scheduler_json,
+            interpolation_type="linear",
+            use_karras_sigmas=False,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+        )
     return euler.EulerConfig.from_json(scheduler_json)
 
 
 def _dpm_config(name: str, scheduler_json: dict[str, Any]) -> dpm_solver.DPMSolverConfig:
     # DPM-Solver++(2M): the name fixes the algorithm, the order and the σ spacing.
-    return dpm_solver.DPMSolverConfig.from_json(dict(
-        scheduler_json, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=name == "dpm++2m-karras",
-        use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False))
+    return dpm_solver.DPMSolverConfig.from_json(
+        dict(
+            scheduler_json,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            use_karras_sigmas=name == "dpm++2m-karras",
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            use_lu_lambdas=False,
+        )
+    )
 
 
 def _pndm_config(scheduler_json: dict[str, Any]) -> pndm.PNDMConfig:
@@ -51,15 +65,17 @@ def _pndm_config(scheduler_json: dict[str, Any]) -> pndm.PNDMConfig:
     return pndm.PNDMConfig.from_json(dict(scheduler_json, skip_prk_steps=True))
 
 
-def make_plan(name: str, scheduler_json: dict[str, Any], num_steps: int, *, eta: float = 0.0,
-              first: int = 0) -> table.Plan:
+def make_plan(
+    name: str, scheduler_json: dict[str, Any], num_steps: int, *, eta: float = 0.0, first: int = 0
+) -> table.Plan:
     """The named sampler's plan for a num_steps run, from row `first` on (img2img). eta is DDIM's only."""
     _check(name)
     if name == "ddim":
         return ddim.make_plan(ddim.DDIMConfig.from_json(scheduler_json), num_steps, eta=eta, first=first)
     if name in ("euler", "euler-ancestral"):
-        return euler.make_plan(_euler_config(name, scheduler_json), num_steps, first=first,
-                               ancestral=name == "euler-ancestral")
+        return euler.make_plan(
+            _euler_config(name, scheduler_json), num_steps, first=first, ancestral=name == "euler-ancestral"
+        )
     if name in ("dpm++2m", "dpm++2m-karras"):
         return dpm_solver.make_plan(_dpm_config(name, scheduler_json), num_steps, first=first)
     return pndm.make_plan(_pndm_config(scheduler_json), num_steps, first=first)

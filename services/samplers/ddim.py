@@ -8,6 +8,7 @@ The schedule is host-side numpy (a few hundred floats); the step is pure array
 math that works per sample (alphas broadcast over (B, 1, 1, 1)), so a compiled
 loop can carry samples at different steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,7 @@ class DDIMConfig:
             raise ValueError(f"scheduler timestep_spacing {self.timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}")
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "DDIMConfig":
+    def from_json(cls, d: dict[str, Any]) -> DDIMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
         if "trained_betas" in kwargs:
@@ -117,8 +118,10 @@ def timesteps(config: DDIMConfig, num_steps: int) -> np.ndarray:
         raise ValueError(f"steps must be between 1 and the scheduler's num_train_timesteps ({n}), got {num_steps}")
     ts = _spaced(config, num_steps)
     if ts.max() >= n:
-        raise ValueError(f"{num_steps} steps with steps_offset {config.steps_offset} reach timestep {ts.max()}, "
-                         f"past the scheduler's last ({n - 1}); use at most {max_steps(config)} steps")
+        raise ValueError(
+            f"{num_steps} steps with steps_offset {config.steps_offset} reach timestep {ts.max()}, "
+            f"past the scheduler's last ({n - 1}); use at most {max_steps(config)} steps"
+        )
     return ts
 
 
@@ -151,7 +154,9 @@ def _threshold(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
     return (jnp.clip(x0, -s, s) / s).astype(x0.dtype)
 
 
-def to_x0_eps(config: DDIMConfig, model_output: jax.Array, x: jax.Array, alpha_prod: jax.Array) -> tuple[jax.Array, jax.Array]:
+def to_x0_eps(
+    config: DDIMConfig, model_output: jax.Array, x: jax.Array, alpha_prod: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """The network's output in its parameterisation → (predicted x₀, predicted ε)."""
     a, b = jnp.sqrt(alpha_prod), jnp.sqrt(1 - alpha_prod)
     if config.prediction_type == "epsilon":
@@ -217,6 +222,12 @@ def make_plan(config: DDIMConfig, num_steps: int, *, eta: float = 0.0, first: in
     rows[:, col["next_noise"]] = std
     table.set_blend(rows, sa, sb)
     clip = config.clip_sample_range if config.clip_sample and not config.thresholding else math.inf
-    return table.Plan(rows=rows, init_noise_sigma=1.0, start_lat=float(sa[0]), start_noise=float(sb[0]), clip=clip,
-                      threshold_ratio=config.dynamic_thresholding_ratio if config.thresholding else 0.0,
-                      threshold_max=config.sample_max_value)
+    return table.Plan(
+        rows=rows,
+        init_noise_sigma=1.0,
+        start_lat=float(sa[0]),
+        start_noise=float(sb[0]),
+        clip=clip,
+        threshold_ratio=config.dynamic_thresholding_ratio if config.thresholding else 0.0,
+        threshold_max=config.sample_max_value,
+    )

@@ -7,6 +7,7 @@ The sample lives in VP space, x = α·x₀ + σ_t·ε with α = 1/√(σ² + 1),
 λ = log(α/σ_t) = −log σ and combines the current x̂₀ with the previous one or two (the table's x̂₀
 history), restarting at first order whenever a run starts (img2img included), as diffusers does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,26 +62,34 @@ class DPMSolverConfig:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         if self.algorithm_type not in ALGORITHM_TYPES:
-            raise ValueError(f"scheduler algorithm_type {self.algorithm_type!r} is not supported; use one of {ALGORITHM_TYPES}")
+            raise ValueError(
+                f"scheduler algorithm_type {self.algorithm_type!r} is not supported; use one of {ALGORITHM_TYPES}"
+            )
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(f"scheduler solver_type {self.solver_type!r} is not one of {SOLVER_TYPES}")
         if self.solver_order not in (1, 2, 3):
             raise ValueError(f"scheduler solver_order must be 1, 2 or 3, got {self.solver_order}")
         if self.timestep_spacing not in ddim.TIMESTEP_SPACINGS:
-            raise ValueError(f"scheduler timestep_spacing {self.timestep_spacing!r} is not one of {ddim.TIMESTEP_SPACINGS}")
+            raise ValueError(
+                f"scheduler timestep_spacing {self.timestep_spacing!r} is not one of {ddim.TIMESTEP_SPACINGS}"
+            )
         if self.final_sigmas_type not in euler.FINAL_SIGMAS_TYPES:
-            raise ValueError(f"scheduler final_sigmas_type {self.final_sigmas_type!r} is not one of {euler.FINAL_SIGMAS_TYPES}")
+            raise ValueError(
+                f"scheduler final_sigmas_type {self.final_sigmas_type!r} is not one of {euler.FINAL_SIGMAS_TYPES}"
+            )
         if self.use_karras_sigmas and self.use_exponential_sigmas:
             raise ValueError("only one of the scheduler's use_karras_sigmas and use_exponential_sigmas can be set")
         for flag in ("use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
             if getattr(self, flag):
                 raise ValueError(f"scheduler {flag} is not supported; unset it (use_karras_sigmas is)")
         if self.variance_type is not None:
-            raise ValueError(f"scheduler variance_type {self.variance_type!r} (a learned-variance UNet) is not supported")
+            raise ValueError(
+                f"scheduler variance_type {self.variance_type!r} (a learned-variance UNet) is not supported"
+            )
         ddim.DDIMConfig(beta_schedule=self.beta_schedule, trained_betas=self.trained_betas)  # validates beta_schedule
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "DPMSolverConfig":
+    def from_json(cls, d: dict[str, Any]) -> DPMSolverConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
         if "trained_betas" in kwargs:
@@ -137,8 +146,10 @@ def schedule(config: DPMSolverConfig, num_steps: int) -> tuple[np.ndarray, np.nd
         raise ValueError(f"steps must be between 1 and the scheduler's num_train_timesteps ({n}), got {num_steps}")
     ts, sigmas = _schedule(config, num_steps)
     if not _valid(ts, sigmas, n):
-        raise ValueError(f"{num_steps} steps give timesteps outside [0, {n - 1}] or repeated noise levels "
-                         f"with this scheduler config; use at most {max_steps(config)} steps")
+        raise ValueError(
+            f"{num_steps} steps give timesteps outside [0, {n - 1}] or repeated noise levels "
+            f"with this scheduler config; use at most {max_steps(config)} steps"
+        )
     return ts, sigmas
 
 
@@ -146,8 +157,9 @@ def _orders(config: DPMSolverConfig, n: int, first: int) -> list[int]:
     """The order diffusers' step() uses at each of steps first..n−1; lower_order_nums restarts at `first`."""
     orders, warm = [], 0
     for i in range(first, n):
-        final = i == n - 1 and (config.euler_at_final or (config.lower_order_final and n < 15)
-                                or config.final_sigmas_type == "zero")
+        final = i == n - 1 and (
+            config.euler_at_final or (config.lower_order_final and n < 15) or config.final_sigmas_type == "zero"
+        )
         second = i == n - 2 and config.lower_order_final and n < 15
         if config.solver_order == 1 or warm < 1 or final:
             orders.append(1)
@@ -215,7 +227,11 @@ def make_plan(config: DPMSolverConfig, num_steps: int, *, first: int = 0) -> tab
         rows[i, col["next_x0"]], rows[i, col["next_x0_1"]], rows[i, col["next_x0_2"]] = x0_coef
     table.set_blend(rows, alpha[:-1], sig_t[:-1])  # add_noise: α·x₀ + σ_t·z at the next row's σ
     thresholding = config.thresholding
-    return table.Plan(rows=rows[first:], init_noise_sigma=1.0, start_lat=float(alpha[first]),
-                      start_noise=float(sig_t[first]),
-                      threshold_ratio=config.dynamic_thresholding_ratio if thresholding else 0.0,
-                      threshold_max=config.sample_max_value)
+    return table.Plan(
+        rows=rows[first:],
+        init_noise_sigma=1.0,
+        start_lat=float(alpha[first]),
+        start_noise=float(sig_t[first]),
+        threshold_ratio=config.dynamic_thresholding_ratio if thresholding else 0.0,
+        threshold_max=config.sample_max_value,
+    )

@@ -9,6 +9,7 @@ x = x₀ + σ·ε (σ² = (1 − ᾱ)/ᾱ), the UNet sees x / √(σ² + 1) (`c_
 
 Also home to the σ-schedule helpers DPM-Solver shares (Karras and exponential spacing, σ → t).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,22 +49,28 @@ class EulerConfig:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         if self.timestep_spacing not in ddim.TIMESTEP_SPACINGS:
-            raise ValueError(f"scheduler timestep_spacing {self.timestep_spacing!r} is not one of {ddim.TIMESTEP_SPACINGS}")
+            raise ValueError(
+                f"scheduler timestep_spacing {self.timestep_spacing!r} is not one of {ddim.TIMESTEP_SPACINGS}"
+            )
         if self.interpolation_type != "linear":
             # diffusers' log_linear returns N + 2 ascending σs for N timesteps: not a schedule we can reproduce.
             raise ValueError(f"scheduler interpolation_type {self.interpolation_type!r} is not supported; use 'linear'")
         if self.use_beta_sigmas:
-            raise ValueError("scheduler use_beta_sigmas is not supported; use use_karras_sigmas or use_exponential_sigmas")
+            raise ValueError(
+                "scheduler use_beta_sigmas is not supported; use use_karras_sigmas or use_exponential_sigmas"
+            )
         if self.use_karras_sigmas and self.use_exponential_sigmas:
             raise ValueError("only one of the scheduler's use_karras_sigmas and use_exponential_sigmas can be set")
         if self.timestep_type not in ("discrete", "continuous"):
             raise ValueError(f"scheduler timestep_type {self.timestep_type!r} is not one of ('discrete', 'continuous')")
         if self.final_sigmas_type not in FINAL_SIGMAS_TYPES:
-            raise ValueError(f"scheduler final_sigmas_type {self.final_sigmas_type!r} is not one of {FINAL_SIGMAS_TYPES}")
+            raise ValueError(
+                f"scheduler final_sigmas_type {self.final_sigmas_type!r} is not one of {FINAL_SIGMAS_TYPES}"
+            )
         ddim.DDIMConfig(beta_schedule=self.beta_schedule, trained_betas=self.trained_betas)  # validates beta_schedule
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "EulerConfig":
+    def from_json(cls, d: dict[str, Any]) -> EulerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
         if "trained_betas" in kwargs:
@@ -74,10 +81,16 @@ class EulerConfig:
 def alphas_cumprod(config: Any) -> np.ndarray:
     """ᾱ_t (float32) for any config with the beta fields; zero-SNR's last ᾱ is 2⁻²⁴, not 0, as diffusers'
     σ-space schedulers set it ("close to 0 without being 0 so first sigma is not inf")."""
-    ac = ddim.alphas_cumprod(ddim.DDIMConfig(
-        num_train_timesteps=config.num_train_timesteps, beta_start=config.beta_start, beta_end=config.beta_end,
-        beta_schedule=config.beta_schedule, trained_betas=config.trained_betas,
-        rescale_betas_zero_snr=config.rescale_betas_zero_snr))
+    ac = ddim.alphas_cumprod(
+        ddim.DDIMConfig(
+            num_train_timesteps=config.num_train_timesteps,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
+            beta_schedule=config.beta_schedule,
+            trained_betas=config.trained_betas,
+            rescale_betas_zero_snr=config.rescale_betas_zero_snr,
+        )
+    )
     if config.rescale_betas_zero_snr:
         ac = ac.copy()
         ac[-1] = np.float32(2.0**-24)
@@ -132,8 +145,10 @@ def schedule(config: EulerConfig, num_steps: int) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"steps must be between 1 and the scheduler's num_train_timesteps ({n}), got {num_steps}")
     ts = _spaced(config, num_steps)
     if ts.max() > n - 1:
-        raise ValueError(f"{num_steps} steps with steps_offset {config.steps_offset} reach timestep {ts.max():g}, "
-                         f"past the scheduler's last ({n - 1}); use at most {max_steps(config)} steps")
+        raise ValueError(
+            f"{num_steps} steps with steps_offset {config.steps_offset} reach timestep {ts.max():g}, "
+            f"past the scheduler's last ({n - 1}); use at most {max_steps(config)} steps"
+        )
     ac = alphas_cumprod(config)
     base = train_sigmas(ac)
     sigmas = np.interp(ts, np.arange(n), base)
@@ -161,8 +176,15 @@ def make_plan(config: EulerConfig, num_steps: int, *, first: int = 0, ancestral:
         if config.prediction_type == "sample":  # diffusers raises NotImplementedError in step()
             raise ValueError("Euler-ancestral does not support prediction_type 'sample'; use 'euler' or 'ddim'")
         # EulerAncestralDiscreteScheduler has none of these options: reading the config it ignores them.
-        config = dataclasses.replace(config, use_karras_sigmas=False, use_exponential_sigmas=False, sigma_min=None,
-                                     sigma_max=None, timestep_type="discrete", final_sigmas_type="zero")
+        config = dataclasses.replace(
+            config,
+            use_karras_sigmas=False,
+            use_exponential_sigmas=False,
+            sigma_min=None,
+            sigma_max=None,
+            timestep_type="discrete",
+            final_sigmas_type="zero",
+        )
     ts, sigmas = schedule(config, num_steps)
     if not 0 <= first < num_steps:
         raise ValueError(f"first must be in [0, {num_steps}), got {first}")

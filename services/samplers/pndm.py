@@ -14,6 +14,7 @@ network outputs:
 The step keeps a counter that restarts with every run, so an img2img run that starts part-way restarts
 the warm-up too; `make_plan` reproduces that by simulating the counter on the sliced timesteps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,14 +44,18 @@ class PNDMConfig:
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"PNDM does not support prediction_type {self.prediction_type!r}; it supports "
-                             f"{PREDICTION_TYPES} (use 'ddim' or 'euler' for 'sample')")
+            raise ValueError(
+                f"PNDM does not support prediction_type {self.prediction_type!r}; it supports "
+                f"{PREDICTION_TYPES} (use 'ddim' or 'euler' for 'sample')"
+            )
         if self.timestep_spacing not in ddim.TIMESTEP_SPACINGS:
-            raise ValueError(f"scheduler timestep_spacing {self.timestep_spacing!r} is not one of {ddim.TIMESTEP_SPACINGS}")
+            raise ValueError(
+                f"scheduler timestep_spacing {self.timestep_spacing!r} is not one of {ddim.TIMESTEP_SPACINGS}"
+            )
         ddim.DDIMConfig(beta_schedule=self.beta_schedule, trained_betas=self.trained_betas)  # validates beta_schedule
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "PNDMConfig":
+    def from_json(cls, d: dict[str, Any]) -> PNDMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
         if "trained_betas" in kwargs:
@@ -59,9 +64,15 @@ class PNDMConfig:
 
 
 def _alphas_cumprod(config: PNDMConfig) -> np.ndarray:
-    return ddim.alphas_cumprod(ddim.DDIMConfig(
-        num_train_timesteps=config.num_train_timesteps, beta_start=config.beta_start, beta_end=config.beta_end,
-        beta_schedule=config.beta_schedule, trained_betas=config.trained_betas))
+    return ddim.alphas_cumprod(
+        ddim.DDIMConfig(
+            num_train_timesteps=config.num_train_timesteps,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
+            beta_schedule=config.beta_schedule,
+            trained_betas=config.trained_betas,
+        )
+    )
 
 
 def _spaced(config: PNDMConfig, num_steps: int) -> np.ndarray:
@@ -80,8 +91,10 @@ def timesteps(config: PNDMConfig, num_steps: int) -> tuple[np.ndarray, np.ndarra
     if config.skip_prk_steps:
         return np.zeros(0, np.int64), np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].copy()
     if num_steps < PNDM_ORDER:
-        raise ValueError(f"PNDM's Runge–Kutta warm-up needs at least {PNDM_ORDER} steps, got {num_steps}; "
-                         "use more steps or set skip_prk_steps (PLMS)")
+        raise ValueError(
+            f"PNDM's Runge–Kutta warm-up needs at least {PNDM_ORDER} steps, got {num_steps}; "
+            "use more steps or set skip_prk_steps (PLMS)"
+        )
     half = config.num_train_timesteps // num_steps // 2
     prk = ts[-PNDM_ORDER:].repeat(2) + np.tile(np.array([0, half]), PNDM_ORDER)
     return prk[:-1].repeat(2)[1:-1][::-1].copy(), ts[:-3][::-1].copy()
@@ -161,8 +174,10 @@ def make_plan(config: PNDMConfig, num_steps: int, *, first: int = 0) -> table.Pl
         raise ValueError(f"first must be in [0, {count}), got {first}")
     transfers = _transfers(config, num_steps, first)
     if max(max(r.t, r.t_alpha) for r in transfers) >= n:
-        raise ValueError(f"{num_steps} steps with steps_offset {config.steps_offset} reach past the scheduler's last "
-                         f"timestep ({n - 1}); use at most {max_steps(config)} steps")
+        raise ValueError(
+            f"{num_steps} steps with steps_offset {config.steps_offset} reach past the scheduler's last "
+            f"timestep ({n - 1}); use at most {max_steps(config)} steps"
+        )
     ac = _alphas_cumprod(config).astype(np.float64)
     final = 1.0 if config.set_alpha_to_one else ac[0]
     rows = table.empty_rows(len(transfers))
@@ -192,9 +207,9 @@ def make_plan(config: PNDMConfig, num_steps: int, *, first: int = 0) -> table.Pl
         for j, w in r.weights.items():
             if j == i:
                 name = "next_out"
-            elif j in out_history[:table.OUT_HISTORY]:
+            elif j in out_history[: table.OUT_HISTORY]:
                 name = f"next_out_{out_history.index(j) + 1}"
-            elif j in x0_history[:table.X0_HISTORY] and transfers[j].x0_is_out:
+            elif j in x0_history[: table.X0_HISTORY] and transfers[j].x0_is_out:
                 name = f"next_x0_{x0_history.index(j) + 1}"
             else:
                 raise AssertionError(f"PNDM row {i} needs the output of row {j}, which the table no longer holds")

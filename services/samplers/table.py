@@ -21,6 +21,7 @@ if save_x. For latent blending (inpainting with an ordinary checkpoint) a row al
 the coefficients that noise clean latents to the level of the *next* row (blend_lat,
 blend_noise; (1, 0) after the last row).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,13 +33,28 @@ import jax.numpy as jnp
 import numpy as np
 
 COLUMNS = (
-    "t", "c_in",
-    "x0_x", "x0_out",
-    "eps_x", "eps_out", "eps_x0",
-    "next_x", "next_saved", "next_out", "next_out_1", "next_out_2", "next_out_3",
-    "next_x0", "next_x0_1", "next_x0_2", "next_eps", "next_noise",
-    "push_out", "save_x",
-    "blend_lat", "blend_noise",
+    "t",
+    "c_in",
+    "x0_x",
+    "x0_out",
+    "eps_x",
+    "eps_out",
+    "eps_x0",
+    "next_x",
+    "next_saved",
+    "next_out",
+    "next_out_1",
+    "next_out_2",
+    "next_out_3",
+    "next_x0",
+    "next_x0_1",
+    "next_x0_2",
+    "next_eps",
+    "next_noise",
+    "push_out",
+    "save_x",
+    "blend_lat",
+    "blend_noise",
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
 OUT_HISTORY = 3  # PLMS's fourth-order Adams–Bashforth uses three past outputs
@@ -89,8 +105,12 @@ class SlotState(NamedTuple):
 
 def initial_state(x: jax.Array) -> SlotState:
     zeros = jnp.zeros_like(x)
-    return SlotState(x, zeros, jnp.zeros((x.shape[0], OUT_HISTORY) + x.shape[1:], x.dtype),
-                     jnp.zeros((x.shape[0], X0_HISTORY) + x.shape[1:], x.dtype))
+    return SlotState(
+        x,
+        zeros,
+        jnp.zeros((x.shape[0], OUT_HISTORY) + x.shape[1:], x.dtype),
+        jnp.zeros((x.shape[0], X0_HISTORY) + x.shape[1:], x.dtype),
+    )
 
 
 def _per_sample(v: jax.Array) -> jax.Array:
@@ -105,30 +125,49 @@ def threshold(x0: jax.Array, ratio: jax.Array, max_value: jax.Array) -> jax.Arra
     return jnp.clip(x0, -s, s) / s
 
 
-def predict(row: jax.Array, x: jax.Array, out: jax.Array, clip: jax.Array,
-            threshold_ratio: jax.Array, threshold_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+def predict(
+    row: jax.Array, x: jax.Array, out: jax.Array, clip: jax.Array, threshold_ratio: jax.Array, threshold_max: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(x̂₀, ε̂) from the network's output; `row` is (B, len(COLUMNS)), the rest per sample."""
     c = lambda name: _per_sample(row[:, COL[name]])
     x0 = c("x0_x") * x + c("x0_out") * out
     x0 = jnp.clip(x0, -_per_sample(clip), _per_sample(clip))
-    thresholded = jax.lax.cond(jnp.any(threshold_ratio > 0),
-                               lambda: threshold(x0, jnp.where(threshold_ratio > 0, threshold_ratio, 0.5), threshold_max),
-                               lambda: x0)
+    thresholded = jax.lax.cond(
+        jnp.any(threshold_ratio > 0),
+        lambda: threshold(x0, jnp.where(threshold_ratio > 0, threshold_ratio, 0.5), threshold_max),
+        lambda: x0,
+    )
     x0 = jnp.where(_per_sample(threshold_ratio) > 0, thresholded, x0)
     eps = c("eps_x") * x + c("eps_out") * out + c("eps_x0") * x0
     return x0, eps
 
 
-def step(row: jax.Array, state: SlotState, out: jax.Array, noise: jax.Array | None, clip: jax.Array,
-         threshold_ratio: jax.Array, threshold_max: jax.Array) -> SlotState:
+def step(
+    row: jax.Array,
+    state: SlotState,
+    out: jax.Array,
+    noise: jax.Array | None,
+    clip: jax.Array,
+    threshold_ratio: jax.Array,
+    threshold_max: jax.Array,
+) -> SlotState:
     """One row of every slot's plan: the sample after this UNet evaluation, and the updated history."""
     c = lambda name: _per_sample(row[:, COL[name]])
     x = state.x
     x0, eps = predict(row, x, out, clip, threshold_ratio, threshold_max)
     h_out, h_x0 = state.out_history, state.x0_history
-    nxt = (c("next_x") * x + c("next_saved") * state.saved + c("next_out") * out
-           + c("next_out_1") * h_out[:, 0] + c("next_out_2") * h_out[:, 1] + c("next_out_3") * h_out[:, 2]
-           + c("next_x0") * x0 + c("next_x0_1") * h_x0[:, 0] + c("next_x0_2") * h_x0[:, 1] + c("next_eps") * eps)
+    nxt = (
+        c("next_x") * x
+        + c("next_saved") * state.saved
+        + c("next_out") * out
+        + c("next_out_1") * h_out[:, 0]
+        + c("next_out_2") * h_out[:, 1]
+        + c("next_out_3") * h_out[:, 2]
+        + c("next_x0") * x0
+        + c("next_x0_1") * h_x0[:, 0]
+        + c("next_x0_2") * h_x0[:, 1]
+        + c("next_eps") * eps
+    )
     if noise is not None:
         nxt = nxt + c("next_noise") * noise
     pushed = jnp.concatenate([out[:, None], h_out[:, :-1]], axis=1)

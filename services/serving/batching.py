@@ -25,6 +25,7 @@ cancelled while waiting leaves the queue at once. An exception in a call fails o
 
 JAX-free: the rows are numpy arrays or lists, and `run` is whatever the stage does with them.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -39,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.inputs.contract import DEFAULT_MAX_QUEUE
+from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving.errors import CallerGone, Overloaded
 from sdmesh.v1 import common_pb2
 
@@ -135,9 +136,17 @@ class Batcher:
         (a `metrics.StageMetrics`); the depth is running + waiting requests, reported only when batching.
     """
 
-    def __init__(self, run: Callable[[Rows], Any], *, max_batch: int = 1, batch_wait: float = 0.0,
-                 max_queue: int = DEFAULT_MAX_QUEUE, buckets: Sequence[int] | None = None, metrics: Any = None,
-                 name: str = "stage"):
+    def __init__(
+        self,
+        run: Callable[[Rows], Any],
+        *,
+        max_batch: int = 1,
+        batch_wait: float = 0.0,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        buckets: Sequence[int] | None = None,
+        metrics: Any = None,
+        name: str = "stage",
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         if batch_wait < 0:
@@ -174,8 +183,10 @@ class Batcher:
             if self._stopping:
                 raise Overloaded("the stage is stopping: retry on another replica")
             if len(self._waiting) >= self.max_queue:
-                raise Overloaded(f"the stage is busy: {len(self._waiting)} calls waiting for the device (--max-queue "
-                                 f"{self.max_queue}); retry later or on another replica")
+                raise Overloaded(
+                    f"the stage is busy: {len(self._waiting)} calls waiting for the device (--max-queue "
+                    f"{self.max_queue}); retry later or on another replica"
+                )
             self._waiting.append(request)
             self._queue_changed()
         # a caller that gives up (future.cancel()) leaves the queue now, not when its turn comes
@@ -271,8 +282,12 @@ def options_from_args(args: Any, max_rows: int) -> dict[str, Any]:
 
 def info(batcher: Batcher) -> common_pb2.Batching:
     """How the batcher batches, for ModelInfo."""
-    return common_pb2.Batching(policy="request" if batcher.max_batch > 1 else "off", max_batch=batcher.max_batch,
-                               buckets=batcher.buckets, batch_wait_ms=round(batcher.batch_wait * 1000, 3))
+    return common_pb2.Batching(
+        policy="request" if batcher.max_batch > 1 else "off",
+        max_batch=batcher.max_batch,
+        buckets=batcher.buckets,
+        batch_wait_ms=round(batcher.batch_wait * 1000, 3),
+    )
 
 
 def device_methods(batcher: Batcher, rpc: str) -> frozenset[str]:

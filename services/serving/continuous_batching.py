@@ -47,7 +47,7 @@ class Ticket:
         self.reported = 0
         self.total = job.steps  # steps this request runs (fewer when it starts part-way)
 
-    def __lt__(self, other: "Ticket") -> bool:  # heap order: higher priority, then earlier
+    def __lt__(self, other: Ticket) -> bool:  # heap order: higher priority, then earlier
         return (-self.job.priority, self.seq) < (-other.job.priority, other.seq)
 
 
@@ -60,8 +60,18 @@ class ContinuousBatcher:
     reports progress, and lets finished and cancelled tickets leave.
     """
 
-    def __init__(self, stage: DenoiserStage, facts: ModelFacts, *, chunk: int, max_batch: int, max_queue: int,
-                 buckets: tuple[int, ...], metrics: Any = None, policy: str = "continuous"):
+    def __init__(
+        self,
+        stage: DenoiserStage,
+        facts: ModelFacts,
+        *,
+        chunk: int,
+        max_batch: int,
+        max_queue: int,
+        buckets: tuple[int, ...],
+        metrics: Any = None,
+        policy: str = "continuous",
+    ):
         if policy not in POLICIES:
             raise InvalidRequest(f"--batching must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.stage, self.facts, self.chunk, self.max_batch, self.max_queue = stage, facts, chunk, max_batch, max_queue
@@ -84,8 +94,10 @@ class ContinuousBatcher:
     def submit(self, job: DenoiseJob) -> Ticket:
         with self._lock:
             if len(self._waiting) >= self.max_queue:
-                raise Overloaded(f"the denoiser is busy: {self.max_queue} requests already wait for a slot "
-                                        "(--max-queue); retry later or on another replica")
+                raise Overloaded(
+                    f"the denoiser is busy: {self.max_queue} requests already wait for a slot "
+                    "(--max-queue); retry later or on another replica"
+                )
             ticket = Ticket(job, next(self._seq))
             heapq.heappush(self._waiting, ticket)
             self._report_queue()

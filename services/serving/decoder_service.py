@@ -7,6 +7,7 @@ and each call gets its own images back. The VAE decodes each image on its own (G
 mid-block attention are per image), so an image does not depend on its batch-mates (measured:
 tests/test_batching.py).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,17 +15,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sdmesh.v1.tensors import from_proto, to_proto
-from sdmesh.services.serving import batching, server
-from sdmesh.services.inputs.images import preprocess_image
-from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.services.checkpoints import checkpoint
 from sdmesh.services.engine.stages import DecoderStage
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import MAX_IMAGES, MAX_SIDE
 from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.inputs.images import preprocess_image
+from sdmesh.services.serving import batching, server
+from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
-
+from sdmesh.v1.tensors import from_proto, to_proto
 
 
 def latents_from_proto(request: decoder_pb2.DecodeRequest, latent_channels: int, scale_factor: int) -> np.ndarray:
@@ -34,8 +34,10 @@ def latents_from_proto(request: decoder_pb2.DecodeRequest, latent_channels: int,
     latents = from_proto(request.latents, name="latents", dtype="float32", ndim=4)
     n, c, h, w = latents.shape
     if c != latent_channels or not 1 <= n <= MAX_IMAGES or min(h, w) < 1 or max(h, w) * scale_factor > MAX_SIDE:
-        raise InvalidRequest(f"latents have shape {list(latents.shape)}; this VAE needs NCHW (N, {latent_channels}, h, w) "
-                             f"with N from 1 to {MAX_IMAGES} and h, w from 1 to {MAX_SIDE // scale_factor}")
+        raise InvalidRequest(
+            f"latents have shape {list(latents.shape)}; this VAE needs NCHW (N, {latent_channels}, h, w) "
+            f"with N from 1 to {MAX_IMAGES} and h, w from 1 to {MAX_SIDE // scale_factor}"
+        )
     if not np.isfinite(latents).all():
         raise InvalidRequest("latents contain NaN or infinity")
     return np.ascontiguousarray(latents.transpose(0, 2, 3, 1))
@@ -50,9 +52,18 @@ def images_from_proto(request: decoder_pb2.EncodeImageRequest, scale_factor: int
     if dtype not in ("uint8", "float32"):
         raise InvalidRequest(f"images must be uint8 RGB or float32 in [-1, 1], got {dtype}")
     n, h, w, c = images.shape
-    if c != 3 or not 1 <= n <= MAX_IMAGES or min(h, w) < scale_factor or h % scale_factor or w % scale_factor or max(h, w) > MAX_SIDE:
-        raise InvalidRequest(f"images have shape {list(images.shape)}; need (N, H, W, 3) with N from 1 to {MAX_IMAGES} and "
-                             f"H, W multiples of {scale_factor} up to {MAX_SIDE}")
+    if (
+        c != 3
+        or not 1 <= n <= MAX_IMAGES
+        or min(h, w) < scale_factor
+        or h % scale_factor
+        or w % scale_factor
+        or max(h, w) > MAX_SIDE
+    ):
+        raise InvalidRequest(
+            f"images have shape {list(images.shape)}; need (N, H, W, 3) with N from 1 to {MAX_IMAGES} and "
+            f"H, W multiples of {scale_factor} up to {MAX_SIDE}"
+        )
     if dtype == "uint8":
         images = preprocess_image(images)  # as the in-process pipeline does, bit for bit
     elif not np.isfinite(images).all() or np.abs(images).max() > 1.0:
@@ -66,14 +77,28 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
     max_queue: calls that may wait (when batching; with max_batch 1 the server's DeviceQueue bounds them).
     metrics: where batches, device calls and images are recorded (the server records its RPCs there too)."""
 
-    def __init__(self, stage: DecoderStage, model: str, *, max_batch: int = 1, batch_wait: float = 0.0,
-                 max_queue: int = contract.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None,
-                 sizes: set[tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        stage: DecoderStage,
+        model: str,
+        *,
+        max_batch: int = 1,
+        batch_wait: float = 0.0,
+        max_queue: int = contract.DEFAULT_MAX_QUEUE,
+        metrics: StageMetrics | None = None,
+        sizes: set[tuple[int, int]] | None = None,
+    ):
         self.stage, self.model, self.sizes = stage, model, sizes  # sizes: --strict-shapes (None: any size)
         self.metrics = metrics or StageMetrics("decoder")
         self.compiled: set[tuple[int, int, int]] = set()  # (batch, height, width) in pixels
-        self.batcher = batching.Batcher(self.decode, max_batch=max_batch, batch_wait=batch_wait, max_queue=max_queue,
-                                        metrics=self.metrics, name="decoder")
+        self.batcher = batching.Batcher(
+            self.decode,
+            max_batch=max_batch,
+            batch_wait=batch_wait,
+            max_queue=max_queue,
+            metrics=self.metrics,
+            name="decoder",
+        )
 
     @property
     def latent_channels(self) -> int:
@@ -105,14 +130,25 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)
         config = self.stage.vae.config
-        facts = common_pb2.ModelFacts(latent_channels=self.latent_channels, vae_scale_factor=self.stage.scale_factor,
-                                      scaling_factor=config.scaling_factor, max_images=MAX_IMAGES)
+        facts = common_pb2.ModelFacts(
+            latent_channels=self.latent_channels,
+            vae_scale_factor=self.stage.scale_factor,
+            scaling_factor=config.scaling_factor,
+            max_images=MAX_IMAGES,
+        )
         return common_pb2.ModelInfo(
-            service="Decoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,
-            activations_dtype=self.stage.options.activations_dtype, devices=devices, mesh=mesh,
-            compiled_shapes=[common_pb2.CompiledShape(program="decode", batch=b, height=h, width=w)
-                             for b, h, w in sorted(self.compiled)],
-            model_facts=facts, batching=batching.info(self.batcher),
+            service="Decoder",
+            model=self.model,
+            weights_dtype=self.stage.options.weights_dtype,
+            activations_dtype=self.stage.options.activations_dtype,
+            devices=devices,
+            mesh=mesh,
+            compiled_shapes=[
+                common_pb2.CompiledShape(program="decode", batch=b, height=h, width=w)
+                for b, h, w in sorted(self.compiled)
+            ],
+            model_facts=facts,
+            batching=batching.info(self.batcher),
         )
 
     def warm_up(self, shapes: list[tuple[int, int, int]]) -> None:
@@ -138,9 +174,14 @@ def stage_service(service: DecoderService, shapes: list[tuple[int, int, int]]) -
     # images out + latents in, for the most images any request may carry
     largest = max(MAX_IMAGES * (h * w * 3 + c * (h // f) * (w // f) * 4) for _, h, w in shapes)
     return server.StageService(
-        name="sdmesh.v1.Decoder", servicer=service, add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
-        device_methods=batching.device_methods(service.batcher, "Decode"), warm_up=lambda: service.warm_up(shapes),
-        max_message_bytes=largest, metrics=service.metrics, stage=service.stage,
+        name="sdmesh.v1.Decoder",
+        servicer=service,
+        add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
+        device_methods=batching.device_methods(service.batcher, "Decode"),
+        warm_up=lambda: service.warm_up(shapes),
+        max_message_bytes=largest,
+        metrics=service.metrics,
+        stage=service.stage,
     )
 
 
@@ -160,7 +201,16 @@ def main(args: Any) -> int:
     folder, options, load = server.load_setup(args)
     stage = DecoderStage.load(folder, options, load)
     shapes = shapes or default_shapes(stage, folder)
-    service = DecoderService(stage, args.model, **batch,
-                             sizes={(h, w) for _, h, w in shapes} if getattr(args, "strict_shapes", False) else None)
-    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue,
-                        metrics_port=getattr(args, "metrics_port", None))
+    service = DecoderService(
+        stage,
+        args.model,
+        **batch,
+        sizes={(h, w) for _, h, w in shapes} if getattr(args, "strict_shapes", False) else None,
+    )
+    return server.serve(
+        stage_service(service, shapes),
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+        metrics_port=getattr(args, "metrics_port", None),
+    )

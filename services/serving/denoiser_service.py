@@ -69,7 +69,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def compiled(self) -> set[tuple[str, int, int, int]]:
         return self.batcher.compiled
 
-    def run(self, job: DenoiseJob, active: Callable[[], bool] = lambda: True) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    def run(
+        self, job: DenoiseJob, active: Callable[[], bool] = lambda: True
+    ) -> Iterator[tuple[int, int, np.ndarray | None]]:
         """(steps done, steps in all, None) after each chunk, then (total, total, final latents NHWC); cancels the
         request once `active()` is false."""
         ticket = self.batcher.submit(job)
@@ -143,7 +145,9 @@ def message_bytes(facts: ModelFacts, shapes: list[tuple[int, int, int]]) -> int:
     return contract.MAX_IMAGES * max(per_image) * 4
 
 
-def stage_service(service: DenoiserService, shapes: list[tuple[int, int, int]], metrics: Any = None) -> server.StageService:
+def stage_service(
+    service: DenoiserService, shapes: list[tuple[int, int, int]], metrics: Any = None
+) -> server.StageService:
     server.check_shapes(shapes, service.facts.vae_scale_factor)
     return server.StageService(
         name="sdmesh.v1.Denoiser", servicer=service, add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,

@@ -18,6 +18,7 @@ away cancels the call in flight.
 Metrics (services/serving/metrics.py, stage="gateway"): requests in flight as the queue depth, each RPC's
 latency and non-OK status code, images served; `--metrics-port` serves them over HTTP.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,16 @@ from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving import wire
 from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.services.serving.server import ended_with
-from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2_grpc, gateway_pb2,
-                       gateway_pb2_grpc, text_encoder_pb2, text_encoder_pb2_grpc)
+from sdmesh.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    denoiser_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    text_encoder_pb2,
+    text_encoder_pb2_grpc,
+)
 from sdmesh.v1.limits import GATEWAY_MESSAGE_BYTES
 from sdmesh.v1.tensors import TensorError, from_proto, to_proto
 
@@ -51,8 +60,11 @@ log = logging.getLogger("sdmesh.gateway")
 MAX_MESSAGE_BYTES = GATEWAY_MESSAGE_BYTES  # decoded images of the largest batch fit; larger is refused by gRPC
 # Stage failures another replica may not have; CANCELLED counts only when the stage (shutting down), not our client, cancelled.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
-STUBS = {"encoder": text_encoder_pb2_grpc.TextEncoderStub, "denoiser": denoiser_pb2_grpc.DenoiserStub,
-         "decoder": decoder_pb2_grpc.DecoderStub}
+STUBS = {
+    "encoder": text_encoder_pb2_grpc.TextEncoderStub,
+    "denoiser": denoiser_pb2_grpc.DenoiserStub,
+    "decoder": decoder_pb2_grpc.DecoderStub,
+}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -65,7 +77,9 @@ CHANNEL_OPTIONS = [
 
 # A `dns:///name:port` address stands for every server the name resolves to (docker compose's `--scale`):
 # gRPC spreads calls over them round robin and skips those whose health is not SERVING.
-BALANCED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}})
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
 
 
 def stage_channel(address: str) -> grpc.Channel:
@@ -113,8 +127,14 @@ class Replica:
 class ReplicaPool:
     """The replicas of one stage; `acquire` picks the usable one with the fewest outstanding calls."""
 
-    def __init__(self, stage: str, addresses: Sequence[str], *, channel_factory: Callable[[str], grpc.Channel] | None = None,
-                 watch_health: bool = True):
+    def __init__(
+        self,
+        stage: str,
+        addresses: Sequence[str],
+        *,
+        channel_factory: Callable[[str], grpc.Channel] | None = None,
+        watch_health: bool = True,
+    ):
         if not addresses:
             raise ValueError(f"no {stage} addresses: give at least one HOST:PORT")
         make = channel_factory or stage_channel
@@ -122,8 +142,11 @@ class ReplicaPool:
         self.replicas = [Replica(stage, a, make(a)) for a in addresses]
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._watchers = [threading.Thread(target=self._watch, args=(r,), name=f"health-{r}", daemon=True)
-                          for r in self.replicas] if watch_health else []
+        self._watchers = (
+            [threading.Thread(target=self._watch, args=(r,), name=f"health-{r}", daemon=True) for r in self.replicas]
+            if watch_health
+            else []
+        )
         for t in self._watchers:
             t.start()
 
@@ -134,7 +157,9 @@ class ReplicaPool:
         are still tried when no other is left: that hint may be stale, and must not turn every request away.
         """
         with self._lock:
-            candidates = [r for r in self.replicas if r not in exclude and r.health != health_pb2.HealthCheckResponse.NOT_SERVING]
+            candidates = [
+                r for r in self.replicas if r not in exclude and r.health != health_pb2.HealthCheckResponse.NOT_SERVING
+            ]
             usable = [r for r in candidates if r.usable] or candidates
             if not usable:
                 return None
@@ -205,7 +230,9 @@ class Downstream:
         if remaining is None or remaining > 1e8:  # no deadline
             return None
         if remaining <= 0:
-            raise StageError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before the stages finished")
+            raise StageError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before the stages finished"
+            )
         return remaining
 
     def track(self, call: Any) -> Any:
@@ -255,11 +282,14 @@ def stream_stage(pool: ReplicaPool, down: Downstream, run: Callable[[Replica, fl
         finally:
             pool.release(replica)
     if last is None:
-        raise StageError(grpc.StatusCode.UNAVAILABLE, f"no {pool.stage} replica is SERVING "
-                                                      f"({', '.join(r.address for r in pool.replicas)}); retry later")
+        raise StageError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no {pool.stage} replica is SERVING ({', '.join(r.address for r in pool.replicas)}); retry later",
+        )
     code = grpc.StatusCode.UNAVAILABLE if last.code() == grpc.StatusCode.CANCELLED else last.code()
-    raise StageError(code, f"{what} failed on every {pool.stage} replica "
-                                  f"({', '.join(dict.fromkeys(tried))}): {last.details()}")
+    raise StageError(
+        code, f"{what} failed on every {pool.stage} replica ({', '.join(dict.fromkeys(tried))}): {last.details()}"
+    )
 
 
 def call_stage(pool: ReplicaPool, down: Downstream, run: Callable[[Replica, float | None], Any], what: str) -> Any:
@@ -343,12 +373,16 @@ class PooledStages:
                                                  unconditional=negative_prompts is not None)  # fmt: skip
         reply = self._unary(self.encoders, "Encode", message)
         cond = from_proto(reply.cond, name="cond", dtype="float32", ndim=3)
-        uncond = from_proto(reply.uncond, name="uncond", dtype="float32", ndim=3) if negative_prompts is not None else None
+        uncond = (
+            from_proto(reply.uncond, name="uncond", dtype="float32", ndim=3) if negative_prompts is not None else None
+        )
         truncations = [chain.Truncation(t.prompt_index, t.removed_text, t.negative) for t in reply.truncated]
         return chain.Encoded(cond=cond, uncond=uncond, truncations=truncations)
 
     def encode_image(self, pixels: np.ndarray, seed: int, stream: int) -> np.ndarray:
-        message = decoder_pb2.EncodeImageRequest(images=to_proto(np.asarray(pixels, np.float32)), seed=seed, stream=stream)
+        message = decoder_pb2.EncodeImageRequest(
+            images=to_proto(np.asarray(pixels, np.float32)), seed=seed, stream=stream
+        )
         reply = self._unary(self.decoders, "EncodeImage", message)
         return wire.nhwc(from_proto(reply.latents, name="latents", dtype="float32", ndim=4))
 
@@ -362,7 +396,9 @@ class PooledStages:
                     yield chain.Progress(p.stage, p.step, p.total_steps)
                 elif event.HasField("latents"):
                     return wire.nhwc(from_proto(event.latents, name="latents", dtype="float32", ndim=4))
-            raise StageError(grpc.StatusCode.INTERNAL, f"the denoiser ({replica.address}) ended its stream without latents")
+            raise StageError(
+                grpc.StatusCode.INTERNAL, f"the denoiser ({replica.address}) ended its stream without latents"
+            )
 
         # A retried Denoise starts again from step 0: its progress events say so.
         return (yield from stream_stage(self.denoisers, self.down, run, "Denoise"))
@@ -420,7 +456,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     # -- RPCs --
 
-    def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateEvent]:
+    def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.GenerateEvent]:
         t0 = time.perf_counter()
         try:
             yield from self._admitted(request, context)
@@ -433,11 +471,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         if code != grpc.StatusCode.OK:
             self.metrics.error(code.name)
 
-    def _admitted(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateEvent]:
+    def _admitted(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.GenerateEvent]:
         with self._lock:
             if self._inflight >= self.max_inflight:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"the gateway has {self.max_inflight} requests in flight (its --max-inflight); retry later")
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the gateway has {self.max_inflight} requests in flight (its --max-inflight); retry later",
+                )
             self._inflight += 1
             self.metrics.set_queue_depth(self._inflight)
         try:
@@ -450,13 +492,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             context.abort(e.code, e.message)
         except Exception as e:  # a bug of ours: say so, and keep the traceback in the log
             log.exception("internal error in Generate")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in the gateway ({type(e).__name__}: {e}); the log has the traceback")
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error in the gateway ({type(e).__name__}: {e}); the log has the traceback",
+            )
         finally:
             with self._lock:
                 self._inflight -= 1
                 self.metrics.set_queue_depth(self._inflight)
 
-    def _generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateEvent]:
+    def _generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.GenerateEvent]:
         down = Downstream(context)
         facts = self.facts(down)
         job = contract.validate(request_from_proto(request), facts)
@@ -483,8 +530,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         replicas = {f"{pool.stage}_replicas": [r.address for r in pool.replicas]
                     for pool in (self.encoders, self.denoisers, self.decoders)}  # fmt: skip
         return common_pb2.ModelInfo(
-            service="Gateway", model=denoiser.model, weights_dtype=denoiser.weights_dtype,
-            activations_dtype=denoiser.activations_dtype, compiled_shapes=denoiser.compiled_shapes,
+            service="Gateway",
+            model=denoiser.model,
+            weights_dtype=denoiser.weights_dtype,
+            activations_dtype=denoiser.activations_dtype,
+            compiled_shapes=denoiser.compiled_shapes,
             model_facts=wire.facts_to_proto(facts),
             gateway_stages=common_pb2.GatewayStages(max_inflight=self.max_inflight, **replicas),
         )
@@ -499,8 +549,13 @@ def split_addresses(text: str | Sequence[str]) -> list[str]:
     return [a.strip() for item in items for a in item.split(",") if a.strip()]
 
 
-def build_server(service: GatewayService, address: str, *, workers: int | None = None,
-                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+def build_server(
+    service: GatewayService,
+    address: str,
+    *,
+    workers: int | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
     """A grpc server hosting the gateway, grpc.health.v1 and reflection; (server, bound port). Not started.
 
     credentials: grpc.ssl_server_credentials(...) to serve TLS; None: plaintext.
@@ -511,16 +566,24 @@ def build_server(service: GatewayService, address: str, *, workers: int | None =
     # One thread per request in flight (each waits on a stage) plus a few for health, ModelInfo and the refusals;
     # past that gRPC itself answers RESOURCE_EXHAUSTED rather than queueing without bound.
     workers = workers or service.max_inflight + 8
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers,
-                         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        maximum_concurrent_rpcs=workers,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        ],
+    )
     gateway_pb2_grpc.add_GatewayServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", "sdmesh.v1.Gateway"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    names = (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME)
+    names = (
+        gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(names, server)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
@@ -540,8 +603,10 @@ def main(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    pools = [ReplicaPool(stage, split_addresses(getattr(args, stage, None) or DEFAULT_ADDRESSES[stage]))
-             for stage in ("encoder", "denoiser", "decoder")]
+    pools = [
+        ReplicaPool(stage, split_addresses(getattr(args, stage, None) or DEFAULT_ADDRESSES[stage]))
+        for stage in ("encoder", "denoiser", "decoder")
+    ]
     service = GatewayService(*pools, max_inflight=args.max_inflight)
     server, port = build_server(service, f"{args.host}:{args.port}")
     if getattr(args, "metrics_port", None) is not None:
@@ -550,8 +615,12 @@ def main(args: argparse.Namespace) -> int:
     for name in ("", "sdmesh.v1.Gateway"):  # until the stages answer (below)
         server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
-    log.warning("sdmesh.v1.Gateway listening on %s:%d (encoder %s; denoiser %s; decoder %s)", args.host, port,
-                *(",".join(r.address for r in pool.replicas) for pool in pools))
+    log.warning(
+        "sdmesh.v1.Gateway listening on %s:%d (encoder %s; denoiser %s; decoder %s)",
+        args.host,
+        port,
+        *(",".join(r.address for r in pool.replicas) for pool in pools),
+    )
     serving = None
     while True:
         # The gateway is SERVING while every stage has a SERVING replica, so health checks

@@ -21,6 +21,7 @@ Who records what: `server.StageServer` records request latency, errors and queue
 records its own requests, in-flight count, errors and images. `sdmesh top` (client/top.py) reads
 these names. No JAX here: the gateway uses this module too.
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,7 +36,14 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 CHUNK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # up to MAX_IMAGES
 # Codes our servers answer with, present at 0 from the start so a rate() over them is defined before the first error.
-KNOWN_ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL", "CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE")
+KNOWN_ERROR_CODES = (
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "INTERNAL",
+    "CANCELLED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+)
 
 
 class StageMetrics:
@@ -47,15 +55,25 @@ class StageMetrics:
         self.stage = stage
         self.registry = CollectorRegistry()
         r, s = self.registry, ["stage"]
-        self._queue_depth = Gauge("sdmesh_queue_depth", "Calls admitted and not finished (running + waiting).", s, registry=r).labels(stage)
-        self._occupancy = Gauge("sdmesh_batch_occupancy", "The last device batch's used rows / compiled rows.", s, registry=r).labels(stage)
-        self._batch = Histogram("sdmesh_batch_size", "Rows used per device batch.", s, buckets=BATCH_BUCKETS, registry=r).labels(stage)
-        self._chunk = Histogram("sdmesh_chunk_seconds", "Seconds per compiled program call.", s, buckets=CHUNK_BUCKETS,
-                                registry=r).labels(stage)
-        self._request = Histogram("sdmesh_request_seconds", "Seconds per RPC, queueing included.", s, buckets=REQUEST_BUCKETS,
-                                  registry=r).labels(stage)
+        self._queue_depth = Gauge(
+            "sdmesh_queue_depth", "Calls admitted and not finished (running + waiting).", s, registry=r
+        ).labels(stage)
+        self._occupancy = Gauge(
+            "sdmesh_batch_occupancy", "The last device batch's used rows / compiled rows.", s, registry=r
+        ).labels(stage)
+        self._batch = Histogram(
+            "sdmesh_batch_size", "Rows used per device batch.", s, buckets=BATCH_BUCKETS, registry=r
+        ).labels(stage)
+        self._chunk = Histogram(
+            "sdmesh_chunk_seconds", "Seconds per compiled program call.", s, buckets=CHUNK_BUCKETS, registry=r
+        ).labels(stage)
+        self._request = Histogram(
+            "sdmesh_request_seconds", "Seconds per RPC, queueing included.", s, buckets=REQUEST_BUCKETS, registry=r
+        ).labels(stage)
         self._images = Counter("sdmesh_images_served", "Images returned.", s, registry=r).labels(stage)
-        self._errors = Counter("sdmesh_errors", "RPCs that ended with a status other than OK.", ["stage", "code"], registry=r)
+        self._errors = Counter(
+            "sdmesh_errors", "RPCs that ended with a status other than OK.", ["stage", "code"], registry=r
+        )
         for code in KNOWN_ERROR_CODES:
             self._errors.labels(stage, code)
         self._http: Any = None

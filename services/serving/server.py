@@ -24,6 +24,7 @@ status is not OK, its code (refusals and callers gone included); the `DeviceQueu
 They go to the service's own `StageMetrics` (`StageService.metrics`, where the servicer records batches,
 chunks and images), and `serve(metrics_port=)` serves them over HTTP.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,14 +43,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sdmesh.v1.tensors import TensorError
+from sdmesh.services.checkpoints.weights import CheckpointError
 from sdmesh.services.engine.errors import FollowerLost
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import DEFAULT_MAX_QUEUE
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving.errors import CallerGone, Overloaded
 from sdmesh.services.serving.metrics import StageMetrics
-from sdmesh.services.checkpoints.weights import CheckpointError
+from sdmesh.v1.tensors import TensorError
 
 if TYPE_CHECKING:  # the gateway imports this module and no JAX
     from sdmesh.services.engine.programs import Programs
@@ -60,6 +61,7 @@ class Stage(Protocol):
 
     programs: Programs
     params: Any
+
 
 log = logging.getLogger("sdmesh.server")
 
@@ -81,7 +83,9 @@ class StageService:
     device_methods: frozenset[str]  # RPC names that run on the device and wait in the queue, e.g. {"Denoise"}
     warm_up: Callable[[], None]  # compiles the configured shapes: a warm-up call per shape
     max_message_bytes: int  # the largest request or response of the configured shapes
-    metrics: StageMetrics | None = None  # where the server records; the servicer records batches, chunks, images here too
+    metrics: StageMetrics | None = (
+        None  # where the server records; the servicer records batches, chunks, images here too
+    )
     # The engine stage served (its .programs and .params): over several processes they run in lockstep.
     stage: Stage | None = None
 
@@ -97,7 +101,10 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, (InvalidRequest, TensorError, CheckpointError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error}); this is a bug in sdmesh, the server log has the traceback"
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error ({type(error).__name__}: {error}); this is a bug in sdmesh, the server log has the traceback",
+    )
 
 
 class DeviceQueue:
@@ -121,7 +128,9 @@ class DeviceQueue:
     def turn(self, context: grpc.ServicerContext) -> Iterator[None]:
         with self._count:
             if self._admitted > self.max_queue:  # one running and max_queue waiting
-                raise Overloaded(f"the stage is busy: 1 call running and {self.max_queue} waiting (--max-queue); retry later or on another replica")
+                raise Overloaded(
+                    f"the stage is busy: 1 call running and {self.max_queue} waiting (--max-queue); retry later or on another replica"
+                )
             self._admitted += 1
             self._on_change(self._admitted)
         try:
@@ -154,10 +163,14 @@ class StatusInterceptor(grpc.ServerInterceptor):
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(handler.unary_stream, queued),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return grpc.unary_unary_rpc_method_handler(
             self._unary(handler.unary_unary, queued),
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _admit(self, queued: bool, context: grpc.ServicerContext):
         return self.queue.turn(context) if queued else contextlib.nullcontext()
@@ -245,8 +258,9 @@ class StageServer:
     """A gRPC server hosting one stage, with health (NOT_SERVING until warmed up), reflection and metrics
     (the service's `StageMetrics`, or a new one; served over HTTP only by `serve(metrics_port=)`)."""
 
-    def __init__(self, service: StageService, *, host: str = "127.0.0.1", port: int = 0,
-                 max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(
+        self, service: StageService, *, host: str = "127.0.0.1", port: int = 0, max_queue: int = DEFAULT_MAX_QUEUE
+    ):
         self.service, self.host = service, host
         self.metrics = service.metrics or StageMetrics(stage_name(service.name))
         self.queue = DeviceQueue(max_queue, on_change=self.metrics.set_queue_depth)
@@ -258,8 +272,7 @@ class StageServer:
         )
         service.add_to_server(service.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection((service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
@@ -273,7 +286,7 @@ class StageServer:
         for name in ("", self.service.name):
             self.health.set(name, status)
 
-    def start(self) -> "StageServer":
+    def start(self) -> StageServer:
         self.server.start()
         return self
 
@@ -291,8 +304,15 @@ class StageServer:
         self.metrics.close()
 
 
-def serve(service: StageService, *, host: str, port: int, max_queue: int = DEFAULT_MAX_QUEUE, grace: float = 5.0,
-          metrics_port: int | None = None) -> int:
+def serve(
+    service: StageService,
+    *,
+    host: str,
+    port: int,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    grace: float = 5.0,
+    metrics_port: int | None = None,
+) -> int:
     """Start, warm up, serve until SIGTERM or SIGINT, stop cleanly. Returns the exit status (0).
 
     Logs "<service> SERVING on HOST:PORT" once warm (with --port 0 that is how a launcher learns the port).
@@ -354,8 +374,10 @@ def check_size(height: int, width: int, sizes: set[tuple[int, int]] | None) -> N
     """With --strict-shapes, only the configured sizes are served: anything else is refused, not compiled."""
     if sizes is not None and (height, width) not in sizes:
         served = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
-        raise InvalidRequest(f"{height}x{width} is not a size this service serves (--strict-shapes: {served}); "
-                             "ask for one of those, or use a replica started with that size in its --shapes")
+        raise InvalidRequest(
+            f"{height}x{width} is not a size this service serves (--strict-shapes: {served}); "
+            "ask for one of those, or use a replica started with that size in its --shapes"
+        )
 
 
 def check_shapes(shapes: list[tuple[int, int, int]], multiple: int) -> None:
@@ -382,7 +404,9 @@ def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
         if len(dims) == 2:
             dims.append(dims[1])
         if len(dims) != 3 or min(dims) < 1:
-            raise InvalidRequest(f"--shapes: expected BATCHxHEIGHTxWIDTH items separated by commas, e.g. 1x512x512,2x512x512; got {part!r}")
+            raise InvalidRequest(
+                f"--shapes: expected BATCHxHEIGHTxWIDTH items separated by commas, e.g. 1x512x512,2x512x512; got {part!r}"
+            )
         shapes.append(tuple(dims))
     return shapes
 
@@ -394,13 +418,20 @@ def load_setup(args: Any) -> tuple[Any, Any, Any]:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     distributed.initialize_from_args(args)  # before any device is touched: the mesh may span several processes
-    options = stages.RuntimeOptions(weights_dtype=args.weights_dtype, activations_dtype=args.activations_dtype,
-                                      precision=args.precision, attention=args.attention, jax_cache_dir=args.jax_cache_dir,
-                                      mesh=sharding.mesh_config(args))
+    options = stages.RuntimeOptions(
+        weights_dtype=args.weights_dtype,
+        activations_dtype=args.activations_dtype,
+        precision=args.precision,
+        attention=args.attention,
+        jax_cache_dir=args.jax_cache_dir,
+        mesh=sharding.mesh_config(args),
+    )
     if options.jax_cache_dir:
         stages.enable_compilation_cache(options.jax_cache_dir)
     folder = checkpoint.resolve(args.model, revision=args.revision, variant=args.variant)
-    load = stages.LoadOptions(variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint)
+    load = stages.LoadOptions(
+        variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint
+    )
     return folder, options, load
 
 

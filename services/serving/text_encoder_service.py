@@ -10,6 +10,7 @@ to it with its own truncation notes. Every prompt is padded to the tokenizer's 7
 any requests can share a batch. CLIP encodes each row on its own, so a request's tensors do
 not depend on its batch-mates (measured: tests/test_batching.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from sdmesh.v1.tensors import to_proto
-from sdmesh.services.serving import batching, server
-from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.services.engine.stages import TextEncoderStage
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.serving import batching, server
+from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.v1 import common_pb2, text_encoder_pb2, text_encoder_pb2_grpc
+from sdmesh.v1.tensors import to_proto
 
 MAX_PROMPTS = contract.MAX_IMAGES  # one row per prompt; the denoiser takes no more images than this
 
@@ -67,13 +68,27 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
     max_queue: calls that may wait (when batching; with max_batch 1 the server's DeviceQueue bounds them).
     metrics: where batches and device calls are recorded (the server records its RPCs there too)."""
 
-    def __init__(self, stage: TextEncoderStage, model: str, *, max_batch: int = 1, batch_wait: float = 0.0,
-                 max_queue: int = contract.DEFAULT_MAX_QUEUE, metrics: StageMetrics | None = None):
+    def __init__(
+        self,
+        stage: TextEncoderStage,
+        model: str,
+        *,
+        max_batch: int = 1,
+        batch_wait: float = 0.0,
+        max_queue: int = contract.DEFAULT_MAX_QUEUE,
+        metrics: StageMetrics | None = None,
+    ):
         self.stage, self.model = stage, model
         self.metrics = metrics or StageMetrics("text_encoder")
         self.compiled: set[int] = set()  # rows per encode call
-        self.batcher = batching.Batcher(self.encode_texts, max_batch=max_batch, batch_wait=batch_wait, max_queue=max_queue,
-                                        metrics=self.metrics, name="encoder")
+        self.batcher = batching.Batcher(
+            self.encode_texts,
+            max_batch=max_batch,
+            batch_wait=batch_wait,
+            max_queue=max_queue,
+            metrics=self.metrics,
+            name="encoder",
+        )
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
         """One device call: (hidden (T, L, D) float32, per text the truncated text)."""
@@ -90,11 +105,16 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)
         return common_pb2.ModelInfo(
-            service="TextEncoder", model=self.model, weights_dtype=self.stage.options.weights_dtype,
-            activations_dtype=self.stage.options.activations_dtype, devices=devices, mesh=mesh,
+            service="TextEncoder",
+            model=self.model,
+            weights_dtype=self.stage.options.weights_dtype,
+            activations_dtype=self.stage.options.activations_dtype,
+            devices=devices,
+            mesh=mesh,
             compiled_shapes=[common_pb2.CompiledShape(program="encode", batch=b) for b in sorted(self.compiled)],
-            model_facts=common_pb2.ModelFacts(max_length=self.stage.tokenizer.max_length,
-                                              hidden_size=self.stage.hidden_size, max_images=MAX_PROMPTS),
+            model_facts=common_pb2.ModelFacts(
+                max_length=self.stage.tokenizer.max_length, hidden_size=self.stage.hidden_size, max_images=MAX_PROMPTS
+            ),
             batching=batching.info(self.batcher),
         )
 
@@ -123,10 +143,13 @@ def stage_service(service: TextEncoderService, shapes: list[tuple[int, int, int]
     rows = 2 * MAX_PROMPTS
     length, width = service.stage.tokenizer.max_length, service.stage.hidden_size
     return server.StageService(
-        name="sdmesh.v1.TextEncoder", servicer=service,
+        name="sdmesh.v1.TextEncoder",
+        servicer=service,
         add_to_server=text_encoder_pb2_grpc.add_TextEncoderServicer_to_server,
-        device_methods=batching.device_methods(service.batcher, "Encode"), warm_up=lambda: service.warm_up(batches),
-        max_message_bytes=max(rows * length * width * 4, rows * contract.MAX_PROMPT_CHARS * 4), metrics=service.metrics,
+        device_methods=batching.device_methods(service.batcher, "Encode"),
+        warm_up=lambda: service.warm_up(batches),
+        max_message_bytes=max(rows * length * width * 4, rows * contract.MAX_PROMPT_CHARS * 4),
+        metrics=service.metrics,
         stage=service.stage,
     )
 
@@ -138,5 +161,10 @@ def main(args: Any) -> int:
     folder, options, load = server.load_setup(args)
     stage = TextEncoderStage.load(folder, options, load)
     service = TextEncoderService(stage, args.model, **batch)
-    return server.serve(stage_service(service, shapes), host=args.host, port=args.port, max_queue=args.max_queue,
-                        metrics_port=getattr(args, "metrics_port", None))
+    return server.serve(
+        stage_service(service, shapes),
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+        metrics_port=getattr(args, "metrics_port", None),
+    )

@@ -95,12 +95,16 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFac
         height, width, seed = latents.shape[1] * f, latents.shape[2] * f, request.noise_seed
         for name, asked, got in (("height", request.height, height), ("width", request.width, width)):
             if asked and asked != got:
-                raise InvalidRequest(f"{name} {asked} disagrees with the latents' {got // f} × {f} = {got} pixels; send 0 or {got}")
+                raise InvalidRequest(
+                    f"{name} {asked} disagrees with the latents' {got // f} × {f} = {got} pixels; send 0 or {got}"
+                )
     elif which == "seed":
         latents, height, width, seed = None, request.height, request.width, request.seed
         if not height or not width:
             if facts.default_size is None:
-                raise InvalidRequest("this UNet's config names no sample_size, so there is no default size: give height and width")
+                raise InvalidRequest(
+                    "this UNet's config names no sample_size, so there is no default size: give height and width"
+                )
             height, width = height or facts.default_size[0], width or facts.default_size[1]
     else:
         raise InvalidRequest("give the initial noise: a seed, or latents (N, C, H/f, W/f)")
@@ -108,7 +112,11 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFac
         raise InvalidRequest("strength needs init_latents (the init image's latents from Decoder.EncodeImage)")
 
     def image_input(name: str) -> np.ndarray | None:
-        return nhwc(from_proto(getattr(request, name), name=name, dtype="float32", ndim=4)) if request.HasField(name) else None
+        return (
+            nhwc(from_proto(getattr(request, name), name=name, dtype="float32", ndim=4))
+            if request.HasField(name)
+            else None
+        )
 
     labels = None
     if request.HasField("class_labels"):

@@ -1,4 +1,5 @@
 """numpy ↔ sdmesh.v1.Tensor: raw little-endian bytes, dtype and shape checked on the way in."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,14 @@ _TO_NUMPY = {
     tensor_pb2.INT64: lambda: np.dtype("<i8"),
     tensor_pb2.UINT8: lambda: np.dtype("u1"),
 }
-_FROM_NUMPY = {"float32": tensor_pb2.FLOAT32, "float16": tensor_pb2.FLOAT16, "bfloat16": tensor_pb2.BFLOAT16,
-               "int32": tensor_pb2.INT32, "int64": tensor_pb2.INT64, "uint8": tensor_pb2.UINT8}
+_FROM_NUMPY = {
+    "float32": tensor_pb2.FLOAT32,
+    "float16": tensor_pb2.FLOAT16,
+    "bfloat16": tensor_pb2.BFLOAT16,
+    "int32": tensor_pb2.INT32,
+    "int64": tensor_pb2.INT64,
+    "uint8": tensor_pb2.UINT8,
+}
 
 
 def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
@@ -40,8 +47,9 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=_FROM_NUMPY[array.dtype.name], shape=list(array.shape), data=data.tobytes())
 
 
-def from_proto(tensor: tensor_pb2.Tensor, *, name: str = "tensor", dtype: str | None = None,
-               ndim: int | None = None) -> np.ndarray:
+def from_proto(
+    tensor: tensor_pb2.Tensor, *, name: str = "tensor", dtype: str | None = None, ndim: int | None = None
+) -> np.ndarray:
     """The array a Tensor message holds, after checking it; `dtype`/`ndim` state what the caller expects."""
     if tensor.dtype not in _TO_NUMPY:
         raise TensorError(f"{name}: unknown or unspecified dtype {tensor.dtype}")
@@ -51,8 +59,10 @@ def from_proto(tensor: tensor_pb2.Tensor, *, name: str = "tensor", dtype: str | 
         raise TensorError(f"{name}: shape {list(shape)} is not a valid array shape")
     expected = math.prod(shape) * np_dtype.itemsize  # Python ints: no overflow on absurd shapes
     if len(tensor.data) != expected:
-        raise TensorError(f"{name}: {len(tensor.data)} bytes of data but dtype {np_dtype.name} and shape "
-                          f"{list(shape)} need {expected}")
+        raise TensorError(
+            f"{name}: {len(tensor.data)} bytes of data but dtype {np_dtype.name} and shape "
+            f"{list(shape)} need {expected}"
+        )
     if dtype is not None and np_dtype.name != dtype:
         raise TensorError(f"{name}: expected {dtype}, got {np_dtype.name}")
     if ndim is not None and len(shape) != ndim:
