@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL ?= models/tiny-sd2
 PORT ?= 50051
 
-.PHONY: install test demo demo-local bench clean
+.PHONY: install lint test test-fast demo demo-local bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,8 +15,18 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 
-test: install
+# ruff (lint, then formatting) and mypy on the JAX-free request layer; CI runs this before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the tests that start processes (stacks, multi-process stages, the CLI).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not processes"
 
 # The main job: the stage services as separate local processes (encoder, denoiser, decoder, gateway),
 # then a generation through the gateway, on a locally built tiny random-weight model (its image is noise).

@@ -1,7 +1,11 @@
 """Shared test helpers. Checkpoints are built here, in the session, from the reference classes."""
+
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 
 def rel_error(actual, reference) -> float:
@@ -18,11 +22,8 @@ def assert_rel_close(actual, reference, tol: float = 1e-4) -> None:
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
 
 
-import pytest
-
-
 @pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory) -> dict[str, "Path"]:
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Random-weight diffusers checkpoints (SD2- and SD1-shaped), saved by the reference classes once per session."""
     from sdmesh.services.dev import reference
 

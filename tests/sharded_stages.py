@@ -4,6 +4,7 @@ JAX fixes its device count at first use, so this runs in its own process:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_stages.py CHECKPOINT 8,1,1 2,2,2 ...
 The 1-device result comes from the same process (no mesh: the default device).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from sdmesh.services.engine.sharding import MeshConfig
 from sdmesh.services.engine.stages import RuntimeOptions
 from sdmesh.services.inputs.contract import GenerationRequest
 from sdmesh.services.pipeline import StableDiffusion
-from sdmesh.services.engine.sharding import MeshConfig
 
 BATCH, STEPS = 8, 3  # 8 images so every data-axis size here divides the batch
-CONV = ("down_blocks_0", "resnets_0", "conv1", "kernel")      # (3, 3, 32, 32)
+CONV = ("down_blocks_0", "resnets_0", "conv1", "kernel")  # (3, 3, 32, 32)
 DENSE = ("down_blocks_1", "attentions_0", "proj_in", "kernel")  # (64, 64)
 
 
@@ -45,22 +46,26 @@ def run(folder: Path, mesh: MeshConfig | None) -> dict:
     cond = rng.standard_normal((BATCH, 77, denoiser.unet.config.context_dim), np.float32)
     uncond = rng.standard_normal(cond.shape, np.float32)
     noise = denoiser.noise(0, (BATCH, 8, 8, denoiser.latent_channels))
-    for _, latents, _ in denoiser.run(noise, cond, uncond, steps=STEPS, guidance_scale=7.5, eta=0.5, seed=1):
-        pass
+    *_, (_, latents, _) = denoiser.run(noise, cond, uncond, steps=STEPS, guidance_scale=7.5, eta=0.5, seed=1)
     # between chunks the running batch's state stays on the mesh, split by batch
     batch = denoiser.new_batch([BATCH])
     batch.join(denoiser.slots(noise, cond, uncond, steps=STEPS, guidance_scale=7.5, eta=0.5, seed=1))
     batch.run_chunk(1)
     images, _ = decoder.decode(latents)
     # the three stages chained, each handing its sharded output to the next (same shapes: no new denoise/decode compile)
-    request = GenerationRequest(prompt=["a cat", "a dog"], num_images=BATCH // 2, steps=STEPS, eta=0.5, seed=2, height=16, width=16)
+    request = GenerationRequest(
+        prompt=["a cat", "a dog"], num_images=BATCH // 2, steps=STEPS, eta=0.5, seed=2, height=16, width=16
+    )
     generated = pipe.generate(request).images
     return {
-        "latents": np.asarray(latents).tolist(), "images": images.tolist(), "generated": generated.tolist(),
+        "latents": np.asarray(latents).tolist(),
+        "images": images.tolist(),
+        "generated": generated.tolist(),
         "latents_spec": str(batch.device_state.x.sharding.spec) if mesh else None,
         "conv_shard": list(leaf(denoiser.params, CONV).addressable_shards[0].data.shape),
         "dense_shard": list(leaf(denoiser.params, DENSE).addressable_shards[0].data.shape),
-        "unet_bytes": per_device_bytes(denoiser.params), "vae_bytes": per_device_bytes(decoder.params),
+        "unet_bytes": per_device_bytes(denoiser.params),
+        "vae_bytes": per_device_bytes(decoder.params),
     }
 
 

@@ -1,12 +1,13 @@
 """The attention implementations agree with each other and with the textbook formula."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import assert_rel_close
+
 from sdmesh.services.models.attention import attention
 
 

@@ -4,6 +4,7 @@ The Batcher gathers waiting requests up to max_batch rows or batch_wait seconds,
 and splits the results back; its queue is bounded, callers that left are dropped, and an error fails only its
 own batch. First with a fake stage function whose output is exact, then over gRPC around the tiny checkpoint:
 concurrent Encode and Decode calls really share device calls, and each gets what it gets alone."""
+
 from __future__ import annotations
 
 import threading
@@ -17,11 +18,11 @@ import numpy as np
 import pytest
 
 from sdmesh.client import stages
-from sdmesh.v1.tensors import to_proto
+from sdmesh.services.engine.stages import DecoderStage, TextEncoderStage
 from sdmesh.services.serving import batching, decoder_service, errors, server, text_encoder_service
 from sdmesh.services.serving.metrics import StageMetrics
-from sdmesh.services.engine.stages import DecoderStage, TextEncoderStage
 from sdmesh.v1 import decoder_pb2, decoder_pb2_grpc
+from sdmesh.v1.tensors import to_proto
 
 SIZE = 16  # the tiny checkpoint's native size: UNet sample_size 8 × VAE factor 2
 
@@ -33,7 +34,13 @@ def test_buckets_are_powers_of_two_up_to_max_batch_and_none_when_not_batching():
     assert batching.batch_buckets(1) == []
     assert batching.batch_buckets(4) == [1, 2, 4]
     assert batching.batch_buckets(12) == [1, 2, 4, 8, 12]
-    assert [batching.bucket_for(n, [1, 2, 4]) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 5]  # past the last: its own size
+    assert [batching.bucket_for(n, [1, 2, 4]) for n in (1, 2, 3, 4, 5)] == [
+        1,
+        2,
+        4,
+        4,
+        5,
+    ]  # past the last: its own size
     assert batching.bucket_for(3, []) == 3
 
 
@@ -309,20 +316,26 @@ def concurrently(calls):
 
 def test_concurrent_decodes_share_a_device_call_and_each_image_equals_its_decode_alone(tiny):
     metrics = Recorded("decoder")
-    service = decoder_service.DecoderService(tiny.decoder, "tiny", max_batch=4, batch_wait=2.0, max_queue=8, metrics=metrics)
+    service = decoder_service.DecoderService(
+        tiny.decoder, "tiny", max_batch=4, batch_wait=2.0, max_queue=8, metrics=metrics
+    )
     running = _serve(decoder_service.stage_service(service, [(1, SIZE, SIZE)]), service)
     try:
         info = stages.DecoderClient(running.address).model_info()
         assert sorted(s.batch for s in info.compiled_shapes) == [1, 2, 4]  # every bucket compiled before SERVING
         assert (info.batching.max_batch, info.batching.batch_wait_ms) == (4, 2000.0)
         rng = np.random.default_rng(0)
-        latents = [rng.standard_normal((n, 4, SIZE // 2, SIZE // 2), dtype=np.float32) for n in (1, 2, 1)]  # 4 images: full
+        latents = [
+            rng.standard_normal((n, 4, SIZE // 2, SIZE // 2), dtype=np.float32) for n in (1, 2, 1)
+        ]  # 4 images: full
         client = stages.DecoderClient(running.address)
         images = concurrently([lambda x=x: client.decode(x, timeout=30) for x in latents])
         assert metrics.batches == [(4, 4)]  # one device call for the three requests
         worst = 0
         for x, got in zip(latents, images):
-            alone, _ = tiny.decoder.decode(jnp.asarray(x.transpose(0, 2, 3, 1)))  # the same request at its own batch size
+            alone, _ = tiny.decoder.decode(
+                jnp.asarray(x.transpose(0, 2, 3, 1))
+            )  # the same request at its own batch size
             assert got.shape == alone.shape
             worst = max(worst, int(np.abs(got.astype(int) - alone.astype(int)).max()))
         print(f"decoder: batched vs alone, max difference {worst}/255")
@@ -334,8 +347,9 @@ def test_concurrent_decodes_share_a_device_call_and_each_image_equals_its_decode
 
 def test_concurrent_encodes_share_a_device_call_and_each_equals_its_encode_alone(tiny):
     metrics = Recorded("text_encoder")
-    service = text_encoder_service.TextEncoderService(tiny.encoder, "tiny", max_batch=8, batch_wait=2.0, max_queue=8,
-                                                      metrics=metrics)
+    service = text_encoder_service.TextEncoderService(
+        tiny.encoder, "tiny", max_batch=8, batch_wait=2.0, max_queue=8, metrics=metrics
+    )
     running = _serve(text_encoder_service.stage_service(service, [(1, 0, 0)]), service)
     try:
         requests = [  # (prompts, negatives, unconditional): 2 + 2 + 3 + 1 = 8 rows, one full batch
@@ -355,10 +369,12 @@ def test_concurrent_encodes_share_a_device_call_and_each_equals_its_encode_alone
             expected = hidden if not unconditional else hidden[: len(prompts)]
             worst = max(worst, float(np.abs(got.cond - expected).max() / np.abs(expected).max()))
             if unconditional:
-                worst = max(worst, float(np.abs(got.uncond - hidden[len(prompts):]).max() / np.abs(hidden).max()))
+                worst = max(worst, float(np.abs(got.uncond - hidden[len(prompts) :]).max() / np.abs(hidden).max()))
             else:
                 assert got.uncond is None
-            notes = [stages.Truncation(i % len(prompts), text, i >= len(prompts)) for i, text in enumerate(removed) if text]
+            notes = [
+                stages.Truncation(i % len(prompts), text, i >= len(prompts)) for i, text in enumerate(removed) if text
+            ]
             assert got.truncations == notes  # each request keeps its own truncation notes
         assert [t.prompt_index for t in encoded[2].truncations] == [2] and encoded[1].truncations[0].prompt_index == 0
         print(f"encoder: batched vs alone, max difference {worst:.2e} of the largest value")

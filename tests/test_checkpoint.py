@@ -1,4 +1,5 @@
 """Loading checkpoints as users have them: variants, pickles, UNet overrides, the Hub cache, and broken files."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdmesh.services.checkpoints import checkpoint
+from sdmesh.services.checkpoints.weights import CheckpointError
 from sdmesh.services.dev import reference
 from sdmesh.services.engine.stages import RuntimeOptions
 from sdmesh.services.inputs.contract import GenerationRequest
 from sdmesh.services.pipeline import StableDiffusion
-from sdmesh.services.checkpoints.weights import CheckpointError
 
 REQUEST = GenerationRequest(prompt="a cat", steps=2, height=16, width=16, seed=0)
 
@@ -53,7 +54,9 @@ def test_unet_checkpoint_override_takes_a_folder_or_a_file(tiny_checkpoints, tmp
     other = reference.build(tmp_path / "other", reference.TINY["sd2"], seed=5, perturb=0.02)
     base = images(tiny_checkpoints["sd2"])
     from_folder = images(tiny_checkpoints["sd2"], unet_checkpoint=str(other / "unet"))
-    from_file = images(tiny_checkpoints["sd2"], unet_checkpoint=str(other / "unet" / "diffusion_pytorch_model.safetensors"))
+    from_file = images(
+        tiny_checkpoints["sd2"], unet_checkpoint=str(other / "unet" / "diffusion_pytorch_model.safetensors")
+    )
     assert not np.array_equal(base, from_folder)
     np.testing.assert_array_equal(from_folder, from_file)
 
@@ -82,7 +85,7 @@ def test_a_missing_component_is_named(tiny_checkpoints, tmp_path):
     folder = tmp_path / "incomplete"
     shutil.copytree(tiny_checkpoints["sd2"], folder)
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no diffusion_pytorch_model.safetensors in .*vae"):
+    with pytest.raises(CheckpointError, match=r"no diffusion_pytorch_model\.safetensors in .*vae"):
         StableDiffusion.load(str(folder))
 
 

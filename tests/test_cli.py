@@ -1,4 +1,5 @@
 """`sdmesh generate` / `sdmesh bench`: the one-process CLI, on real-format checkpoint folders."""
+
 from __future__ import annotations
 
 import json
@@ -18,22 +19,66 @@ def test_generate_with_latents_equals_diffusers(tiny_checkpoints, tmp_path):
     folder = tiny_checkpoints["sd1"]
     latents = np.random.default_rng(7).standard_normal((2, 4, 16, 16), dtype=np.float32)
     np.save(tmp_path / "noise.npy", latents)
-    code = main(["generate", "an astronaut riding a horse", "--model", str(folder), "--latents", str(tmp_path / "noise.npy"),
-                 "--steps", "3", "--resolution", "32", "--num-images", "2", "--negative-prompt", "blurry",
-                 "--output-dir", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "generate",
+            "an astronaut riding a horse",
+            "--model",
+            str(folder),
+            "--latents",
+            str(tmp_path / "noise.npy"),
+            "--steps",
+            "3",
+            "--resolution",
+            "32",
+            "--num-images",
+            "2",
+            "--negative-prompt",
+            "blurry",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     ours = np.stack([np.asarray(Image.open(tmp_path / "out" / f"image_{i}.png")) for i in range(2)])
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)  # its own PNDM
-    ref = pipe("an astronaut riding a horse", negative_prompt="blurry", latents=torch.from_numpy(latents), num_inference_steps=3,
-               height=32, width=32, num_images_per_prompt=2, output_type="pil").images
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )  # its own PNDM
+    ref = pipe(
+        "an astronaut riding a horse",
+        negative_prompt="blurry",
+        latents=torch.from_numpy(latents),
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        num_images_per_prompt=2,
+        output_type="pil",
+    ).images
     diff = np.abs(ours.astype(int) - np.stack([np.asarray(im) for im in ref]).astype(int))
     assert diff.max() <= 2
 
 
 def test_generate_prints_paths_and_times(tiny_checkpoints, tmp_path, capsys):
-    assert main(["generate", "a cat", "--model", str(tiny_checkpoints["sd2"]), "--steps", "2", "--seed", "5",
-                 "--output-dir", str(tmp_path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "--model",
+                str(tiny_checkpoints["sd2"]),
+                "--steps",
+                "2",
+                "--seed",
+                "5",
+                "--output-dir",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.strip() == str(tmp_path / "image_0.png")
     assert "seed 5" in err and "compile" in err and "generate" in err
@@ -58,14 +103,32 @@ def _latents_file(tmp_path, shape, dtype):
         (["--latents", "LATENTS_DTYPE"], "expected float32"),
         (["--latents", "/nonexistent.npy"], "no such file"),
         (["--resolution", "abc"], "HEIGHTxWIDTH"),
-        (["--ici-data-parallelism", "2"], "make a mesh of 2 devices, but this stage uses 1"),  # this process has 1 device
+        (
+            ["--ici-data-parallelism", "2"],
+            "make a mesh of 2 devices, but this stage uses 1",
+        ),  # this process has 1 device
         (["--ici-fsdp-parallelism", "0"], "positive integer or -1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_checkpoints, tmp_path, capsys, extra, message):
-    extra = [_latents_file(tmp_path, (1, 4, 3, 3), np.float32) if e == "LATENTS_SHAPE" else
-             _latents_file(tmp_path, (1, 4, 8, 8), np.float64) if e == "LATENTS_DTYPE" else e for e in extra]
-    argv = ["generate", "a cat", "--model", str(tiny_checkpoints["sd2"]), "--output-dir", str(tmp_path), "--quiet", *extra]
+    extra = [
+        _latents_file(tmp_path, (1, 4, 3, 3), np.float32)
+        if e == "LATENTS_SHAPE"
+        else _latents_file(tmp_path, (1, 4, 8, 8), np.float64)
+        if e == "LATENTS_DTYPE"
+        else e
+        for e in extra
+    ]
+    argv = [
+        "generate",
+        "a cat",
+        "--model",
+        str(tiny_checkpoints["sd2"]),
+        "--output-dir",
+        str(tmp_path),
+        "--quiet",
+        *extra,
+    ]
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's own refusals exit 2 too
@@ -76,18 +139,31 @@ def test_bad_input_is_one_line_and_exit_2(tiny_checkpoints, tmp_path, capsys, ex
 
 
 def test_console_script_reports_missing_model_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "generate", "x", "--model", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdmesh.client.cli", "generate", "x", "--model", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "no model folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_writes_seconds_per_image(tiny_checkpoints, tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(tiny_checkpoints["sd2"]), "--steps", "2", "--repeat", "2", "--json", str(out)]) == 0
+    assert (
+        main(["bench", "--model", str(tiny_checkpoints["sd2"]), "--steps", "2", "--repeat", "2", "--json", str(out)])
+        == 0
+    )
     report = json.loads(out.read_text())
-    for key in ("compile_seconds", "seconds_per_image", "text_encoder_seconds", "unet_step_seconds",
-                "vae_decode_seconds", "peak_host_memory_mb"):
+    for key in (
+        "compile_seconds",
+        "seconds_per_image",
+        "text_encoder_seconds",
+        "unet_step_seconds",
+        "vae_decode_seconds",
+        "peak_host_memory_mb",
+    ):
         assert report[key] > 0, key
     assert len(report["seconds_per_image_all"]) == 2
 
@@ -104,19 +180,54 @@ def test_generate_with_an_init_image_and_mask_equals_the_pipeline(tiny_checkpoin
     Image.fromarray(pixels).save(tmp_path / "init.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
     folder = tiny_checkpoints["sd2"]
-    code = main(["generate", "a lighthouse", "--model", str(folder), "--init-image", str(tmp_path / "init.png"),
-                 "--mask", str(tmp_path / "mask.png"), "--strength", "0.9", "--sampler", "euler", "--steps", "3",
-                 "--seed", "4", "--output-dir", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "generate",
+            "a lighthouse",
+            "--model",
+            str(folder),
+            "--init-image",
+            str(tmp_path / "init.png"),
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "--strength",
+            "0.9",
+            "--sampler",
+            "euler",
+            "--steps",
+            "3",
+            "--seed",
+            "4",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     ours = np.asarray(Image.open(tmp_path / "out" / "image_0.png"))
-    expected = StableDiffusion.load(str(folder)).generate(GenerationRequest(
-        prompt="a lighthouse", init_image=pixels, mask_image=mask, strength=0.9, sampler="euler", steps=3, seed=4)).images[0]
+    expected = (
+        StableDiffusion.load(str(folder))
+        .generate(
+            GenerationRequest(
+                prompt="a lighthouse",
+                init_image=pixels,
+                mask_image=mask,
+                strength=0.9,
+                sampler="euler",
+                steps=3,
+                seed=4,
+            )
+        )
+        .images[0]
+    )
     np.testing.assert_array_equal(ours, expected)
 
 
 def test_a_mask_without_an_init_image_is_one_line_and_status_2(tiny_checkpoints, tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "mask.png")
-    code = main(["generate", "x", "--model", str(tiny_checkpoints["sd2"]), "--mask", str(tmp_path / "mask.png"), "--quiet"])
+    code = main(
+        ["generate", "x", "--model", str(tiny_checkpoints["sd2"]), "--mask", str(tmp_path / "mask.png"), "--quiet"]
+    )
     assert code == 2
     assert "needs an init image" in capsys.readouterr().err
 

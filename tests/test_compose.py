@@ -1,5 +1,6 @@
 """docker-compose.yml and the Dockerfile, checked without a Docker engine: every command is a real
 `sdmesh` invocation, ports and addresses agree, and the gateway reaches every denoiser replica."""
+
 from __future__ import annotations
 
 import re
@@ -74,7 +75,10 @@ def test_the_gateway_addresses_agree_with_the_stage_ports(services):
 def test_the_gateway_lists_every_denoiser_replica(services):
     # `--scale denoiser=N` makes N containers behind the DNS name `denoiser`; a dns:/// address is all of them.
     denoiser = services["denoiser"]
-    assert option(services["gateway"]["command"], "--denoiser") == f"dns:///denoiser:{option(denoiser['command'], '--port')}"
+    assert (
+        option(services["gateway"]["command"], "--denoiser")
+        == f"dns:///denoiser:{option(denoiser['command'], '--port')}"
+    )
     assert "container_name" not in denoiser and "ports" not in denoiser  # either would make --scale fail
 
 

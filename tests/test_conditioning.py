@@ -4,6 +4,7 @@ Two levels: each function against the diffusers/torch lines it mirrors, on small
 each pipeline end to end up to its first UNet call (a forward hook records what the UNet got),
 rebuilt from our functions with the same noise the pipeline's generator drew, in the same order.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 from conftest import assert_rel_close, rel_error
 from PIL import Image
 
-from sdmesh.services.inputs import conditioning as cond
+from sdmesh.services.checkpoints.weights import convert
 from sdmesh.services.dev import reference
+from sdmesh.services.inputs import conditioning as cond
 from sdmesh.services.inputs import contract, images
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models import vae as va
 from sdmesh.services.samplers import ddim
-from sdmesh.services.checkpoints.weights import convert
 
 RNG = np.random.default_rng(0)
 SD2_SCHEDULER = reference.TINY["sd2"]["scheduler"]
@@ -55,7 +56,9 @@ def test_img2img_start_matches_get_timesteps(spacing):
         scheduler.set_timesteps(steps)
         for strength in (0.05, 0.29, 0.3, 0.5, 0.7, 0.75, 0.999, 1.0):
             fake = types.SimpleNamespace(scheduler=scheduler)
-            expected_ts, expected_n = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(fake, steps, strength, "cpu")
+            expected_ts, expected_n = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(
+                fake, steps, strength, "cpu"
+            )
             if expected_n < 1:
                 with pytest.raises(InvalidRequest, match="runs no step"):
                     cond.img2img_start(steps, strength)
@@ -73,7 +76,11 @@ def test_strength_outside_0_1_is_refused(strength):
 
 @pytest.mark.parametrize("scheduler_class", [diffusers.DDIMScheduler, diffusers.DDPMScheduler])
 def test_add_noise_matches_the_schedulers(scheduler_class):
-    config = SD2_SCHEDULER if scheduler_class is diffusers.DDIMScheduler else reference.TINY["sd2-upscale"]["low_res_scheduler"]
+    config = (
+        SD2_SCHEDULER
+        if scheduler_class is diffusers.DDIMScheduler
+        else reference.TINY["sd2-upscale"]["low_res_scheduler"]
+    )
     scheduler = scheduler_class(**config)
     x0 = RNG.standard_normal((3, 4, 5, 4)).astype(np.float32)
     noise = RNG.standard_normal(x0.shape).astype(np.float32)
@@ -117,12 +124,16 @@ def test_blend_matches_the_inpaint_loop_lines_per_slot():
     latents, image_latents, noise = (RNG.standard_normal((2, 4, 4, 4)).astype(np.float32) for _ in range(3))
     mask = (RNG.random((2, 4, 4, 1)) > 0.5).astype(np.float32)
     next_t = np.array([481, 0])  # slot 1's is ignored
-    out = np.asarray(cond.blend_inpaint_latents(latents, image_latents, noise, mask, ac, next_t, np.array([False, True])))
+    out = np.asarray(
+        cond.blend_inpaint_latents(latents, image_latents, noise, mask, ac, next_t, np.array([False, True]))
+    )
     for slot, last in ((0, False), (1, True)):
         # the diffusers lines, verbatim but for the batch slicing
         init_latents_proper = nchw(image_latents[slot : slot + 1])
         if not last:
-            init_latents_proper = scheduler.add_noise(init_latents_proper, nchw(noise[slot : slot + 1]), torch.tensor([481]))
+            init_latents_proper = scheduler.add_noise(
+                init_latents_proper, nchw(noise[slot : slot + 1]), torch.tensor([481])
+            )
         init_mask = nchw(mask[slot : slot + 1])
         expected = (1 - init_mask) * init_latents_proper + init_mask * nchw(latents[slot : slot + 1])
         np.testing.assert_allclose(out[slot : slot + 1], nhwc(expected), rtol=1e-6, atol=1e-6)
@@ -131,7 +142,9 @@ def test_blend_matches_the_inpaint_loop_lines_per_slot():
 # ----------------------------------------------------------------------------- depth
 
 
-@pytest.mark.parametrize(("src", "dst"), [((37, 53), (8, 12)), ((8, 8), (21, 13)), ((64, 64), (64, 64)), ((5, 96), (3, 7))])
+@pytest.mark.parametrize(
+    ("src", "dst"), [((37, 53), (8, 12)), ((8, 8), (21, 13)), ((64, 64), (64, 64)), ((5, 96), (3, 7))]
+)
 def test_bicubic_resize_matches_torch_interpolate(src, dst):
     x = RNG.standard_normal((2, *src)).astype(np.float32) * 100
     expected = F.interpolate(torch.from_numpy(x)[:, None], size=dst, mode="bicubic", align_corners=False)[:, 0].numpy()
@@ -145,7 +158,9 @@ def test_jax_image_resize_is_not_torch_bicubic():
     """Why we carry our own resize: jax's "bicubic" is Keys A=−0.5 and antialiases when shrinking.
     On a 384² map (the DPT estimator's output) shrunk to 64² latents, it misses torch by several %."""
     x = RNG.standard_normal((1, 384, 384)).astype(np.float32)
-    expected = F.interpolate(torch.from_numpy(x)[:, None], size=(64, 64), mode="bicubic", align_corners=False)[:, 0].numpy()
+    expected = F.interpolate(torch.from_numpy(x)[:, None], size=(64, 64), mode="bicubic", align_corners=False)[
+        :, 0
+    ].numpy()
     assert rel_error(cond.bicubic_resize(x, (64, 64)), expected) < 1e-6
     assert rel_error(np.asarray(jax.image.resize(x, (1, 64, 64), "bicubic")), expected) > 0.1
 
@@ -179,7 +194,9 @@ def test_noise_level_limits():
 
 def test_upscaler_vae_config_gets_the_pipelines_scaling_factor():
     assert cond.fix_upscaler_vae_config({"scaling_factor": 0.18215, "latent_channels": 4}) == {
-        "scaling_factor": 0.08333, "latent_channels": 4}
+        "scaling_factor": 0.08333,
+        "latent_channels": 4,
+    }
 
 
 def test_upscale_unet_input_and_class_labels():
@@ -217,9 +234,14 @@ def record_unet_calls(pipe) -> list[dict]:
     def hook(module, args, kwargs, output):
         sample = args[0] if args else kwargs["sample"]
         labels = kwargs.get("class_labels")
-        calls.append(dict(sample=nhwc(sample), t=int(args[1] if len(args) > 1 else kwargs["timestep"]),
-                          class_labels=None if labels is None else labels.numpy(),
-                          out=output[0] if isinstance(output, tuple) else output.sample))
+        calls.append(
+            dict(
+                sample=nhwc(sample),
+                t=int(args[1] if len(args) > 1 else kwargs["timestep"]),
+                class_labels=None if labels is None else labels.numpy(),
+                out=output[0] if isinstance(output, tuple) else output.sample,
+            )
+        )
 
     pipe.unet.register_forward_hook(hook, with_kwargs=True)
     return calls
@@ -240,11 +262,22 @@ def test_img2img_first_unet_input_matches_the_pipeline(build):
     calls = record_unet_calls(pipe)
     pixels = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # the tiny VAE's factor is 2: 8×8 latents
     steps, strength = 10, 0.55
-    pipe("a cat", image=Image.fromarray(pixels), strength=strength, num_inference_steps=steps, guidance_scale=1.0,
-         generator=torch.Generator().manual_seed(7), output_type="latent")
+    pipe(
+        "a cat",
+        image=Image.fromarray(pixels),
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(7),
+        output_type="latent",
+    )
 
     first, n = cond.img2img_start(steps, strength)
-    assert len(calls) == n and calls[0]["t"] == ddim.make_schedule(ddim.DDIMConfig.from_json(dict(pipe.scheduler.config)), steps).timesteps[first]
+    assert (
+        len(calls) == n
+        and calls[0]["t"]
+        == ddim.make_schedule(ddim.DDIMConfig.from_json(dict(pipe.scheduler.config)), steps).timesteps[first]
+    )
     posterior, noise = draws(7, (1, 4, 8, 8), (1, 4, 8, 8))  # retrieve_latents' sample, then prepare_latents' noise
     vae, params = flax_vae(pipe)
     image_latents = va.encode_image(vae, params, jnp.asarray(images.preprocess_image(pixels)), jnp.asarray(posterior))
@@ -261,8 +294,16 @@ def test_inpaint_9_channel_first_unet_input_matches_the_pipeline(build, strength
     mask_pixels = np.zeros((16, 16), np.uint8)
     mask_pixels[3:10, 5:15] = 255
     steps = 4
-    pipe("a cat", image=Image.fromarray(pixels), mask_image=Image.fromarray(mask_pixels), strength=strength,
-         num_inference_steps=steps, guidance_scale=1.0, generator=torch.Generator().manual_seed(5), output_type="latent")
+    pipe(
+        "a cat",
+        image=Image.fromarray(pixels),
+        mask_image=Image.fromarray(mask_pixels),
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(5),
+        output_type="latent",
+    )
 
     first, _ = cond.img2img_start(steps, strength)
     image = images.preprocess_image(pixels)
@@ -275,7 +316,9 @@ def test_inpaint_9_channel_first_unet_input_matches_the_pipeline(build, strength
         posterior, noise, masked_posterior = draws(5, (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 8, 8))
         image_latents = va.encode_image(vae, params, jnp.asarray(image), jnp.asarray(posterior))
         x = cond.inpaint_initial_latents(jnp.asarray(noise), image_latents, alphas(pipe), calls[0]["t"], strength)
-    masked_latents = va.encode_image(vae, params, jnp.asarray(cond.masked_image(image, mask)), jnp.asarray(masked_posterior))
+    masked_latents = va.encode_image(
+        vae, params, jnp.asarray(cond.masked_image(image, mask)), jnp.asarray(masked_posterior)
+    )
     unet_input = cond.inpaint_unet_input(x, cond.mask_latents(mask, pipe.vae_scale_factor), masked_latents)
     assert_rel_close(unet_input, calls[0]["sample"])
     assert calls[0]["t"] == ddim.timesteps(ddim.DDIMConfig.from_json(dict(pipe.scheduler.config)), steps)[first]
@@ -291,12 +334,23 @@ def test_inpaint_4_channel_blending_matches_the_pipeline_at_every_step(build):
     mask_pixels = np.zeros((16, 16), np.uint8)
     mask_pixels[:, 7:] = 200
     steps, strength = 5, 0.8
-    pipe("a cat", image=Image.fromarray(pixels), mask_image=Image.fromarray(mask_pixels), strength=strength,
-         num_inference_steps=steps, guidance_scale=1.0, generator=torch.Generator().manual_seed(9), output_type="latent",
-         callback_on_step_end=lambda p, i, t, kw: after.append(nhwc(kw["latents"])) or {})
+    pipe(
+        "a cat",
+        image=Image.fromarray(pixels),
+        mask_image=Image.fromarray(mask_pixels),
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(9),
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: after.append(nhwc(kw["latents"])) or {},
+    )
 
     first, n = cond.img2img_start(steps, strength)
-    assert len(calls) == n and calls[0]["t"] == ddim.timesteps(ddim.DDIMConfig.from_json(dict(pipe.scheduler.config)), steps)[first]
+    assert (
+        len(calls) == n
+        and calls[0]["t"] == ddim.timesteps(ddim.DDIMConfig.from_json(dict(pipe.scheduler.config)), steps)[first]
+    )
     posterior, noise = draws(9, (1, 4, 8, 8), (1, 4, 8, 8))
     vae, params = flax_vae(pipe)
     image_latents = va.encode_image(vae, params, jnp.asarray(images.preprocess_image(pixels)), jnp.asarray(posterior))
@@ -308,8 +362,15 @@ def test_inpaint_4_channel_blending_matches_the_pipeline_at_every_step(build):
     for i in range(n):
         stepped = stepper.step(calls[i]["out"], ts[i], nchw(calls[i]["sample"])).prev_sample
         last = i == n - 1
-        blended = cond.blend_inpaint_latents(nhwc(stepped), image_latents, noise, mask, alphas(pipe),
-                                             np.array([0 if last else ts[i + 1]]), np.array([last]))
+        blended = cond.blend_inpaint_latents(
+            nhwc(stepped),
+            image_latents,
+            noise,
+            mask,
+            alphas(pipe),
+            np.array([0 if last else ts[i + 1]]),
+            np.array([last]),
+        )
         assert_rel_close(blended, after[i])
 
 
@@ -319,8 +380,16 @@ def test_depth_first_unet_input_matches_the_pipeline(build):
     pixels = RNG.integers(0, 256, (16, 12, 3), dtype=np.uint8)
     depth = (RNG.random((1, 37, 29)) * 5).astype(np.float32)
     steps, strength = 6, 0.7
-    pipe("a cat", image=Image.fromarray(pixels), depth_map=torch.from_numpy(depth), strength=strength,
-         num_inference_steps=steps, guidance_scale=1.0, generator=torch.Generator().manual_seed(4), output_type="latent")
+    pipe(
+        "a cat",
+        image=Image.fromarray(pixels),
+        depth_map=torch.from_numpy(depth),
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(4),
+        output_type="latent",
+    )
 
     posterior, noise = draws(4, (1, 4, 8, 6), (1, 4, 8, 6))
     vae, params = flax_vae(pipe)
@@ -338,13 +407,24 @@ def test_upscale_first_unet_input_and_class_labels_match_the_pipeline(build):
     calls = record_unet_calls(pipe)
     pixels = RNG.integers(0, 256, (12, 20, 3), dtype=np.uint8)  # low-res image; a multiple of the VAE's 4
     noise_level = 20
-    pipe("a cat", image=Image.fromarray(pixels), noise_level=noise_level, num_inference_steps=3, guidance_scale=1.0,
-         generator=torch.Generator().manual_seed(2), output_type="latent")
+    pipe(
+        "a cat",
+        image=Image.fromarray(pixels),
+        noise_level=noise_level,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+    )
 
     image_noise, latents = draws(2, (1, 3, 12, 20), (1, 4, 12, 20))  # the low-res image's noise first, then the latents
-    ac_low = cond.low_res_alphas_cumprod(json.loads((Path(folder) / "low_res_scheduler" / "scheduler_config.json").read_text()))
+    ac_low = cond.low_res_alphas_cumprod(
+        json.loads((Path(folder) / "low_res_scheduler" / "scheduler_config.json").read_text())
+    )
     assert json.loads((Path(folder) / "model_index.json").read_text())["max_noise_level"] == 350
-    low_res = cond.noise_low_res_image(jnp.asarray(images.preprocess_image(pixels)), jnp.asarray(image_noise), noise_level, ac_low)
+    low_res = cond.noise_low_res_image(
+        jnp.asarray(images.preprocess_image(pixels)), jnp.asarray(image_noise), noise_level, ac_low
+    )
     unet_input = cond.upscale_unet_input(jnp.asarray(latents), low_res)  # init_noise_sigma is 1 for DDIM
     np.testing.assert_allclose(np.asarray(unet_input), calls[0]["sample"], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(cond.upscale_class_labels(noise_level, 1)), calls[0]["class_labels"])

@@ -5,6 +5,7 @@ requests with different step counts, guidance and samplers really share it (the 
 counters say so); a cancelled request leaves and the others finish unchanged; the waiting
 queue is bounded; priority decides who joins first. In-process servers on loopback, tiny checkpoint.
 """
+
 from __future__ import annotations
 
 import threading
@@ -14,11 +15,11 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-
 from conftest import assert_rel_close
+
 from sdmesh.client import stages
-from sdmesh.services.serving import denoiser_service, server
 from sdmesh.services.engine.stages import DenoiserStage, TextEncoderStage
+from sdmesh.services.serving import denoiser_service, server
 
 SIZE = 16  # tiny checkpoint: latents 8×8
 
@@ -55,9 +56,12 @@ class Slowed:
 def start(stages_loaded, *, max_batch=4, max_queue=8, chunk=1, delay=0.0):
     folder, stage, _ = stages_loaded
     facts = denoiser_service.denoiser_facts(stage, folder)
-    service = denoiser_service.DenoiserService(Slowed(stage, delay), facts, "tiny", chunk=chunk, max_batch=max_batch,
-                                               max_queue=max_queue)
-    running = server.StageServer(denoiser_service.stage_service(service, [(1, SIZE, SIZE)]), max_queue=max_queue).start()
+    service = denoiser_service.DenoiserService(
+        Slowed(stage, delay), facts, "tiny", chunk=chunk, max_batch=max_batch, max_queue=max_queue
+    )
+    running = server.StageServer(
+        denoiser_service.stage_service(service, [(1, SIZE, SIZE)]), max_queue=max_queue
+    ).start()
     return service, running, stages.DenoiserClient(running.address)
 
 
@@ -125,7 +129,7 @@ def test_a_cancelled_request_leaves_and_the_others_finish_unchanged(stages_loade
 def test_a_burst_past_the_queue_gets_resource_exhausted_for_the_excess_only(stages_loaded):
     _, _, hidden = stages_loaded
     # one slot, two waiting: of eight calls sent at once, some run or wait and the rest are refused at once
-    service, running, client = start(stages_loaded, max_batch=1, max_queue=2, delay=0.1)
+    _service, running, client = start(stages_loaded, max_batch=1, max_queue=2, delay=0.1)
     try:
         request = dict(prompt=0, seed=1, steps=3, guidance_scale=7.5)
         expected = send(client, hidden, request).result()
@@ -150,7 +154,7 @@ def test_a_burst_past_the_queue_gets_resource_exhausted_for_the_excess_only(stag
 
 def test_higher_priority_joins_first(stages_loaded):
     _, _, hidden = stages_loaded
-    service, running, client = start(stages_loaded, max_batch=1, max_queue=8, delay=0.05)
+    _service, running, client = start(stages_loaded, max_batch=1, max_queue=8, delay=0.05)
     try:
         finished = []
         first = send(client, hidden, dict(prompt=0, seed=1, steps=6, guidance_scale=7.5))
@@ -176,7 +180,7 @@ def test_higher_priority_joins_first(stages_loaded):
 
 def test_guidance_scale_one_runs_without_the_unconditional_half(stages_loaded):
     _, _, hidden = stages_loaded
-    service, running, client = start(stages_loaded, max_batch=2)
+    _service, running, client = start(stages_loaded, max_batch=2)
     try:
         send(client, hidden, dict(prompt=0, seed=1, steps=2, guidance_scale=1.0)).result()
         programs = {(s.program, s.batch) for s in client.model_info().compiled_shapes}
@@ -187,7 +191,7 @@ def test_guidance_scale_one_runs_without_the_unconditional_half(stages_loaded):
 
 def test_an_unknown_sampler_is_invalid_argument_naming_the_valid_ones(stages_loaded):
     _, _, hidden = stages_loaded
-    service, running, client = start(stages_loaded)
+    _service, running, client = start(stages_loaded)
     try:
         with pytest.raises(grpc.RpcError) as caught:
             send(client, hidden, dict(prompt=0, seed=1, steps=2, guidance_scale=7.5, sampler="heun")).result()
@@ -207,6 +211,8 @@ def test_strict_shapes_refuse_an_unconfigured_size_naming_the_served_ones(stages
         with pytest.raises(grpc.RpcError) as caught:
             client.denoise(hidden[:1], seed=1, steps=1, guidance_scale=1.0, height=24, width=24).result()
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "16x16" in caught.value.details()
-        assert client.denoise(hidden[:1], seed=1, steps=1, guidance_scale=1.0, height=SIZE, width=SIZE).result().shape == (1, 4, 8, 8)
+        assert client.denoise(
+            hidden[:1], seed=1, steps=1, guidance_scale=1.0, height=SIZE, width=SIZE
+        ).result().shape == (1, 4, 8, 8)
     finally:
         running.stop(grace=0)

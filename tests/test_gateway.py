@@ -4,6 +4,7 @@ health, retries, deadlines, cancellation and its in-flight bound.
 The fakes compute outputs from their inputs so a test can tell which request, and which
 replica, produced what. End-to-end tests with the real stages are in test_stack.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,13 +21,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
 from sdmesh.client import AsyncClient, Client, GatewayError, GenerateResult, Progress
-from sdmesh.v1.tensors import from_proto, to_proto
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving import gateway, wire
-from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, gateway_pb2,
-                       text_encoder_pb2, text_encoder_pb2_grpc)
+from sdmesh.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    gateway_pb2,
+    text_encoder_pb2,
+    text_encoder_pb2_grpc,
+)
+from sdmesh.v1.tensors import from_proto, to_proto
 
 SCALE = 8  # the fake VAE's factor
 SAMPLE = 4  # the fake UNet's sample_size: native images are 32×32
@@ -86,9 +95,12 @@ class FakeDenoiser(denoiser_pb2_grpc.DenoiserServicer):
                 if not context.is_active():
                     self.cancelled.set()
                     return
-                yield denoiser_pb2.DenoiseEvent(progress=common_pb2.Progress(stage="denoise", step=step,
-                                                                             total_steps=request.num_inference_steps))
-            latents = np.full((n, C, h, w), request.seed % 1000, np.float32) + cond.mean(axis=(1, 2))[:, None, None, None]
+                yield denoiser_pb2.DenoiseEvent(
+                    progress=common_pb2.Progress(stage="denoise", step=step, total_steps=request.num_inference_steps)
+                )
+            latents = (
+                np.full((n, C, h, w), request.seed % 1000, np.float32) + cond.mean(axis=(1, 2))[:, None, None, None]
+            )
             yield denoiser_pb2.DenoiseEvent(latents=to_proto(latents))
         finally:
             with self._lock:
@@ -112,10 +124,21 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
 
 def fake_facts(**changes) -> ModelFacts:
     """The fake model's facts, as a denoiser reports them."""
-    facts = ModelFacts(kind="text-to-image", vae_scale_factor=SCALE, latent_channels=C,
-                       default_size=(SAMPLE * SCALE, SAMPLE * SCALE), max_steps=1000, samplers=("ddim", "euler"),
-                       default_sampler="ddim", hidden_size=D, max_length=L, prediction_type="epsilon",
-                       extra_channels=0, class_labels_shape=None, max_noise_level=0)
+    facts = ModelFacts(
+        kind="text-to-image",
+        vae_scale_factor=SCALE,
+        latent_channels=C,
+        default_size=(SAMPLE * SCALE, SAMPLE * SCALE),
+        max_steps=1000,
+        samplers=("ddim", "euler"),
+        default_sampler="ddim",
+        hidden_size=D,
+        max_length=L,
+        prediction_type="epsilon",
+        extra_channels=0,
+        class_labels_shape=None,
+        max_noise_level=0,
+    )
     return dataclasses.replace(facts, **changes)
 
 
@@ -155,8 +178,11 @@ class Stack:
             elif isinstance(d, FakeServer):
                 self.servers.append(d)
             addresses.append(d if isinstance(d, str) else d.address)
-        self.pools = [gateway.ReplicaPool("encoder", [self.encoder.address]), gateway.ReplicaPool("denoiser", addresses),
-                      gateway.ReplicaPool("decoder", [self.decoder.address])]
+        self.pools = [
+            gateway.ReplicaPool("encoder", [self.encoder.address]),
+            gateway.ReplicaPool("denoiser", addresses),
+            gateway.ReplicaPool("decoder", [self.decoder.address]),
+        ]
         self.service = gateway.GatewayService(*self.pools, max_inflight=max_inflight)
         self.server, port = gateway.build_server(self.service, "127.0.0.1:0")
         self.server.start()
@@ -220,7 +246,12 @@ def test_generate_chains_the_stages_and_returns_pngs(make_stack):
     events = list(stack.client.stream("a cat", seed=7, steps=3, num_images=2))
     progress, result = events[:-1], events[-1]
     assert [(p.stage, p.step, p.total_steps) for p in progress] == [
-        ("encode", 1, 1), ("denoise", 1, 3), ("denoise", 2, 3), ("denoise", 3, 3), ("decode", 1, 1)]
+        ("encode", 1, 1),
+        ("denoise", 1, 3),
+        ("denoise", 2, 3),
+        ("denoise", 3, 3),
+        ("decode", 1, 1),
+    ]
     assert isinstance(result, GenerateResult) and result.seed == 7 and len(result.images) == 2
     for image in result.images:
         assert image.format == "PNG" and image.size == (SAMPLE * SCALE, SAMPLE * SCALE)
@@ -229,8 +260,18 @@ def test_generate_chains_the_stages_and_returns_pngs(make_stack):
 
 def test_requests_are_chained_as_the_pipeline_chains_them(make_stack):
     stack = make_stack()
-    stack.client.generate("a cat", negative_prompt="blurry", num_images=3, steps=2, guidance_scale=5.0, seed=11,
-                          guidance_rescale=0.3, eta=0.5, height=16, width=24)
+    stack.client.generate(
+        "a cat",
+        negative_prompt="blurry",
+        num_images=3,
+        steps=2,
+        guidance_scale=5.0,
+        seed=11,
+        guidance_rescale=0.3,
+        eta=0.5,
+        height=16,
+        width=24,
+    )
     encode = stack.encoder.servicer.requests[-1]
     assert list(encode.prompts) == ["a cat"] and list(encode.negative_prompts) == ["blurry"] and encode.unconditional
     denoise = stack.servers[2].servicer.requests[-1]
@@ -294,26 +335,32 @@ def test_model_info_lists_replicas(make_stack):
     stack = make_stack([FakeDenoiser(), FakeDenoiser()])
     info = stack.client.model_info()
     assert list(info.gateway_stages.denoiser_replicas) == [r.address for r in stack.pools[1].replicas]
-    assert info.model_facts.vae_scale_factor == SCALE and wire.facts_from_proto(info.model_facts, source="") == fake_facts()
+    assert (
+        info.model_facts.vae_scale_factor == SCALE
+        and wire.facts_from_proto(info.model_facts, source="") == fake_facts()
+    )
 
 
 # --- validation ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
-    (dict(eta=float("inf")), "eta must be a finite number"),
-    (dict(eta=-1.0), "eta must be a finite number from 0"),
-    (dict(guidance_rescale=-0.5), "guidance_rescale must be a finite number from 0 to 1"),
-    (dict(guidance_rescale=2.0), "guidance_rescale must be a finite number from 0 to 1"),
-    (dict(height=12, width=32), "height must be a multiple of 8"),
-    (dict(height=32, width=8192), "width must be a multiple of 8 between 8 and 4096"),
-    (dict(num_inference_steps=100_000), "steps must be an integer from 1 to 1000"),
-    (dict(num_images=65), "at most 64"),
-    (dict(sampler="lms"), "sampler 'lms' is not one of ddim, euler"),
-    (dict(negative_prompt="x" * 10_001), "at most 10000"),
-    (dict(init_image=b"not an image"), "init_image"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(eta=float("inf")), "eta must be a finite number"),
+        (dict(eta=-1.0), "eta must be a finite number from 0"),
+        (dict(guidance_rescale=-0.5), "guidance_rescale must be a finite number from 0 to 1"),
+        (dict(guidance_rescale=2.0), "guidance_rescale must be a finite number from 0 to 1"),
+        (dict(height=12, width=32), "height must be a multiple of 8"),
+        (dict(height=32, width=8192), "width must be a multiple of 8 between 8 and 4096"),
+        (dict(num_inference_steps=100_000), "steps must be an integer from 1 to 1000"),
+        (dict(num_images=65), "at most 64"),
+        (dict(sampler="lms"), "sampler 'lms' is not one of ddim, euler"),
+        (dict(negative_prompt="x" * 10_001), "at most 10000"),
+        (dict(init_image=b"not an image"), "init_image"),
+    ],
+)
 def test_malformed_requests_are_invalid_argument(make_stack, fields, message):
     stack = make_stack()
     with pytest.raises(grpc.RpcError) as e:
@@ -351,8 +398,11 @@ def test_concurrent_requests_spread_over_replicas(make_stack):
 
 
 def test_a_not_serving_replica_is_skipped(make_stack):
-    sick = FakeServer(FakeDenoiser("sick"), denoiser_pb2_grpc.add_DenoiserServicer_to_server,
-                      status=health_pb2.HealthCheckResponse.NOT_SERVING)
+    sick = FakeServer(
+        FakeDenoiser("sick"),
+        denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+        status=health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
     well = FakeDenoiser("well")
     stack = make_stack([sick, well])
     assert wait_until(lambda: stack.pools[1].replicas[0].health == health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -373,8 +423,12 @@ def test_a_refusing_replica_is_retried_on_another(make_stack, code):
 
 
 def test_every_replica_refusing_passes_the_status_on(make_stack):
-    stack = make_stack([FakeDenoiser("a", fail=grpc.StatusCode.RESOURCE_EXHAUSTED),
-                        FakeDenoiser("b", fail=grpc.StatusCode.RESOURCE_EXHAUSTED)])
+    stack = make_stack(
+        [
+            FakeDenoiser("a", fail=grpc.StatusCode.RESOURCE_EXHAUSTED),
+            FakeDenoiser("b", fail=grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ]
+    )
     with pytest.raises(GatewayError) as e:
         stack.client.generate("a cat", steps=1, seed=0, timeout=10)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "b says RESOURCE_EXHAUSTED" in e.value.message
@@ -456,8 +510,11 @@ def test_a_dns_address_stands_for_every_server_behind_the_name(make_stack):
 
 
 def test_no_serving_replica_is_unavailable_at_once(make_stack):
-    sick = FakeServer(FakeDenoiser("sick"), denoiser_pb2_grpc.add_DenoiserServicer_to_server,
-                      status=health_pb2.HealthCheckResponse.NOT_SERVING)
+    sick = FakeServer(
+        FakeDenoiser("sick"),
+        denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+        status=health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
     stack = make_stack([sick])
     assert wait_until(lambda: stack.pools[1].replicas[0].health == health_pb2.HealthCheckResponse.NOT_SERVING)
     with pytest.raises(GatewayError) as e:
@@ -470,9 +527,28 @@ def test_tls_from_the_client_library_and_the_cli(make_stack, tmp_path, capsys):
     from sdmesh.client.cli import main
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     stack = make_stack()
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
     server, port = gateway.build_server(stack.service, "localhost:0", credentials=credentials)
@@ -480,8 +556,27 @@ def test_tls_from_the_client_library_and_the_cli(make_stack, tmp_path, capsys):
     try:
         with Client(f"localhost:{port}", credentials=grpc.ssl_channel_credentials(cert.read_bytes())) as client:
             assert client.generate("a cat", steps=1, seed=6, timeout=10).seed == 6
-        assert main(["generate", "a cat", "--server", f"localhost:{port}", "--tls-ca", str(cert), "--steps", "1",
-                     "--seed", "6", "--output-dir", str(tmp_path / "out"), "--timeout", "10"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "a cat",
+                    "--server",
+                    f"localhost:{port}",
+                    "--tls-ca",
+                    str(cert),
+                    "--steps",
+                    "1",
+                    "--seed",
+                    "6",
+                    "--output-dir",
+                    str(tmp_path / "out"),
+                    "--timeout",
+                    "10",
+                ]
+            )
+            == 0
+        )
         assert capsys.readouterr().out.split() == [str(tmp_path / "out" / "image_0.png")]
         with Client(f"localhost:{port}") as plaintext, pytest.raises(GatewayError) as e:  # TLS is required
             plaintext.generate("a cat", steps=1, seed=6, timeout=5)
@@ -494,8 +589,28 @@ def test_cli_generate_with_server_writes_images_and_reports_errors(make_stack, t
     from sdmesh.client.cli import main
 
     stack = make_stack()
-    assert main(["generate", "a cat", "--server", stack.address, "--num-images", "2", "--steps", "2", "--seed", "8",
-                 "--resolution", "16x24", "--output-dir", str(tmp_path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "--server",
+                stack.address,
+                "--num-images",
+                "2",
+                "--steps",
+                "2",
+                "--seed",
+                "8",
+                "--resolution",
+                "16x24",
+                "--output-dir",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.split() == [str(tmp_path / "image_0.png"), str(tmp_path / "image_1.png")] and "seed 8" in err
     assert Image.open(tmp_path / "image_1.png").size == (24, 16)
@@ -527,10 +642,18 @@ def test_unset_fields_get_the_contracts_defaults():
     facts = fake_facts(default_size=(512, 768))
     filled = job(gateway_pb2.GenerateRequest(prompt="a cat"), facts, draw_seed=lambda: 123)
     assert (filled.num_images, filled.steps, filled.guidance_scale, filled.height, filled.width, filled.seed) == (
-        1, 50, 7.5, 512, 768, 123)
+        1,
+        50,
+        7.5,
+        512,
+        768,
+        123,
+    )
     assert filled.guided and filled.sampler is None and filled.mode == "text-to-image"
     unguided = job(gateway_pb2.GenerateRequest(prompt="a cat", guidance_scale=0.0, seed=2**64 - 1), facts)
-    assert not unguided.guided and unguided.guidance_scale == 0.0 and unguided.seed == 2**64 - 1  # an explicit 0 is kept
+    assert (
+        not unguided.guided and unguided.guidance_scale == 0.0 and unguided.seed == 2**64 - 1
+    )  # an explicit 0 is kept
 
 
 def test_a_model_without_a_native_size_needs_height_and_width():
@@ -545,6 +668,7 @@ def test_a_denoiser_that_reports_no_facts_is_named():
         wire.facts_from_proto(common_pb2.ModelFacts(), source="the denoiser at x")
 
 
+@pytest.mark.processes
 def test_gateway_health_waits_for_every_stage(tmp_path):
     """A gateway whose stages are not up reports NOT_SERVING, so health checks wait for the whole chain."""
     import socket
@@ -558,9 +682,25 @@ def test_gateway_health_waits_for_every_stage(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     nowhere = "127.0.0.1:1"
-    proc = subprocess.Popen([sys.executable, "-m", "sdmesh.client.cli", "serve", "gateway", "--port", str(port),
-                             "--encoder", nowhere, "--denoiser", nowhere, "--decoder", nowhere],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sdmesh.client.cli",
+            "serve",
+            "gateway",
+            "--port",
+            str(port),
+            "--encoder",
+            nowhere,
+            "--denoiser",
+            nowhere,
+            "--decoder",
+            nowhere,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline, status = time.monotonic() + 30, None
         while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
 """Request images become exactly the arrays diffusers' image and mask processors make, or a clear refusal."""
+
 from __future__ import annotations
 
 import io
@@ -133,7 +134,9 @@ def test_oversized_image_is_refused_before_decoding():
 
 def test_size_checks_name_the_multiple_and_a_size_that_works():
     contract.check_size(64, 96, multiple=8, what="image")
-    refused("height is 60; it must be a multiple of 8.*e.g. to 56", contract.check_size, 60, 96, multiple=8, what="image")
+    refused(
+        "height is 60; it must be a multiple of 8.*e.g. to 56", contract.check_size, 60, 96, multiple=8, what="image"
+    )
     refused("width is 4104", contract.check_size, 64, 4104, multiple=8, what="image")
     refused("width is 2; it must be a multiple of 4", contract.check_size, 64, 2, multiple=4, what="image")
 

@@ -1,21 +1,32 @@
 """Shared layers: the fast lowerings compute the same convolution as the plain one."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import assert_rel_close
+
 from sdmesh.services.models import layers
 
 
 def plain_conv(x, kernel, padding, stride=1):
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
-@pytest.mark.parametrize("size,k,padding", [(4, 3, ((1, 1), (1, 1))), (16, 3, ((1, 1), (1, 1))), (8, 1, ((0, 0), (0, 0))),
-                                            (5, 3, ((0, 1), (0, 1))), (40, 3, ((1, 1), (1, 1)))])
+@pytest.mark.parametrize(
+    "size,k,padding",
+    [
+        (4, 3, ((1, 1), (1, 1))),
+        (16, 3, ((1, 1), (1, 1))),
+        (8, 1, ((0, 0), (0, 0))),
+        (5, 3, ((0, 1), (0, 1))),
+        (40, 3, ((1, 1), (1, 1))),
+    ],
+)
 def test_conv2d_equals_plain_convolution(size, k, padding):
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, size, size + 1, 6))
@@ -45,7 +56,9 @@ def group_norm_float64(x, groups, scale, bias, eps):
     return ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape) * np.asarray(scale) + np.asarray(bias)
 
 
-@pytest.mark.parametrize("shape,groups,offset", [((2, 8, 8, 32), 8, 0.0), ((1, 16, 12, 64), 32, 50.0), ((2, 4, 4, 96), 32, -7.0)])
+@pytest.mark.parametrize(
+    "shape,groups,offset", [((2, 8, 8, 32), 8, 0.0), ((1, 16, 12, 64), 32, 50.0), ((2, 4, 4, 96), 32, -7.0)]
+)
 def test_group_norm_equals_torch_semantics(shape, groups, offset):
     x = jax.random.normal(jax.random.key(2), shape) * 2 + offset + jnp.arange(shape[-1]) * 0.1
     scale, bias = jax.random.normal(jax.random.key(3), (shape[-1],)), jnp.arange(shape[-1]) * 0.01

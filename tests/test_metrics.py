@@ -1,6 +1,7 @@
 """Metrics: every service's Prometheus endpoint has every sdmesh_* metric, and each moves when the thing it counts
 happens: a stage server's latency, errors by code and queue depth; the gateway's in-flight requests, images and
 errors; `sdmesh top` reads them. Servers run in this process on loopback ports around fakes (no model, no JAX)."""
+
 from __future__ import annotations
 
 import re
@@ -22,24 +23,41 @@ from prometheus_client.parser import text_string_to_metric_families
 from sdmesh.client import Client, GatewayError, top
 from sdmesh.client.cli import main as cli_main
 from sdmesh.client.stack import Stack
-from sdmesh.v1.tensors import from_proto, to_proto
-from sdmesh.services.serving import gateway, server
 from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.serving import gateway, server
 from sdmesh.services.serving.metrics import StageMetrics
-from sdmesh.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
-                       text_encoder_pb2_grpc)
+from sdmesh.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    text_encoder_pb2,
+    text_encoder_pb2_grpc,
+)
+from sdmesh.v1.tensors import from_proto, to_proto
 
 ROOT = Path(__file__).resolve().parent.parent
 # One sample of each metric the issue names (a histogram shows as NAME_bucket/_count/_sum).
-METRICS = ("sdmesh_queue_depth", "sdmesh_batch_occupancy", "sdmesh_batch_size_count", "sdmesh_chunk_seconds_count",
-           "sdmesh_request_seconds_count", "sdmesh_images_served_total", "sdmesh_errors_total")
+METRICS = (
+    "sdmesh_queue_depth",
+    "sdmesh_batch_occupancy",
+    "sdmesh_batch_size_count",
+    "sdmesh_chunk_seconds_count",
+    "sdmesh_request_seconds_count",
+    "sdmesh_images_served_total",
+    "sdmesh_errors_total",
+)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """GET /metrics, read by prometheus_client's own parser: {(sample name, sorted labels): value}."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples, name: str, stage: str, **labels) -> float:
@@ -89,7 +107,10 @@ def test_every_metric_is_served_with_its_stage_and_moves(exporter):
     after = scrape(port)
     assert value(after, "sdmesh_queue_depth", "denoiser") == 3
     assert value(after, "sdmesh_batch_occupancy", "denoiser") == 0.75
-    assert value(after, "sdmesh_batch_size_count", "denoiser") == 1 and value(after, "sdmesh_batch_size_sum", "denoiser") == 3
+    assert (
+        value(after, "sdmesh_batch_size_count", "denoiser") == 1
+        and value(after, "sdmesh_batch_size_sum", "denoiser") == 3
+    )
     assert value(after, "sdmesh_batch_size_bucket", "denoiser", le="2.0") == 0
     assert value(after, "sdmesh_batch_size_bucket", "denoiser", le="4.0") == 1
     assert value(after, "sdmesh_chunk_seconds_count", "denoiser") == 1
@@ -97,9 +118,10 @@ def test_every_metric_is_served_with_its_stage_and_moves(exporter):
     assert value(after, "sdmesh_request_seconds_count", "denoiser") == 2
     assert value(after, "sdmesh_request_seconds_bucket", "denoiser", le="1.0") == 1
     assert value(after, "sdmesh_images_served_total", "denoiser") == 3
-    assert {code: value(after, "sdmesh_errors_total", "denoiser", code=code) for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED",
-                                                                                         "ABORTED", "INTERNAL")} == {
-        "INVALID_ARGUMENT": 1, "RESOURCE_EXHAUSTED": 1, "ABORTED": 1, "INTERNAL": 0}
+    assert {
+        code: value(after, "sdmesh_errors_total", "denoiser", code=code)
+        for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL")
+    } == {"INVALID_ARGUMENT": 1, "RESOURCE_EXHAUSTED": 1, "ABORTED": 1, "INTERNAL": 0}
 
 
 def test_each_instance_has_its_own_registry(exporter):
@@ -157,9 +179,15 @@ def latents(fill: float) -> decoder_pb2.DecodeRequest:
 @pytest.fixture
 def stage_server():
     fake = FakeDecoder()
-    service = server.StageService(name="sdmesh.v1.Decoder", servicer=fake, add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
-                                  device_methods=frozenset({"Decode"}), warm_up=lambda: None, max_message_bytes=0,
-                                  metrics=StageMetrics("decoder"))
+    service = server.StageService(
+        name="sdmesh.v1.Decoder",
+        servicer=fake,
+        add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
+        device_methods=frozenset({"Decode"}),
+        warm_up=lambda: None,
+        max_message_bytes=0,
+        metrics=StageMetrics("decoder"),
+    )
     running = server.StageServer(service, max_queue=1).start()
     running.warm_up()
     port = running.metrics.serve_http(0, "127.0.0.1")
@@ -209,12 +237,20 @@ def test_a_stage_server_records_latency_errors_by_code_and_queue_depth(stage_ser
     samples = scrape(port)
     assert value(samples, "sdmesh_queue_depth", "decoder") == 0
     assert value(samples, "sdmesh_request_seconds_count", "decoder") == 7
-    assert value(samples, "sdmesh_request_seconds_bucket", "decoder", le="0.1") < 7  # the one that held the device ≥ 0.2 s
+    assert (
+        value(samples, "sdmesh_request_seconds_bucket", "decoder", le="0.1") < 7
+    )  # the one that held the device ≥ 0.2 s
 
 
 def test_a_stage_server_without_metrics_makes_its_own_named_after_the_service():
-    service = server.StageService(name="sdmesh.v1.TextEncoder", servicer=object(), add_to_server=lambda *_: None,
-                                  device_methods=frozenset(), warm_up=lambda: None, max_message_bytes=0)
+    service = server.StageService(
+        name="sdmesh.v1.TextEncoder",
+        servicer=object(),
+        add_to_server=lambda *_: None,
+        device_methods=frozenset(),
+        warm_up=lambda: None,
+        max_message_bytes=0,
+    )
     running = server.StageServer(service)
     try:
         assert running.metrics.stage == "text_encoder"
@@ -241,11 +277,21 @@ class Denoiser(denoiser_pb2_grpc.DenoiserServicer):
         self.started.set()
         self.release.wait(10)
         n = from_proto(request.cond).shape[0]
-        yield denoiser_pb2.DenoiseEvent(latents=to_proto(np.zeros((n, 1, request.height // 8, request.width // 8), np.float32)))
+        yield denoiser_pb2.DenoiseEvent(
+            latents=to_proto(np.zeros((n, 1, request.height // 8, request.width // 8), np.float32))
+        )
 
     def ModelInfo(self, request, context):
-        facts = common_pb2.ModelFacts(kind="text-to-image", vae_scale_factor=8, latent_channels=1, default_height=16,
-                                      default_width=16, max_steps=1000, samplers=["ddim"], default_sampler="ddim")
+        facts = common_pb2.ModelFacts(
+            kind="text-to-image",
+            vae_scale_factor=8,
+            latent_channels=1,
+            default_height=16,
+            default_width=16,
+            max_steps=1000,
+            samplers=["ddim"],
+            default_sampler="ddim",
+        )
         return common_pb2.ModelInfo(service="Denoiser", model="fake", model_facts=facts)
 
 
@@ -268,10 +314,14 @@ def fake_stage(servicer, add) -> tuple[grpc.Server, str]:
 
 def test_the_gateway_records_in_flight_requests_images_and_errors():
     denoiser = Denoiser()
-    stages = [fake_stage(Encoder(), text_encoder_pb2_grpc.add_TextEncoderServicer_to_server),
-              fake_stage(denoiser, denoiser_pb2_grpc.add_DenoiserServicer_to_server),
-              fake_stage(Decoder(), decoder_pb2_grpc.add_DecoderServicer_to_server)]
-    pools = [gateway.ReplicaPool(name, [address]) for name, (_, address) in zip(("encoder", "denoiser", "decoder"), stages)]
+    stages = [
+        fake_stage(Encoder(), text_encoder_pb2_grpc.add_TextEncoderServicer_to_server),
+        fake_stage(denoiser, denoiser_pb2_grpc.add_DenoiserServicer_to_server),
+        fake_stage(Decoder(), decoder_pb2_grpc.add_DecoderServicer_to_server),
+    ]
+    pools = [
+        gateway.ReplicaPool(name, [address]) for name, (_, address) in zip(("encoder", "denoiser", "decoder"), stages)
+    ]
     service = gateway.GatewayService(*pools, max_inflight=4, metrics=StageMetrics("gateway"))
     grpc_server, grpc_port = gateway.build_server(service, "127.0.0.1:0")
     grpc_server.start()
@@ -301,10 +351,29 @@ def test_the_gateway_records_in_flight_requests_images_and_errors():
             s.stop(None)
 
 
+@pytest.mark.processes
 def test_sdmesh_serve_gateway_serves_metrics_on_metrics_port():
-    process = subprocess.Popen([sys.executable, "-m", "sdmesh.client.cli", "serve", "gateway", "--port", "0", "--metrics-port", "0",
-                                "--encoder", "127.0.0.1:1", "--denoiser", "127.0.0.1:1", "--decoder", "127.0.0.1:1"],
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sdmesh.client.cli",
+            "serve",
+            "gateway",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--encoder",
+            "127.0.0.1:1",
+            "--denoiser",
+            "127.0.0.1:1",
+            "--decoder",
+            "127.0.0.1:1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in process.stderr:
             match = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
@@ -338,7 +407,18 @@ def test_sdmesh_top_once_prints_a_row_per_stage(exporter, capsys):
     cells = row.split()
     # request p50: the 2nd of 4 observations, in the (0.25, 0.5] bucket holding 3 → 0.25 + 0.25·2/3; p99 in (2.5, 5]
     # chunk p50: the one observation, halfway through its bucket (0.025, 0.05]
-    assert cells == [f"127.0.0.1:{port}", "denoiser", "2", "0.50", "38ms", "417ms", "4.9s", "7", "-", "INVALID_ARGUMENT=1"]
+    assert cells == [
+        f"127.0.0.1:{port}",
+        "denoiser",
+        "2",
+        "0.50",
+        "38ms",
+        "417ms",
+        "4.9s",
+        "7",
+        "-",
+        "INVALID_ARGUMENT=1",
+    ]
 
 
 def test_top_rates_and_latencies_cover_the_last_interval(exporter):
@@ -352,7 +432,9 @@ def test_top_rates_and_latencies_cover_the_last_interval(exporter):
     time.sleep(0.1)
     text, failures = live.render()
     cells = text.splitlines()[1].split()
-    assert failures == [] and cells[3] == "-" and cells[5] == "38ms" and cells[7] == "5"  # no batches: no occupancy  # p50 of the last interval: 0.03 s alone, in (0.025, 0.05]
+    assert (
+        failures == [] and cells[3] == "-" and cells[5] == "38ms" and cells[7] == "5"
+    )  # no batches: no occupancy  # p50 of the last interval: 0.03 s alone, in (0.025, 0.05]
     assert 4 / 2.0 < float(cells[8]) < 4 / 0.1  # 4 images in the ≥ 0.1 s between the scrapes
 
 
@@ -395,7 +477,10 @@ def test_the_exposition_parser_agrees_with_prometheus_client(exporter):
     ours = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in top.parse_exposition(text)}
     assert ours == scrape(port)
     tricky = 'm{a="x\\"y\\\\z\\n",b="{,}"} +Inf 123\nn NaN\n# HELP m x\n'
-    assert [(s.name, s.labels) for s in top.parse_exposition(tricky)] == [("m", {"a": 'x"y\\z\n', "b": "{,}"}), ("n", {})]
+    assert [(s.name, s.labels) for s in top.parse_exposition(tricky)] == [
+        ("m", {"a": 'x"y\\z\n', "b": "{,}"}),
+        ("n", {}),
+    ]
     with pytest.raises(ValueError, match="line 1"):
         top.parse_exposition("<html>")
 
@@ -416,7 +501,13 @@ def test_up_gives_each_service_a_metrics_port():
         return {c.name: int(c.argv[c.argv.index("--metrics-port") + 1]) for c in stack.children}
 
     numbered = Stack(["--model", "m"], denoisers=2, metrics_base_port=9200)
-    assert ports(numbered) == {"gateway": 9200, "encoder": 9201, "denoiser-0": 9202, "denoiser-1": 9203, "decoder": 9204}
+    assert ports(numbered) == {
+        "gateway": 9200,
+        "encoder": 9201,
+        "denoiser-0": 9202,
+        "denoiser-1": 9203,
+        "decoder": 9204,
+    }
     assert [c.metrics for c in numbered.children][-1] == "127.0.0.1:9200"
     free = ports(Stack(["--model", "m"], metrics_base_port=0))
     assert len(set(free.values())) == 4 and 0 not in free.values()

@@ -1,5 +1,6 @@
 """A stage over several processes: the flags, the dcn mesh, the side channel, and for real, a denoiser
 served by 2 processes × 4 host devices on loopback (jax.distributed, gloo collectives)."""
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,11 @@ import pytest
 from sdmesh.client import stages
 from sdmesh.services.checkpoints import checkpoint
 from sdmesh.services.engine import distributed, sharding
+from sdmesh.services.engine.sharding import MeshConfig
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models.vae import VAEConfig
-from sdmesh.services.engine.sharding import MeshConfig
+
+pytestmark = pytest.mark.processes
 
 STEPS, BATCH = 3, 1
 # fsdp crosses the processes (process 0's 4 devices, then process 1's): every UNet layer gathers its kernels
@@ -31,8 +34,15 @@ MESH_FLAGS = ["--ici-fsdp-parallelism", "2", "--ici-tensor-parallelism", "4"]
 
 
 def flags(**given) -> SimpleNamespace:
-    base = {"coordinator_address": None, "num_processes": None, "process_id": None, "ici_data_parallelism": 1,
-            "ici_fsdp_parallelism": 1, "ici_tensor_parallelism": 1, "dcn_data_parallelism": 1}
+    base = {
+        "coordinator_address": None,
+        "num_processes": None,
+        "process_id": None,
+        "ici_data_parallelism": 1,
+        "ici_fsdp_parallelism": 1,
+        "ici_tensor_parallelism": 1,
+        "dcn_data_parallelism": 1,
+    }
     return SimpleNamespace(**{**base, **given})
 
 
@@ -50,10 +60,13 @@ def test_no_coordinator_is_one_process():
     assert distributed.process_group(flags(), {}) is None
 
 
-@pytest.mark.parametrize("given, message", [
-    (flags(num_processes=2, process_id=1), "need --coordinator-address"),
-    (flags(coordinator_address="h:1", num_processes=2, process_id=2), "--process-id 2 must be from 0 to"),
-])
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (flags(num_processes=2, process_id=1), "need --coordinator-address"),
+        (flags(coordinator_address="h:1", num_processes=2, process_id=2), "--process-id 2 must be from 0 to"),
+    ],
+)
 def test_an_incomplete_group_names_the_flag_to_fix(given, message):
     with pytest.raises(InvalidRequest, match=message):
         distributed.process_group(given, {})
@@ -91,7 +104,9 @@ def test_dcn_in_one_process_names_the_flag():
 
 
 def test_mesh_config_reads_the_dcn_flag():
-    assert sharding.mesh_config(flags(dcn_data_parallelism=2, ici_fsdp_parallelism=4)) == MeshConfig(1, 4, 1, dcn_data=2)
+    assert sharding.mesh_config(flags(dcn_data_parallelism=2, ici_fsdp_parallelism=4)) == MeshConfig(
+        1, 4, 1, dcn_data=2
+    )
     assert sharding.mesh_config(flags()) is None
 
 
@@ -101,8 +116,12 @@ def test_mesh_config_reads_the_dcn_flag():
 def test_frames_arrive_whole_and_a_closed_peer_is_an_error():
     a, b = socket.socketpair()
     payload = bytes(range(256)) * 5000  # more than a socket buffer: the sender waits for the reader
-    sender = threading.Thread(target=lambda: (distributed.send_frame(a, distributed.CALL, payload),
-                                              distributed.send_frame(a, distributed.HEARTBEAT)))
+    sender = threading.Thread(
+        target=lambda: (
+            distributed.send_frame(a, distributed.CALL, payload),
+            distributed.send_frame(a, distributed.HEARTBEAT),
+        )
+    )
     sender.start()
     assert distributed.recv_frame(b) == (distributed.CALL, payload)
     assert distributed.recv_frame(b) == (distributed.HEARTBEAT, b"")
@@ -144,9 +163,30 @@ def two_process_stage(tiny_checkpoints, tmp_path_factory):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     processes = []
     for index in range(2):
-        command = [sys.executable, "-m", "sdmesh.client.cli", "serve", "denoiser", "--model", str(folder), "--port", "0",
-                   "--shapes", f"{BATCH}x{side}", "--max-batch", str(BATCH), "--chunk-steps", "1",
-                   *MESH_FLAGS, "--coordinator-address", coordinator, "--num-processes", "2", "--process-id", str(index)]
+        command = [
+            sys.executable,
+            "-m",
+            "sdmesh.client.cli",
+            "serve",
+            "denoiser",
+            "--model",
+            str(folder),
+            "--port",
+            "0",
+            "--shapes",
+            f"{BATCH}x{side}",
+            "--max-batch",
+            str(BATCH),
+            "--chunk-steps",
+            "1",
+            *MESH_FLAGS,
+            "--coordinator-address",
+            coordinator,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(index),
+        ]
         with open(logs / f"process{index}.log", "w") as log:
             processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
     try:
@@ -176,8 +216,9 @@ def test_a_denoiser_over_two_processes_matches_one_process(two_process_stage):
     client = stages.DenoiserClient(address)
     info = client.model_info(timeout=10)
     assert len(set(info.devices)) == 8 and dict(info.mesh) == {"data": 1, "fsdp": 2, "tensor": 4}
-    latents = client.denoise(inputs["cond"], inputs["uncond"], latents=inputs["latents"], steps=STEPS,
-                             guidance_scale=7.5, timeout=60).result()
+    latents = client.denoise(
+        inputs["cond"], inputs["uncond"], latents=inputs["latents"], steps=STEPS, guidance_scale=7.5, timeout=60
+    ).result()
     # fp32 sums in another order across 8 devices: ~1e-5 apart, as the one-process meshes in test_sharding
     np.testing.assert_allclose(latents, expected, atol=1e-4)
 
@@ -185,8 +226,11 @@ def test_a_denoiser_over_two_processes_matches_one_process(two_process_stage):
 def test_a_dead_follower_makes_process_0_not_serving_instead_of_hanging(two_process_stage):
     address, (leader, follower), inputs, _, log = two_process_stage
     client = stages.DenoiserClient(address)
-    stream = iter(client.denoise(inputs["cond"], inputs["uncond"], latents=inputs["latents"], steps=200,
-                                 guidance_scale=7.5, timeout=120))
+    stream = iter(
+        client.denoise(
+            inputs["cond"], inputs["uncond"], latents=inputs["latents"], steps=200, guidance_scale=7.5, timeout=120
+        )
+    )
     next(stream)  # the first chunk is done: the call is in flight
     follower.send_signal(signal.SIGKILL)
     t0 = time.monotonic()
@@ -200,8 +244,9 @@ def test_a_dead_follower_makes_process_0_not_serving_instead_of_hanging(two_proc
     # a later call fails at once instead of waiting for a collective that cannot finish
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as refused:
-        client.denoise(inputs["cond"], inputs["uncond"], latents=inputs["latents"], steps=STEPS,
-                       guidance_scale=7.5, timeout=30).result()
+        client.denoise(
+            inputs["cond"], inputs["uncond"], latents=inputs["latents"], steps=STEPS, guidance_scale=7.5, timeout=30
+        ).result()
     assert time.monotonic() - t0 < 5 and "follower process 1 is gone" in refused.value.details()
     assert leader.poll() is None, f"process 0 should outlive its follower:\n{log.read_text()[-3000:]}"
 

@@ -1,4 +1,5 @@
 """The whole text-to-image pipeline equals diffusers' StableDiffusionPipeline from the same latents, under every sampler."""
+
 from __future__ import annotations
 
 import zlib
@@ -6,8 +7,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
 
 from sdmesh.services.inputs.contract import GenerationRequest
 from sdmesh.services.inputs.errors import InvalidRequest
@@ -39,7 +45,9 @@ def reference_images(folder, prompt, latents, scheduler=DDIMScheduler, scheduler
 
 def random_latents(pipe: StableDiffusion, n: int, size: int, seed: int = 0) -> np.ndarray:
     f = pipe.vae_scale_factor
-    return np.random.default_rng(seed).standard_normal((n, pipe.unet.config.out_channels, size // f, size // f), dtype=np.float32)
+    return np.random.default_rng(seed).standard_normal(
+        (n, pipe.unet.config.out_channels, size // f, size // f), dtype=np.float32
+    )
 
 
 @pytest.mark.parametrize("flavor", ["sd2", "sd1"])
@@ -57,9 +65,14 @@ def test_images_equal_diffusers_from_same_latents(tiny_checkpoints, loaded, flav
     pipe = loaded(flavor)
     latents = random_latents(pipe, 2, 32, seed=zlib.crc32(flavor.encode()) % 1000)  # the same in every process
     prompt = "a photograph of an astronaut riding a horse"
-    ours = pipe.generate(GenerationRequest(prompt=prompt, num_images=2, steps=4, height=32, width=32, latents=latents,
-                                           sampler="ddim", **options))
-    ref = reference_images(folder, prompt, latents, num_images_per_prompt=2, num_inference_steps=4, height=32, width=32, **options)
+    ours = pipe.generate(
+        GenerationRequest(
+            prompt=prompt, num_images=2, steps=4, height=32, width=32, latents=latents, sampler="ddim", **options
+        )
+    )
+    ref = reference_images(
+        folder, prompt, latents, num_images_per_prompt=2, num_inference_steps=4, height=32, width=32, **options
+    )
     diff = np.abs(ours.images.astype(int) - ref.astype(int))
     assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
 
@@ -80,11 +93,23 @@ def test_every_sampler_equals_its_diffusers_scheduler_in_the_whole_pipeline(tiny
     folder, pipe = tiny_checkpoints[flavor], loaded(flavor)
     latents = random_latents(pipe, 1, 32, seed=5)
     options = dict(guidance_scale=6.0, negative_prompt="dark")
-    ours = pipe.generate(GenerationRequest(prompt="a red bicycle", steps=6, height=32, width=32, latents=latents,
-                                           sampler=sampler, **options))
+    ours = pipe.generate(
+        GenerationRequest(
+            prompt="a red bicycle", steps=6, height=32, width=32, latents=latents, sampler=sampler, **options
+        )
+    )
     scheduler, scheduler_options = SAMPLERS[sampler]
-    ref = reference_images(folder, "a red bicycle", latents, scheduler=scheduler, scheduler_options=scheduler_options,
-                           num_inference_steps=6, height=32, width=32, **options)
+    ref = reference_images(
+        folder,
+        "a red bicycle",
+        latents,
+        scheduler=scheduler,
+        scheduler_options=scheduler_options,
+        num_inference_steps=6,
+        height=32,
+        width=32,
+        **options,
+    )
     diff = np.abs(ours.images.astype(int) - ref.astype(int))
     assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
 
@@ -113,8 +138,11 @@ def test_new_prompts_seeds_and_guidance_do_not_recompile(tiny_checkpoints):
     pipe = StableDiffusion.load(str(tiny_checkpoints["sd2"]))  # fresh: nothing compiled yet
     first = pipe.generate(GenerationRequest(prompt="a cat", steps=3, height=32, width=32, seed=1))
     assert first.timings["compile"] > 0
-    again = pipe.generate(GenerationRequest(prompt="a dog on a hill", steps=7, guidance_scale=3.0,
-                                            guidance_rescale=0.5, height=32, width=32, seed=2))
+    again = pipe.generate(
+        GenerationRequest(
+            prompt="a dog on a hill", steps=7, guidance_scale=3.0, guidance_rescale=0.5, height=32, width=32, seed=2
+        )
+    )
     assert again.timings["compile"] == 0
     assert not np.array_equal(first.images, again.images)
 
@@ -163,21 +191,52 @@ def test_bad_requests_are_refused_with_a_reason(loaded, bad, message):
 # three VAE levels (factor 4), a zero-terminal-SNR trailing v-prediction schedule, a non-square image.
 ODD = {
     "unet": dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32, 48),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32, 48),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=(2, 2, 4, 4), transformer_layers_per_block=2,
-        use_linear_projection=True, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1,
+        cross_attention_dim=24,
+        attention_head_dim=(2, 2, 4, 4),
+        transformer_layers_per_block=2,
+        use_linear_projection=True,
+        norm_num_groups=8,
+        flip_sin_to_cos=False,
+        freq_shift=1,
     ),
     "vae": dict(
-        block_out_channels=(8, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=2, sample_size=32, scaling_factor=0.13025,
+        block_out_channels=(8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=2,
+        sample_size=32,
+        scaling_factor=0.13025,
     ),
-    "text_encoder": dict(hidden_size=24, intermediate_size=50, num_hidden_layers=3, num_attention_heads=3,
-                         max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=24),
-    "scheduler": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
-                      timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=False),
+    "text_encoder": dict(
+        hidden_size=24,
+        intermediate_size=50,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=24,
+    ),
+    "scheduler": dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
+        clip_sample=False,
+    ),
     "pad_token": "!",
 }
 
@@ -194,7 +253,10 @@ def test_an_unusual_sd_shaped_config_matches_too(tmp_path, scheduler):
     pipe = StableDiffusion.load(str(folder))
     latents = np.random.default_rng(3).standard_normal((1, 4, 24 // 4, 40 // 4), dtype=np.float32)
     options = dict(guidance_scale=6.0, guidance_rescale=0.3, negative_prompt="dark")
-    ours = pipe.generate(GenerationRequest(prompt="a red bicycle", steps=3, height=24, width=40, latents=latents,
-                                           sampler="ddim", **options))
+    ours = pipe.generate(
+        GenerationRequest(
+            prompt="a red bicycle", steps=3, height=24, width=40, latents=latents, sampler="ddim", **options
+        )
+    )
     ref = reference_images(folder, "a red bicycle", latents, num_inference_steps=3, height=24, width=40, **options)
     assert np.abs(ours.images.astype(int) - ref.astype(int)).max() <= 2

@@ -1,4 +1,5 @@
 """The wire contract: committed stubs match the .proto files; tensors round-trip and bad ones are refused."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdmesh.v1 import tensors
-from sdmesh.v1 import tensor_pb2
+from sdmesh.v1 import tensor_pb2, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,9 @@ def test_committed_stubs_match_the_proto_files(tmp_path):
     for path in fresh:
         committed = ROOT / "protos" / "sdmesh" / "v1" / path.name
         assert committed.is_file(), f"{path.name} is not committed: run python protos/generate.py"
-        assert committed.read_text() == path.read_text(), f"{path.name} drifted from the .proto files: run python protos/generate.py"
+        assert committed.read_text() == path.read_text(), (
+            f"{path.name} drifted from the .proto files: run python protos/generate.py"
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int32", "int64", "uint8"])

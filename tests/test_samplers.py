@@ -7,8 +7,8 @@ init_noise_sigma, add_noise against start_* (img2img) and blend_* (inpainting), 
 Tolerance: conftest's fp32 parity bar (relative L2 ≤ 1e-4); diffusers computes its coefficients in
 float32, we in float64, and numpy's and torch's float32 cumprods differ in the last ulp.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import diffusers
 import jax
@@ -16,10 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler)
-
 from conftest import assert_rel_close
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
 from sdmesh.services import samplers
 from sdmesh.services.samplers import ddim, dpm_solver, euler, pndm, table
 
@@ -37,8 +42,10 @@ CASES = {
     "euler-zsnr": (EULER, ZSNR),
     "euler-karras": (EULER, dict(SD, use_karras_sigmas=True)),
     "euler-sample-linspace-sigma_min": (EULER, dict(prediction_type="sample", final_sigmas_type="sigma_min")),
-    "euler-exponential-continuous-v": (EULER, dict(SD, use_exponential_sigmas=True, prediction_type="v_prediction",
-                                                    timestep_type="continuous")),
+    "euler-exponential-continuous-v": (
+        EULER,
+        dict(SD, use_exponential_sigmas=True, prediction_type="v_prediction", timestep_type="continuous"),
+    ),
     "ancestral-sd1": (ANCESTRAL, SD1),
     "ancestral-sd2v": (ANCESTRAL, SD2V),
     "ancestral-zsnr": (ANCESTRAL, ZSNR),
@@ -51,9 +58,17 @@ CASES = {
     "dpm-heun-sigma_min": (DPM, dict(SD, solver_type="heun", final_sigmas_type="sigma_min", lower_order_final=False)),
     "dpm-3m-euler_at_final": (DPM, dict(SD, solver_order=3, euler_at_final=True)),
     "dpm-sde": (DPM, dict(SD2V, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
-    "dpm-threshold-sample-cosine": (DPM, dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
-                                              thresholding=True, dynamic_thresholding_ratio=0.9,
-                                              sample_max_value=1.5, lambda_min_clipped=-5.1)),
+    "dpm-threshold-sample-cosine": (
+        DPM,
+        dict(
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="sample",
+            thresholding=True,
+            dynamic_thresholding_ratio=0.9,
+            sample_max_value=1.5,
+            lambda_min_clipped=-5.1,
+        ),
+    ),
     "plms-sd1": (PNDM, dict(SD1, skip_prk_steps=True)),
     "plms-sd2v": (PNDM, dict(SD2V, skip_prk_steps=True)),
     "plms-linspace": (PNDM, dict(skip_prk_steps=True, timestep_spacing="linspace", set_alpha_to_one=True)),
@@ -75,9 +90,16 @@ _step = jax.jit(table.step)  # one compile per batch shape; eager dispatch would
 
 
 def step_plan(plan: table.Plan, state: table.SlotState, i: int, out: np.ndarray, noise: np.ndarray) -> table.SlotState:
-    one = lambda v: jnp.asarray([v], jnp.float32)  # noqa: E731
-    return _step(jnp.asarray(plan.rows[i:i + 1], jnp.float32), state, jnp.asarray(out), jnp.asarray(noise),
-                 one(plan.clip), one(plan.threshold_ratio), one(plan.threshold_max))
+    one = lambda v: jnp.asarray([v], jnp.float32)
+    return _step(
+        jnp.asarray(plan.rows[i : i + 1], jnp.float32),
+        state,
+        jnp.asarray(out),
+        jnp.asarray(noise),
+        one(plan.clip),
+        one(plan.threshold_ratio),
+        one(plan.threshold_max),
+    )
 
 
 def walk(ref, plan: table.Plan, first: int, monkeypatch, seed: int = 0) -> float:
@@ -86,7 +108,7 @@ def walk(ref, plan: table.Plan, first: int, monkeypatch, seed: int = 0) -> float
     first == 0: text-to-image from init_noise_sigma · z; first > 0: img2img from add_noise at the first
     timestep. Returns the worst relative error of the samples (each asserted ≤ 1e-4).
     """
-    timesteps = ref.timesteps[first * ref.order:]  # diffusers' get_timesteps (order is 1 for all four)
+    timesteps = ref.timesteps[first * ref.order :]  # diffusers' get_timesteps (order is 1 for all four)
     if hasattr(ref, "set_begin_index"):
         ref.set_begin_index(first * ref.order)
     assert plan.evaluations == len(timesteps)
@@ -121,8 +143,10 @@ def walk(ref, plan: table.Plan, first: int, monkeypatch, seed: int = 0) -> float
         assert err <= 1e-4, f"step {i}: relative error {err:.3e}"
         worst = max(worst, err)
         if i + 1 < len(timesteps):  # inpainting's latent blend towards the next timestep
-            blend_ref = ref.add_noise(torch.from_numpy(latents), torch.from_numpy(z), timesteps[i + 1:i + 2])
-            assert_rel_close(row[table.COL["blend_lat"]] * latents + row[table.COL["blend_noise"]] * z, blend_ref.numpy())
+            blend_ref = ref.add_noise(torch.from_numpy(latents), torch.from_numpy(z), timesteps[i + 1 : i + 2])
+            assert_rel_close(
+                row[table.COL["blend_lat"]] * latents + row[table.COL["blend_noise"]] * z, blend_ref.numpy()
+            )
     return worst
 
 
@@ -150,9 +174,14 @@ def test_step_counts_around_the_special_cases(case, num_steps, monkeypatch):
 def test_named_sampler_reads_an_sd_config_as_diffusers_from_config_does(name, monkeypatch):
     # SD 2.x ships a PNDM config; each name's diffusers scheduler is built from it with from_config.
     shipped = dict(PNDMScheduler(**SD2V, skip_prk_steps=True, set_alpha_to_one=False).config)
-    cls, extra = {"ddim": (DDIMScheduler, {}), "euler": (EULER, {}), "euler-ancestral": (ANCESTRAL, {}),
-                  "dpm++2m": (DPM, {}), "dpm++2m-karras": (DPM, dict(use_karras_sigmas=True)),
-                  "plms": (PNDM, dict(skip_prk_steps=True))}[name]
+    cls, extra = {
+        "ddim": (DDIMScheduler, {}),
+        "euler": (EULER, {}),
+        "euler-ancestral": (ANCESTRAL, {}),
+        "dpm++2m": (DPM, {}),
+        "dpm++2m-karras": (DPM, dict(use_karras_sigmas=True)),
+        "plms": (PNDM, dict(skip_prk_steps=True)),
+    }[name]
     ref = cls.from_config(shipped, **extra)
     ref.set_timesteps(12)
     plan = samplers.make_plan(name, shipped, 12)
@@ -164,29 +193,44 @@ def test_named_sampler_reads_an_sd_config_as_diffusers_from_config_does(name, mo
 
 def test_slots_with_different_samplers_step_together_as_alone():
     shipped = dict(SD2V, clip_sample=False, set_alpha_to_one=False)
-    plans = [samplers.make_plan("ddim", dict(shipped, clip_sample=True, clip_sample_range=0.8), 12, eta=0.5),
-             samplers.make_plan("euler-ancestral", shipped, 9, first=2),
-             samplers.make_plan("dpm++2m-karras", shipped, 15),
-             dpm_solver.make_plan(dpm_solver.DPMSolverConfig.from_json(
-                 dict(shipped, prediction_type="sample", thresholding=True, dynamic_thresholding_ratio=0.9)), 8),
-             samplers.make_plan("plms", shipped, 20, first=5)]
+    plans = [
+        samplers.make_plan("ddim", dict(shipped, clip_sample=True, clip_sample_range=0.8), 12, eta=0.5),
+        samplers.make_plan("euler-ancestral", shipped, 9, first=2),
+        samplers.make_plan("dpm++2m-karras", shipped, 15),
+        dpm_solver.make_plan(
+            dpm_solver.DPMSolverConfig.from_json(
+                dict(shipped, prediction_type="sample", thresholding=True, dynamic_thresholding_ratio=0.9)
+            ),
+            8,
+        ),
+        samplers.make_plan("plms", shipped, 20, first=5),
+    ]
     n = min(p.evaluations for p in plans)
     b = len(plans)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((b, 8, 8, 4), dtype=np.float32)
     outs = rng.standard_normal((n, b, 8, 8, 4), dtype=np.float32)
     noises = rng.standard_normal((n, b, 8, 8, 4), dtype=np.float32)
-    per_slot = lambda f: jnp.asarray([f(p) for p in plans], jnp.float32)  # noqa: E731
+    per_slot = lambda f: jnp.asarray([f(p) for p in plans], jnp.float32)
     batch = table.initial_state(jnp.asarray(x))
-    alone = [table.initial_state(jnp.asarray(x[k:k + 1])) for k in range(b)]
+    alone = [table.initial_state(jnp.asarray(x[k : k + 1])) for k in range(b)]
     for i in range(n):
         rows = jnp.asarray(np.stack([p.rows[i] for p in plans]), jnp.float32)
-        batch = _step(rows, batch, jnp.asarray(outs[i]), jnp.asarray(noises[i]), per_slot(lambda p: p.clip),
-                      per_slot(lambda p: p.threshold_ratio), per_slot(lambda p: p.threshold_max))
-        alone = [step_plan(p, s, i, outs[i, k:k + 1], noises[i, k:k + 1]) for k, (p, s) in enumerate(zip(plans, alone))]
+        batch = _step(
+            rows,
+            batch,
+            jnp.asarray(outs[i]),
+            jnp.asarray(noises[i]),
+            per_slot(lambda p: p.clip),
+            per_slot(lambda p: p.threshold_ratio),
+            per_slot(lambda p: p.threshold_max),
+        )
+        alone = [
+            step_plan(p, s, i, outs[i, k : k + 1], noises[i, k : k + 1]) for k, (p, s) in enumerate(zip(plans, alone))
+        ]
     for k in range(b):
         for got, want in zip(batch, alone[k]):
-            np.testing.assert_allclose(np.asarray(got)[k:k + 1], np.asarray(want), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(got)[k : k + 1], np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_default_sampler_follows_the_shipped_scheduler():
@@ -195,7 +239,10 @@ def test_default_sampler_follows_the_shipped_scheduler():
     assert samplers.default_sampler({"_class_name": "EulerDiscreteScheduler"}) == "euler"
     assert samplers.default_sampler({"_class_name": "EulerAncestralDiscreteScheduler"}) == "euler-ancestral"
     assert samplers.default_sampler({"_class_name": "DPMSolverMultistepScheduler"}) == "dpm++2m"
-    assert samplers.default_sampler({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}) == "dpm++2m-karras"
+    assert (
+        samplers.default_sampler({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True})
+        == "dpm++2m-karras"
+    )
     assert samplers.default_sampler({"_class_name": "LMSDiscreteScheduler"}) == "ddim"
     assert samplers.default_sampler({}) == "ddim"
 
@@ -222,8 +269,13 @@ def test_unknown_sampler_names_the_valid_ones():
         samplers.evaluations("heun", 10)
 
 
-@pytest.mark.parametrize("cls,make", [(ANCESTRAL, lambda c: euler.make_plan(euler.EulerConfig.from_json(c), 5, ancestral=True)),
-                                      (PNDM, lambda c: pndm.make_plan(pndm.PNDMConfig.from_json(c), 5))])
+@pytest.mark.parametrize(
+    "cls,make",
+    [
+        (ANCESTRAL, lambda c: euler.make_plan(euler.EulerConfig.from_json(c), 5, ancestral=True)),
+        (PNDM, lambda c: pndm.make_plan(pndm.PNDMConfig.from_json(c), 5)),
+    ],
+)
 def test_prediction_types_diffusers_refuses_are_refused(cls, make):
     ref = cls(prediction_type="sample", skip_prk_steps=True) if cls is PNDM else cls(prediction_type="sample")
     ref.set_timesteps(5)
@@ -234,10 +286,18 @@ def test_prediction_types_diffusers_refuses_are_refused(cls, make):
         make(dict(ref.config))
 
 
-@pytest.mark.parametrize("bad", [dict(prediction_type="flow_prediction"), dict(algorithm_type="dpmsolver"),
-                                 dict(use_lu_lambdas=True), dict(timestep_spacing="even"), dict(beta_schedule="cubic")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(prediction_type="flow_prediction"),
+        dict(algorithm_type="dpmsolver"),
+        dict(use_lu_lambdas=True),
+        dict(timestep_spacing="even"),
+        dict(beta_schedule="cubic"),
+    ],
+)
 def test_dpm_options_we_do_not_reproduce_are_named(bad):
-    with pytest.raises(ValueError, match=list(bad)[0]):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         dpm_solver.DPMSolverConfig.from_json(bad)
 
 
@@ -250,7 +310,9 @@ def test_prk_warm_up_needs_four_steps():
 def test_img2img_tail_of_stateless_samplers_is_the_full_plan_tail(first):
     cfg = dict(SD2V, use_karras_sigmas=True)
     full = euler.make_plan(euler.EulerConfig.from_json(cfg), 12)
-    np.testing.assert_array_equal(euler.make_plan(euler.EulerConfig.from_json(cfg), 12, first=first).rows, full.rows[first:])
+    np.testing.assert_array_equal(
+        euler.make_plan(euler.EulerConfig.from_json(cfg), 12, first=first).rows, full.rows[first:]
+    )
     # DPM-Solver restarts at first order: only the first row differs from the full plan's tail.
     d = dpm_solver.DPMSolverConfig.from_json(cfg)
     tail, whole = dpm_solver.make_plan(d, 12, first=first).rows, dpm_solver.make_plan(d, 12).rows[first:]
@@ -261,15 +323,26 @@ def test_img2img_tail_of_stateless_samplers_is_the_full_plan_tail(first):
 
 
 def test_configs_read_only_their_own_fields():
-    shipped = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0", "skip_prk_steps": True,
-               "clip_sample": False, "set_alpha_to_one": False, "trained_betas": None, **SD1}
+    shipped = {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.8.0",
+        "skip_prk_steps": True,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "trained_betas": None,
+        **SD1,
+    }
     assert euler.EulerConfig.from_json(shipped) == euler.EulerConfig(**SD1)
     assert dpm_solver.DPMSolverConfig.from_json(shipped) == dpm_solver.DPMSolverConfig(**SD1)
     assert pndm.PNDMConfig.from_json(shipped) == pndm.PNDMConfig(**SD1, skip_prk_steps=True)
 
 
 def test_defaults_are_diffusers_defaults():
-    for ours, ref in [(euler.EulerConfig(), EULER()), (dpm_solver.DPMSolverConfig(), DPM()), (pndm.PNDMConfig(), PNDM())]:
+    for ours, ref in [
+        (euler.EulerConfig(), EULER()),
+        (dpm_solver.DPMSolverConfig(), DPM()),
+        (pndm.PNDMConfig(), PNDM()),
+    ]:
         for field in ours.__dataclass_fields__:
             if field in ref.config:
                 want = ref.config[field]

@@ -1,4 +1,5 @@
 """Meshes and parameter shardings: the rules on one device here, the stages on 8 host devices in a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,11 @@ from jax.sharding import PartitionSpec as P
 
 from sdmesh.services.dev import reference
 from sdmesh.services.engine import sharding
+from sdmesh.services.engine.sharding import MeshConfig
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models import text_encoder as te
 from sdmesh.services.models import unet as un
 from sdmesh.services.models import vae as va
-from sdmesh.services.engine.sharding import MeshConfig
 
 MESHES = ("8,1,1", "2,2,2", "1,4,2", "1,1,8")
 
@@ -27,13 +28,16 @@ MESHES = ("8,1,1", "2,2,2", "1,4,2", "1,1,8")
 # --- the rules, on the one device this process has ---------------------------------
 
 
-@pytest.mark.parametrize("path, shape, names", [
-    (("conv_in", "kernel"), (3, 3, 4, 320), (None, None, "embed", "conv_out")),
-    (("attn1", "to_q", "kernel"), (320, 320), ("embed", "mlp")),
-    (("token_embedding", "embedding"), (49408, 1024), ("vocab", "embed")),
-    (("conv_in", "bias"), (320,), ("norm",)),
-    (("norm1", "scale"), (320,), ("norm",)),
-])
+@pytest.mark.parametrize(
+    "path, shape, names",
+    [
+        (("conv_in", "kernel"), (3, 3, 4, 320), (None, None, "embed", "conv_out")),
+        (("attn1", "to_q", "kernel"), (320, 320), ("embed", "mlp")),
+        (("token_embedding", "embedding"), (49408, 1024), ("vocab", "embed")),
+        (("conv_in", "bias"), (320,), ("norm",)),
+        (("norm1", "scale"), (320,), ("norm",)),
+    ],
+)
 def test_each_parameter_kind_gets_its_logical_axes(path, shape, names):
     assert sharding.logical_axes(path, shape) == names
 
@@ -43,11 +47,14 @@ def test_minus_one_fills_with_the_devices_left():
     assert MeshConfig(-1, 1, 1).sizes(8) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
-@pytest.mark.parametrize("config, devices", [
-    (MeshConfig(3, 1, 1), 8),    # product ≠ device count
-    (MeshConfig(2, 2, 1), 8),
-    (MeshConfig(3, -1, 1), 8),   # fixed sizes do not divide the devices
-])
+@pytest.mark.parametrize(
+    "config, devices",
+    [
+        (MeshConfig(3, 1, 1), 8),  # product ≠ device count
+        (MeshConfig(2, 2, 1), 8),
+        (MeshConfig(3, -1, 1), 8),  # fixed sizes do not divide the devices
+    ],
+)
 def test_a_mesh_that_does_not_fit_the_devices_names_the_flags(config, devices):
     with pytest.raises(InvalidRequest, match="--ici-data-parallelism/--ici-fsdp-parallelism/--ici-tensor-parallelism"):
         config.sizes(devices)
@@ -68,11 +75,14 @@ def test_an_undivisible_dimension_is_replicated():
     assert sharding.batch_sharding(mesh, (3, 8, 8, 4)).spec == P("data", None, None, None)
 
 
-@pytest.mark.parametrize("module, config", [
-    (un, un.UNetConfig.from_json(reference.FULL_SD2["unet"])),
-    (va, va.VAEConfig.from_json(reference.FULL_SD2["vae"])),
-    (te, te.TextEncoderConfig.from_json(reference.FULL_SD2["text_encoder"])),
-])
+@pytest.mark.parametrize(
+    "module, config",
+    [
+        (un, un.UNetConfig.from_json(reference.FULL_SD2["unet"])),
+        (va, va.VAEConfig.from_json(reference.FULL_SD2["vae"])),
+        (te, te.TextEncoderConfig.from_json(reference.FULL_SD2["text_encoder"])),
+    ],
+)
 def test_every_full_size_parameter_has_a_sharding(module, config):
     shapes = module.init_shapes(config)
     shardings = sharding.param_shardings(shapes, sharding.make_mesh(MeshConfig()))
@@ -97,14 +107,20 @@ def on_meshes(tiny_checkpoints) -> dict:
     """The denoise loop and VAE decode on 1 device and on each mesh of 8 host devices (one subprocess)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     script = Path(__file__).with_name("sharded_stages.py")
-    done = subprocess.run([sys.executable, str(script), str(tiny_checkpoints["sd2"]), *MESHES],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_checkpoints["sd2"]), *MESHES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
     assert out["devices"] == 8
     return out
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("mesh", MESHES)
 def test_the_result_does_not_depend_on_the_mesh(on_meshes, mesh):
     single, sharded = on_meshes["single"], on_meshes[mesh]
@@ -116,6 +132,7 @@ def test_the_result_does_not_depend_on_the_mesh(on_meshes, mesh):
     assert sharded["latents_spec"] == str(P("data", None, None, None))  # the batch stays split between chunks
 
 
+@pytest.mark.processes
 def test_parameters_are_really_split(on_meshes):
     # conv (3, 3, 32, 32): input channels on fsdp, output channels on tensor; Dense (64, 64) likewise
     assert on_meshes["8,1,1"]["conv_shard"] == [3, 3, 32, 32]
@@ -126,6 +143,7 @@ def test_parameters_are_really_split(on_meshes):
     assert on_meshes["1,1,8"]["dense_shard"] == [64, 8]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("stage", ["unet_bytes", "vae_bytes"])
 def test_per_device_parameter_bytes_fall_with_fsdp_times_tensor(on_meshes, stage):
     full = on_meshes["single"][stage]
@@ -135,13 +153,16 @@ def test_per_device_parameter_bytes_fall_with_fsdp_times_tensor(on_meshes, stage
         assert on_meshes[mesh][stage] < 1.25 * full / split, mesh
 
 
-@pytest.mark.parametrize("per_device,config,devices,expected", [
-    (2, None, 8, 2),  # no mesh: one data device
-    (0.5, sharding.MeshConfig(4, 1, 1), 4, 2),
-    (1.5, sharding.MeshConfig(2, 2, 1), 4, 3),
-    (0.25, sharding.MeshConfig(2, 1, 1), 2, 1),  # below one image: replicated along data
-    (1, sharding.MeshConfig(-1, 2, 1), 8, 4),
-])
+@pytest.mark.parametrize(
+    "per_device,config,devices,expected",
+    [
+        (2, None, 8, 2),  # no mesh: one data device
+        (0.5, sharding.MeshConfig(4, 1, 1), 4, 2),
+        (1.5, sharding.MeshConfig(2, 2, 1), 4, 3),
+        (0.25, sharding.MeshConfig(2, 1, 1), 2, 1),  # below one image: replicated along data
+        (1, sharding.MeshConfig(-1, 2, 1), 8, 4),
+    ],
+)
 def test_per_device_batch_size_scales_with_the_data_axis(per_device, config, devices, expected):
     assert sharding.global_batch(per_device, config, devices) == expected
 

@@ -1,12 +1,14 @@
 """The real stack: `sdmesh up` starts encoder, two denoiser replicas, decoder and gateway as processes
 on loopback ports, with the tiny checkpoint; clients in Python and Node.js generate through it.
 
-One stack serves the whole module (starting it compiles in four processes). The tests run in file
-order: killing a replica comes near the end, and the last test stops the stack and checks that no
-process is left.
+One stack serves the tests that leave it as they found it (starting one compiles in four processes);
+the test that kills a replica and then stops its stack starts a stack of its own, so the tests pass
+in any order.
 """
+
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import shutil
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -39,25 +42,55 @@ class Up:
         return [k for k in kids if service is None or ["serve", service] == k.cmdline()[3:5]]
 
 
-@pytest.fixture(scope="module")
-def up(tiny_checkpoints, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stack")
-    log = open(tmp / "up.err", "w+")
+pytestmark = pytest.mark.processes
+
+
+@contextlib.contextmanager
+def running_stack(checkpoint, tmp):
+    """`sdmesh up` with two denoiser replicas until the block ends (then Ctrl-C, if it still runs)."""
+    log = open(tmp / "up.err", "w+")  # noqa: SIM115 - the stack writes to it until the block ends
     process = subprocess.Popen(
-        [sys.executable, "-m", "sdmesh.client.cli", "up", "--model", str(tiny_checkpoints["sd2"]), "--port", "0",
-         "--denoisers", "2", "--chunk-steps", "1", "--log-dir", str(tmp / "logs"), "--start-timeout", str(START_TIMEOUT)],
-        stdout=subprocess.PIPE, stderr=log, text=True)
+        [
+            sys.executable,
+            "-m",
+            "sdmesh.client.cli",
+            "up",
+            "--model",
+            str(checkpoint),
+            "--port",
+            "0",
+            "--denoisers",
+            "2",
+            "--chunk-steps",
+            "1",
+            "--log-dir",
+            str(tmp / "logs"),
+            "--start-timeout",
+            str(START_TIMEOUT),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
     address = process.stdout.readline().strip() if ready else ""
     if not address:
         process.kill()
         log.seek(0)
         pytest.fail(f"sdmesh up printed no address; its stderr:\n{log.read()}")
-    stack = Up(process, address, log, tmp / "logs")
-    yield stack
-    if process.poll() is None:  # the last test stops it; if it failed, stop it here
-        process.send_signal(signal.SIGINT)
-        process.wait(30)
+    try:
+        yield Up(process, address, log, tmp / "logs")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def up(tiny_checkpoints, tmp_path_factory):
+    with running_stack(tiny_checkpoints["sd2"], tmp_path_factory.mktemp("stack")) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +112,11 @@ def pixels(result: GenerateResult) -> np.ndarray:
 
 def test_an_image_through_the_gateway_equals_the_in_process_pipeline(up, pipeline):
     with Client(up.address, timeout=60) as client:
-        events = list(client.stream("an astronaut riding a horse", negative_prompt="blurry", steps=STEPS, seed=42,
-                                    guidance_scale=7.5))
+        events = list(
+            client.stream(
+                "an astronaut riding a horse", negative_prompt="blurry", steps=STEPS, seed=42, guidance_scale=7.5
+            )
+        )
     *progress, result = events
     assert [p.step for p in progress if p.stage == "denoise"] == list(range(1, STEPS + 1))  # --chunk-steps 1
     assert result.seed == 42
@@ -101,12 +137,33 @@ def test_16_concurrent_requests_each_get_their_own_image(up, pipeline):
 
 
 def test_cli_generate_through_the_gateway(up, pipeline, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "generate", "a lighthouse", "--server", up.address,
-                          "--steps", str(STEPS), "--seed", "3", "--output-dir", str(tmp_path), "--timeout", "60"],
-                         capture_output=True, text=True, timeout=90)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdmesh.client.cli",
+            "generate",
+            "a lighthouse",
+            "--server",
+            up.address,
+            "--steps",
+            str(STEPS),
+            "--seed",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(tmp_path / "image_0.png")] and "seed 3" in out.stderr
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "image_0.png"))[None], in_process(pipeline, "a lighthouse", 3))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "image_0.png"))[None], in_process(pipeline, "a lighthouse", 3)
+    )
 
 
 def test_bad_requests_are_invalid_argument(up):
@@ -121,19 +178,29 @@ def test_a_node_client_built_from_the_protos_alone_gets_pngs(up, pipeline, tmp_p
 
     folder = Path(__file__).parent / "other_language"
     if not (folder / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        install = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True, text=True, timeout=300)
+        install = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True, text=True, timeout=300
+        )
         assert install.returncode == 0, install.stderr
-    run = subprocess.run(["node", "generate.js", up.address, "a lighthouse", str(tmp_path), "3", str(STEPS)], cwd=folder,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        ["node", "generate.js", up.address, "a lighthouse", str(tmp_path), "3", str(STEPS)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert f"denoise {STEPS}/{STEPS}" in run.stderr and "seed 3" in run.stderr
     assert run.stdout.split() == [str(tmp_path / "image_0.png")]
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "image_0.png"))[None], in_process(pipeline, "a lighthouse", 3))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "image_0.png"))[None], in_process(pipeline, "a lighthouse", 3)
+    )
 
 
 def test_a_client_that_cancels_stops_the_denoiser_work(up):
     steps = 900
     with Client(up.address, timeout=60) as client, futures.ThreadPoolExecutor(2) as pool:
+
         def timed(n: int, *seeds: int) -> float:
             t0 = time.monotonic()
             list(pool.map(lambda seed: client.generate("a short one", steps=n, seed=seed), seeds))
@@ -153,7 +220,15 @@ def test_a_client_that_cancels_stops_the_denoiser_work(up):
         assert timed(1, 2, 3) < baseline + left / 2
 
 
-def test_killing_a_denoiser_mid_run_fails_fast_or_retries(up, pipeline):
+def test_a_killed_denoiser_fails_its_calls_fast_or_retries_them_and_ctrl_c_stops_every_process(
+    tiny_checkpoints, tmp_path, pipeline
+):
+    with running_stack(tiny_checkpoints["sd2"], tmp_path) as up:
+        killing_a_denoiser_mid_run_fails_fast_or_retries(up, pipeline)
+        ctrl_c_stops_every_process(up)
+
+
+def killing_a_denoiser_mid_run_fails_fast_or_retries(up, pipeline):
     victim = up.children("denoiser")[0]
     started = []
 
@@ -184,26 +259,50 @@ def test_killing_a_denoiser_mid_run_fails_fast_or_retries(up, pipeline):
         later = client.generate("after the crash", steps=STEPS, seed=9, timeout=60)
     np.testing.assert_array_equal(pixels(later), in_process(pipeline, "after the crash", 9))
     deadline = time.monotonic() + 5
-    while "SIGKILL" not in open(up.log.name).read() and time.monotonic() < deadline:
+    log = Path(up.log.name)
+    while "SIGKILL" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "was killed by SIGKILL" in open(up.log.name).read()  # `sdmesh up` reported the death
+    assert "was killed by SIGKILL" in log.read_text()  # `sdmesh up` reported the death
 
 
-def test_sdmesh_up_stops_every_process_on_ctrl_c(up):
+def ctrl_c_stops_every_process(up):
     children = up.children()
-    assert {" ".join(c.cmdline()[3:5]) for c in children} == {"serve encoder", "serve denoiser", "serve decoder", "serve gateway"}
+    assert {" ".join(c.cmdline()[3:5]) for c in children} == {
+        "serve encoder",
+        "serve denoiser",
+        "serve decoder",
+        "serve gateway",
+    }
     up.process.send_signal(signal.SIGINT)
     assert up.process.wait(30) == 0
-    gone, alive = psutil.wait_procs(children, timeout=5)
+    _gone, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
 
 
 def test_sdmesh_up_reports_a_service_that_fails_to_start(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "sdmesh.client.cli", "up", "--model", str(tmp_path / "no-such-model"),
-                          "--port", "0", "--log-dir", str(tmp_path / "logs"), "--start-timeout", "120"],
-                         capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdmesh.client.cli",
+            "up",
+            "--model",
+            str(tmp_path / "no-such-model"),
+            "--port",
+            "0",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--start-timeout",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 1 and run.stdout == ""  # no address: the stack never served
-    assert re.search(r"sdmesh up: (encoder|denoiser-0|decoder) \(127\.0\.0\.1:\d+, pid \d+\) exited with status \d+; its log: ",
-                     run.stderr), run.stderr
+    assert re.search(
+        r"sdmesh up: (encoder|denoiser-0|decoder) \(127\.0\.0\.1:\d+, pid \d+\) exited with status \d+; its log: ",
+        run.stderr,
+    ), run.stderr
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []  # the others were stopped

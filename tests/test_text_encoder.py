@@ -1,4 +1,5 @@
 """CLIP text encoder: parity with transformers' CLIPTextModel.last_hidden_state, and checkpoint keys."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ import transformers
 from conftest import assert_rel_close, rel_error
 from safetensors.numpy import load_file
 
+from sdmesh.services.checkpoints.weights import convert
+from sdmesh.services.inputs.tokenizer import TINY_VOCAB_SIZE
 from sdmesh.services.models.text_encoder import (
     ACTIVATIONS,
     CLIPTextEncoder,
@@ -19,8 +22,6 @@ from sdmesh.services.models.text_encoder import (
     fix_checkpoint_key,
     init_shapes,
 )
-from sdmesh.services.inputs.tokenizer import TINY_VOCAB_SIZE
-from sdmesh.services.checkpoints.weights import convert
 
 SEQ = 77  # SD's prompt length
 
@@ -100,8 +101,14 @@ def test_loads_what_transformers5_save_pretrained_writes(tmp_path):
 
     cfg = TextEncoderConfig.from_json(json.loads((tmp_path / "config.json").read_text()))
     assert cfg == TextEncoderConfig(
-        vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
     )
     ids = random_ids(seed=1)
     assert_rel_close(run(cfg, load(state, cfg), ids), torch_last_hidden(reference, ids))
@@ -161,8 +168,9 @@ def test_bf16_activations_are_finite_and_close_to_fp32():
 
 
 def test_is_causal_each_position_sees_only_earlier_tokens():
-    cfg = TextEncoderConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=4)
+    cfg = TextEncoderConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    )
     model = CLIPTextEncoder(cfg)
     ids = random_ids(batch=1, vocab=100)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
@@ -177,8 +185,9 @@ def test_is_causal_each_position_sees_only_earlier_tokens():
 
 
 def test_param_tree_uses_checkpoint_names():
-    cfg = TextEncoderConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=37,
-                            num_hidden_layers=2, num_attention_heads=4)
+    cfg = TextEncoderConfig(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    )
     shapes = init_shapes(cfg)
     assert set(shapes) == {"embeddings", "encoder", "final_layer_norm"}
     assert set(shapes["encoder"]) == {"layers_0", "layers_1"}
@@ -198,15 +207,26 @@ def test_config_from_json_defaults_unknown_keys_and_nested_clip_config():
     assert TextEncoderConfig.from_json({"layer_norm_eps": None}).layer_norm_eps == 1e-5
     # SD 2.x (OpenCLIP ViT-H) text_encoder/config.json, abridged, with keys we ignore.
     sd2 = {
-        "architectures": ["CLIPTextModel"], "hidden_act": "gelu", "hidden_size": 1024,
-        "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
-        "projection_dim": 512, "torch_dtype": "float32", "dropout": 0.0, "pad_token_id": 1,
+        "architectures": ["CLIPTextModel"],
+        "hidden_act": "gelu",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 23,
+        "projection_dim": 512,
+        "torch_dtype": "float32",
+        "dropout": 0.0,
+        "pad_token_id": 1,
     }
     cfg = TextEncoderConfig.from_json(sd2)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim, cfg.hidden_act) == (1024, 23, 64, "gelu")
     # A full CLIPConfig: the text tower is under `text_config`.
-    full = {"model_type": "clip", "projection_dim": 768, "text_config": {"hidden_size": 768, "num_attention_heads": 12},
-            "vision_config": {"hidden_size": 1024}}
+    full = {
+        "model_type": "clip",
+        "projection_dim": 768,
+        "text_config": {"hidden_size": 768, "num_attention_heads": 12},
+        "vision_config": {"hidden_size": 1024},
+    }
     assert TextEncoderConfig.from_json(full).hidden_size == 768
 
 
@@ -218,7 +238,13 @@ def test_config_rejects_what_it_cannot_run():
 
 
 def test_rejects_sequences_longer_than_the_position_table():
-    cfg = TextEncoderConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=4)
+    cfg = TextEncoderConfig(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=4,
+    )
     with pytest.raises(ValueError, match="max_position_embeddings"):
         CLIPTextEncoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32))

@@ -1,4 +1,5 @@
 """Prompt tokenization: the ids diffusers' StableDiffusionPipeline would feed the text encoder."""
+
 from __future__ import annotations
 
 import shutil
@@ -50,7 +51,18 @@ def test_tiny_vocab_is_a_real_clip_bpe_vocab(sd1_dir):
     assert tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN]) == [TINY_VOCAB_SIZE - 2, TINY_VOCAB_SIZE - 1]
     # Lower-cased, word-final '</w>' tokens, merges applied, any byte representable.
     assert tokenizer.tokenize("A Photo of a CAT, naïve") == [
-        "a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>", ",</w>", "n", "a", "Ã", "¯", "v", "e</w>",
+        "a</w>",
+        "photo</w>",
+        "of</w>",
+        "a</w>",
+        "cat</w>",
+        ",</w>",
+        "n",
+        "a",
+        "Ã",
+        "¯",
+        "v",
+        "e</w>",
     ]
 
 

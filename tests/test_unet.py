@@ -5,6 +5,7 @@ zero-initialised layer such as conv_out or proj_out hides a bug); the Flax side 
 built only from the reference's config and state dict, the way a real checkpoint
 is loaded.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,15 +19,19 @@ import pytest
 import torch
 from conftest import assert_rel_close, rel_error
 
-from sdmesh.services.models.unet import UNet2DConditionModel, UNetConfig, fix_checkpoint_key, init_shapes
 from sdmesh.services.checkpoints.weights import CheckpointError, convert
+from sdmesh.services.models.unet import UNet2DConditionModel, UNetConfig, fix_checkpoint_key, init_shapes
 
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 TINY = dict(block_out_channels=(32, 64, 64), down_block_types=SD_DOWN, up_block_types=SD_UP, norm_num_groups=8)
 TWO_LEVELS = dict(
-    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, layers_per_block=1, attention_head_dim=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8,
+    layers_per_block=1,
+    attention_head_dim=4,
     cross_attention_dim=32,
 )
 
@@ -128,8 +133,15 @@ CASES = {
     ),
     # SD 2 depth: 5 input channels (latents + normalised depth), otherwise SD 2-shaped.
     "depth": (
-        dict(TINY, layers_per_block=1, in_channels=5, out_channels=4, attention_head_dim=(2, 4, 4),
-             use_linear_projection=True, cross_attention_dim=32),
+        dict(
+            TINY,
+            layers_per_block=1,
+            in_channels=5,
+            out_channels=4,
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            cross_attention_dim=32,
+        ),
         16,
         np.array([500, 20]),
     ),
@@ -140,8 +152,13 @@ CASES = {
         np.array([10, 700]),
     ),
     "class_projection_concat": (
-        dict(TWO_LEVELS, class_embed_type="projection", projection_class_embeddings_input_dim=12,
-             class_embeddings_concat=True, time_embedding_act_fn="silu"),
+        dict(
+            TWO_LEVELS,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=12,
+            class_embeddings_concat=True,
+            time_embedding_act_fn="silu",
+        ),
         8,
         np.array([10, 700]),
     ),
@@ -217,8 +234,13 @@ def reference_output(name: str) -> np.ndarray:
     cond = torch.from_numpy(x["timestep_cond"]) if "timestep_cond" in x else None
     labels = torch.from_numpy(x["class_labels"]) if "class_labels" in x else None
     with torch.no_grad():
-        out = reference(name)(torch.from_numpy(x["sample"]), t_ref, torch.from_numpy(x["context"]), timestep_cond=cond,
-                              class_labels=labels)
+        out = reference(name)(
+            torch.from_numpy(x["sample"]),
+            t_ref,
+            torch.from_numpy(x["context"]),
+            timestep_cond=cond,
+            class_labels=labels,
+        )
     return to_nhwc(out.sample)
 
 
@@ -396,7 +418,9 @@ def test_x4_upscaler_config_matches_diffusers_names_and_shapes():
     assert config.class_labels_shape == ()  # one integer noise level per sample
     shapes = init_shapes(config)
     assert shapes["class_embedding"]["embedding"].shape == (1000, 1024)
-    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes)) == sum(p.numel() for p in unet.parameters())
+    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes)) == sum(
+        p.numel() for p in unet.parameters()
+    )
     zero = np.zeros((), np.float32)
     convert(((k, np.broadcast_to(zero, tuple(v.shape))) for k, v in unet.state_dict().items()), shapes)
 
@@ -410,8 +434,11 @@ def test_class_labels_are_required_where_the_config_has_a_class_embedding_and_re
     with pytest.raises(ValueError, match="class_labels must be given"):
         UNet2DConditionModel(config).apply({"params": params}, sample, 1, x["context"])
     # the noise level is an input that matters: another level, another output
-    apply = jax.jit(lambda labels: UNet2DConditionModel(config).apply({"params": params}, sample, 1, x["context"],
-                                                                       class_labels=labels))
+    apply = jax.jit(
+        lambda labels: UNet2DConditionModel(config).apply(
+            {"params": params}, sample, 1, x["context"], class_labels=labels
+        )
+    )
     a, b = apply(np.array([20, 20])), apply(np.array([20, 21]))
     assert np.array_equal(a[0], b[0]) and not np.allclose(a[1], b[1])
 

@@ -4,6 +4,7 @@ Reference models are tiny and randomly initialised (every weight re-drawn so no
 zero-initialised layer hides a bug); the Flax side is built only from the
 reference's config.json and state dict, the way a real checkpoint is loaded.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,6 +16,7 @@ import pytest
 import torch
 from conftest import assert_rel_close, rel_error
 
+from sdmesh.services.checkpoints.weights import CheckpointError, convert
 from sdmesh.services.models.vae import (
     AutoencoderKL,
     VAEConfig,
@@ -25,7 +27,6 @@ from sdmesh.services.models.vae import (
     scale_latents,
     unscale_latents,
 )
-from sdmesh.services.checkpoints.weights import CheckpointError, convert
 
 # name → diffusers.AutoencoderKL kwargs; all produce 32×32 images.
 CONFIGS = {
@@ -33,8 +34,11 @@ CONFIGS = {
     "two_blocks_deeper": dict(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=16),
     "three_blocks": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8),
     "no_quant_convs": dict(
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        use_quant_conv=False, use_post_quant_conv=False,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     ),
     "no_mid_attention": dict(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False
@@ -238,7 +242,7 @@ def test_config_from_json_reads_diffusers_config_with_defaults():
     ],
 )
 def test_unsupported_block_types_raise_naming_them(bad):
-    name = [t for t in bad["down_block_types"] + bad["up_block_types"] if t.startswith("Attn")][0]
+    name = next(t for t in bad["down_block_types"] + bad["up_block_types"] if t.startswith("Attn"))
     with pytest.raises(ValueError, match=name):
         VAEConfig.from_json(bad)
 
