@@ -1,6 +1,7 @@
 """Time per image: DPM-Solver++ at 20 steps vs DDIM at 50, and what each image mode adds to text-to-image.
 
-    python benchmarks/samplers_modes.py --model models/full-sd2 --resolution 128 --json benchmarks/results/samplers_modes_cpu.json
+    python benchmarks/samplers_modes.py --model models/full-sd2 --resolution 128 \\
+        --json benchmarks/results/samplers_modes_cpu.json
 
 One in-process pipeline on the full-size SD 2 architecture (random weights: the time does not depend on
 them). Each case compiles once, then runs --repeat times; we report the median seconds per image and
@@ -73,7 +74,8 @@ def main() -> int:
             "compile_s": first.timings["compile"],
         }
         print(
-            f"{name:>18}: {median['total']:.2f} s/image  ({', '.join(f'{k} {v:.2f}' for k, v in median.items() if k != 'total')})",
+            f"{name:>18}: {median['total']:.2f} s/image  "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in median.items() if k != 'total')})",
             file=sys.stderr,
         )
     c = report["cases"]

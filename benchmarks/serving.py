@@ -1,6 +1,7 @@
 """Serving throughput and latency: one request at a time vs request-level vs step-level continuous batching.
 
-    python benchmarks/serving.py --model models/full-sd2 --resolution 64 --requests 24 --json benchmarks/results/serving_cpu.json
+    python benchmarks/serving.py --model models/full-sd2 --resolution 64 --requests 24 \\
+        --json benchmarks/results/serving_cpu.json
 
 For each mode the whole stack runs as `sdmesh up` (encoder, denoiser, decoder, gateway as
 processes), and an open-loop client sends the same requests at the same Poisson arrival

@@ -105,7 +105,8 @@ def generate_request(
 
 
 def image_bytes(image: Any) -> bytes:
-    """PNG/JPEG bytes as they are; a PIL image or uint8 array as PNG; a float array as .npy (depth maps); None as b""."""
+    """PNG/JPEG bytes as they are; a PIL image or uint8 array as PNG; a float array as .npy (depth maps);
+    None as b""."""
     if image is None:
         return b""
     if isinstance(image, (bytes, bytearray)):

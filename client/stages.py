@@ -68,7 +68,8 @@ def _channel(target: str | grpc.Channel) -> grpc.Channel:
 
 
 def health_status(target: str | grpc.Channel, service: str = "", timeout: float | None = 5.0) -> str:
-    """The server's health for `service` ("" = the whole server): "SERVING", "NOT_SERVING", … ; RpcError if unreachable."""
+    """The server's health for `service` ("" = the whole server): "SERVING", "NOT_SERVING", … ;
+    RpcError if unreachable."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # grpcio-health-checking: only callers of health need it
 
     stub = health_pb2_grpc.HealthStub(_channel(target))
@@ -85,7 +86,8 @@ def wait_for_serving(target: str | grpc.Channel, timeout: float, service: str = 
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(
-                f"{target if isinstance(target, str) else 'the server'} did not report SERVING within {timeout:g}s (last: {last})"
+                f"{target if isinstance(target, str) else 'the server'} did not report SERVING "
+                f"within {timeout:g}s (last: {last})"
             )
         try:
             last = health_status(channel, service, timeout=min(left, 2.0))
@@ -173,7 +175,8 @@ class DenoiserClient:
         priority: int = 0,
         timeout: float | None = None,
     ) -> DenoiseStream:
-        """Start the sampling loop from `seed`'s noise or from `latents` (N, C, h, w); height/width 0: the default or the latents'.
+        """Start the sampling loop from `seed`'s noise or from `latents` (N, C, h, w);
+        height/width 0: the default or the latents'.
 
         With a seed, the seed also seeds the η stream; with latents, `noise_seed` does.
         """

@@ -52,7 +52,8 @@ class StableDiffusion:
         if text_encoder.hidden_size != denoiser.unet.config.context_dim:
             raise CheckpointError(
                 f"the text encoder's hidden_size ({text_encoder.hidden_size}) differs from the UNet's "
-                f"cross_attention_dim ({denoiser.unet.config.context_dim}); the UNet does not belong with this text encoder"
+                f"cross_attention_dim ({denoiser.unet.config.context_dim}); "
+                "the UNet does not belong with this text encoder"
             )
         self.text_encoder, self.denoiser, self.decoder = text_encoder, denoiser, decoder
         self.facts: ModelFacts = denoiser.facts(

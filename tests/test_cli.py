@@ -138,6 +138,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_checkpoints, tmp_path, capsys, ex
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.processes
 def test_console_script_reports_missing_model_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sdmesh.client.cli", "generate", "x", "--model", str(tmp_path / "none")],

@@ -523,6 +523,7 @@ def test_no_serving_replica_is_unavailable_at_once(make_stack):
     assert sick.servicer.requests == []
 
 
+@pytest.mark.processes
 def test_tls_from_the_client_library_and_the_cli(make_stack, tmp_path, capsys):
     from sdmesh.client.cli import main
 

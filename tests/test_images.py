@@ -71,7 +71,8 @@ def test_grayscale_mask_is_read_as_is():
 
 
 def test_exif_orientation_is_applied_like_load_image(tmp_path):
-    """A phone JPEG stored sideways with an EXIF rotation comes out the right way up, as diffusers.utils.load_image does."""
+    """A phone JPEG stored sideways with an EXIF rotation comes out the right way up,
+    as diffusers.utils.load_image does."""
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     data = png(Image.fromarray(rgb(16, 32)), format="JPEG", exif=exif.tobytes())

@@ -153,7 +153,8 @@ def test_a_port_in_use_is_named():
 
 
 class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
-    """Decode: latents with a NaN → InvalidRequest; a negative first value → a bug of ours; else blocks until released."""
+    """Decode: latents with a NaN → InvalidRequest; a negative first value → a bug of ours;
+    else blocks until released."""
 
     def __init__(self):
         self.entered, self.release = threading.Semaphore(0), threading.Event()

@@ -25,8 +25,6 @@ from sdmesh.services.engine.sharding import MeshConfig
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models.vae import VAEConfig
 
-pytestmark = pytest.mark.processes
-
 STEPS, BATCH = 3, 1
 # fsdp crosses the processes (process 0's 4 devices, then process 1's): every UNet layer gathers its kernels
 # over gloo. One image and --max-batch 1 keep it to one compiled program (~half the start-up of a batch of 2).
@@ -211,7 +209,18 @@ def two_process_stage(tiny_checkpoints, tmp_path_factory):
             p.wait()
 
 
-def test_a_denoiser_over_two_processes_matches_one_process(two_process_stage):
+@pytest.mark.processes
+def test_a_denoiser_over_two_processes_matches_one_process_then_outlives_its_follower_and_stops_on_sigterm(
+    two_process_stage,
+):
+    """One test, in three steps that must come in this order: the stage serves, loses process 1, then is stopped.
+    (Starting the two processes takes minutes here, so the steps share them instead of each starting its own.)"""
+    a_denoiser_over_two_processes_matches_one_process(two_process_stage)
+    a_dead_follower_makes_process_0_not_serving_instead_of_hanging(two_process_stage)
+    process_0_stops_cleanly_on_sigterm_after_losing_its_follower(two_process_stage)
+
+
+def a_denoiser_over_two_processes_matches_one_process(two_process_stage):
     address, _, inputs, expected, _ = two_process_stage
     client = stages.DenoiserClient(address)
     info = client.model_info(timeout=10)
@@ -223,8 +232,9 @@ def test_a_denoiser_over_two_processes_matches_one_process(two_process_stage):
     np.testing.assert_allclose(latents, expected, atol=1e-4)
 
 
-def test_a_dead_follower_makes_process_0_not_serving_instead_of_hanging(two_process_stage):
+def a_dead_follower_makes_process_0_not_serving_instead_of_hanging(two_process_stage):
     address, (leader, follower), inputs, _, log = two_process_stage
+    assert follower.poll() is None and leader.poll() is None
     client = stages.DenoiserClient(address)
     stream = iter(
         client.denoise(
@@ -251,8 +261,8 @@ def test_a_dead_follower_makes_process_0_not_serving_instead_of_hanging(two_proc
     assert leader.poll() is None, f"process 0 should outlive its follower:\n{log.read_text()[-3000:]}"
 
 
-def test_process_0_stops_cleanly_on_sigterm_after_losing_its_follower(two_process_stage):
+def process_0_stops_cleanly_on_sigterm_after_losing_its_follower(two_process_stage):
     _, (leader, follower), _, _, log = two_process_stage
-    assert follower.poll() is not None  # killed by the test before
+    assert follower.poll() is not None  # killed by the step before
     leader.send_signal(signal.SIGTERM)
     assert leader.wait(timeout=30) == 0, log.read_text()[-3000:]

@@ -1,4 +1,5 @@
-"""The whole text-to-image pipeline equals diffusers' StableDiffusionPipeline from the same latents, under every sampler."""
+"""The whole text-to-image pipeline equals diffusers' StableDiffusionPipeline from the same latents,
+under every sampler."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def test_every_sampler_equals_its_diffusers_scheduler_in_the_whole_pipeline(tiny
 
 
 def test_the_checkpoints_own_sampler_is_the_default(tiny_checkpoints, loaded):
-    """SD 1.x ships PNDM (PLMS): with no sampler named we sample as diffusers' pipeline does with the checkpoint as is."""
+    """SD 1.x ships PNDM (PLMS): with no sampler named we sample as diffusers' pipeline does
+    with the checkpoint as is."""
     folder, pipe = tiny_checkpoints["sd1"], loaded("sd1")
     assert pipe.denoiser.default_sampler == "plms"
     latents = random_latents(pipe, 1, 32, seed=6)

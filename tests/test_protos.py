@@ -64,6 +64,7 @@ def test_expected_dtype_and_rank_are_checked():
         tensors.from_proto(t, name="latents", ndim=4)
 
 
+@pytest.mark.processes
 def test_light_client_imports_without_jax():
     code = "import sys, sdmesh.v1.tensors, sdmesh.v1.gateway_pb2_grpc; assert 'jax' not in sys.modules"
     import subprocess

@@ -75,9 +75,16 @@ def running_stack(checkpoint, tmp):
     ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
     address = process.stdout.readline().strip() if ready else ""
     if not address:
-        process.kill()
+        process.send_signal(signal.SIGINT)  # Ctrl-C, not SIGKILL: `sdmesh up` stops the services it started
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         log.seek(0)
-        pytest.fail(f"sdmesh up printed no address; its stderr:\n{log.read()}")
+        stderr = log.read()
+        log.close()
+        pytest.fail(f"sdmesh up printed no address; its stderr:\n{stderr}")
     try:
         yield Up(process, address, log, tmp / "logs")
     finally:

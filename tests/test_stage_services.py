@@ -39,7 +39,8 @@ CHUNK = 2  # denoiser steps per compiled chunk
 
 @pytest.fixture(scope="module")
 def stack(tiny_checkpoints):
-    """The three stages loaded once, each behind its own warmed-up server, plus the in-process pipeline on the same stages."""
+    """The three stages loaded once, each behind its own warmed-up server,
+    plus the in-process pipeline on the same stages."""
     folder = tiny_checkpoints["sd2"]
     encoder, denoiser, decoder = TextEncoderStage.load(folder), DenoiserStage.load(folder), DecoderStage.load(folder)
     shapes = [(1, SIZE, SIZE)]
@@ -166,7 +167,8 @@ def test_chaining_the_three_services_gives_the_pipelines_images(stack):
         seed=11,
     )
     expected = stack.pipe.generate(request).images
-    # what a gateway does: encode prompt + negative once, repeat each row num_images times, denoise from the seed, decode
+    # what a gateway does: encode prompt + negative once, repeat each row num_images times,
+    # denoise from the seed, decode
     cond, uncond, _ = stages.TextEncoderClient(stack.channel["encoder"]).encode(
         ["a red cube"], ["blurry"], unconditional=True
     )
@@ -387,7 +389,8 @@ def test_our_own_bugs_are_internal_not_invalid_argument():
 
 
 class CountingDenoiser:
-    """The real DenoiserStage, with each chunk slowed to 50 ms and counted, noting whether the client had cancelled by then."""
+    """The real DenoiserStage, with each chunk slowed to 50 ms and counted,
+    noting whether the client had cancelled by then."""
 
     def __init__(self, stage, cancelled: threading.Event):
         self.stage, self.cancelled, self.starts = stage, cancelled, []

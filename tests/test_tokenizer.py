@@ -139,6 +139,7 @@ def test_missing_files_and_max_length_are_clear_errors(sd1_dir, tmp_path):
     assert load_tokenizer(tmp_path, max_length=77).tokenize(["a cat"]).input_ids.shape == (1, 77)
 
 
+@pytest.mark.processes
 def test_tokenizing_does_not_import_jax(sd1_dir):
     # The gateway tokenizes (and reports truncation) without the model stack.
     code = (

@@ -282,7 +282,8 @@ def test_encode_image_without_noise_is_the_scaled_mean():
 
 
 def test_x4_upscaler_vae_decodes_its_scaled_latents_like_the_upscale_pipeline():
-    """StableDiffusionUpscalePipeline: vae.decode(latents / scaling_factor) with scaling_factor 0.08333, 4× the latent size."""
+    """StableDiffusionUpscalePipeline: vae.decode(latents / scaling_factor) with scaling_factor 0.08333,
+    4× the latent size."""
     cfg, params = flax_model("x4_upscaler")
     assert cfg.scale_factor == 4 and cfg.scaling_factor == 0.08333
     latents = random_latents(cfg) * cfg.scaling_factor  # what the UNet hands over

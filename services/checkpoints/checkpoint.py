@@ -68,7 +68,8 @@ def _from_hub(repo_id: str, *, revision: str | None, variant: str | None) -> Pat
         raise ModelNotFound(
             f"the Hugging Face Hub has no model {repo_id!r}"
             + (f" at revision {revision!r}" if revision else "")
-            + f" that this machine may read ({type(e).__name__}); check the id, or log in with `hf auth login` for gated models"
+            + f" that this machine may read ({type(e).__name__}); "
+            "check the id, or log in with `hf auth login` for gated models"
         ) from e
     except Exception as e:  # offline, no network, or not cached: all mean the same to the user
         raise ModelNotFound(

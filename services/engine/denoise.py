@@ -2,7 +2,8 @@
 
     denoise_chunk(unet, with_uncond, params, inputs, state, cursor, iterations)   one compiled program
     Slot                                                                     one image's work (host side)
-    RunningBatch(run, class_labels_shape, buckets)                           slots stepping together; `run` runs one chunk
+    RunningBatch(run, class_labels_shape, buckets)                           slots stepping together;
+                                                                             `run` runs one chunk
     batch.join(slots) / batch.run_chunk(n) / batch.leave(keep)               joining and leaving between chunks
 
 Every per-request choice (prompt, guidance, rescale, sampler, step count, η, start step,

@@ -84,7 +84,8 @@ class Programs:
             from sdmesh.services.engine import distributed
 
             return distributed.program_call(program, shardings[0], self.lockstep, name, fn, batched), compile_s
-        # inputs arrive on one device or split another way (another stage's output): move them onto the program's shardings
+        # inputs arrive on one device or split another way (another stage's output):
+        # move them onto the program's shardings
         return lambda *a: program(*jax.device_put(a, shardings[0])), compile_s
 
     def _shardings(self, fn: Callable, args: tuple, batched: tuple[int, ...]) -> tuple[tuple, Any]:

@@ -280,7 +280,8 @@ def check_noise_level(noise_level: Any, maximum: int) -> int:
         or not 0 <= noise_level <= maximum
     ):
         raise InvalidRequest(
-            f"noise_level must be an integer from 0 to {maximum} (this checkpoint's max_noise_level), got {noise_level!r}"
+            f"noise_level must be an integer from 0 to {maximum} (this checkpoint's max_noise_level), "
+            f"got {noise_level!r}"
         )
     return int(noise_level)
 

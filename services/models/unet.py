@@ -223,7 +223,8 @@ class UNetConfig:
             and self.projection_class_embeddings_input_dim is None
         ):
             raise ValueError(
-                f"UNetConfig: class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim (as in diffusers)"
+                f"UNetConfig: class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim "
+                "(as in diffusers)"
             )
         must_be = {
             "addition_embed_type": None,
@@ -262,13 +263,15 @@ class UNetConfig:
         for option, value in per_block.items():
             if isinstance(value, tuple) and len(value) != n:
                 raise ValueError(
-                    f"UNetConfig: {option} has {len(value)} entries but there are {n} down blocks ({self.down_block_types})"
+                    f"UNetConfig: {option} has {len(value)} entries but there are {n} down blocks "
+                    f"({self.down_block_types})"
                 )
         if self.reverse_transformer_layers_per_block is None and any(
             isinstance(t, tuple) for t in self.transformer_layers_list
         ):
             raise ValueError(
-                "UNetConfig: nested transformer_layers_per_block needs reverse_transformer_layers_per_block (as in diffusers)"
+                "UNetConfig: nested transformer_layers_per_block needs reverse_transformer_layers_per_block "
+                "(as in diffusers)"
             )
 
 

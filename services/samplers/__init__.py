@@ -61,7 +61,8 @@ def _dpm_config(name: str, scheduler_json: dict[str, Any]) -> dpm_solver.DPMSolv
 
 
 def _pndm_config(scheduler_json: dict[str, Any]) -> pndm.PNDMConfig:
-    # PLMS is PNDM without the Runge–Kutta warm-up (what SD ships; the warm-up's N + 9 evaluations exceed our plan rows).
+    # PLMS is PNDM without the Runge–Kutta warm-up (what SD ships;
+    # the warm-up's N + 9 evaluations exceed our plan rows).
     return pndm.PNDMConfig.from_json(dict(scheduler_json, skip_prk_steps=True))
 
 

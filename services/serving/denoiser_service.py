@@ -166,6 +166,8 @@ def main(args: Any) -> int:
     metrics = StageMetrics("denoiser")
     service = DenoiserService(stage, facts, args.model, chunk=args.chunk_steps, max_batch=args.max_batch,
                               max_queue=args.max_queue, buckets=tuple(b for b, _, _ in shapes), metrics=metrics,
-                              policy=args.batching, sizes={(h, w) for _, h, w in shapes} if args.strict_shapes else None)  # fmt: skip
-    return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port, max_queue=args.max_queue,
+                              policy=args.batching,
+                              sizes={(h, w) for _, h, w in shapes} if args.strict_shapes else None)  # fmt: skip
+    return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port,
+                        max_queue=args.max_queue,
                         metrics_port=args.metrics_port)  # fmt: skip

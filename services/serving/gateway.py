@@ -10,8 +10,8 @@ the facts the denoiser reports in its ModelInfo, so a request and seed give the 
 Each stage has a pool of replica addresses. A call goes to the serving replica with the fewest
 outstanding calls; replicas whose grpc.health.v1 status is NOT_SERVING (watched in the
 background) are skipped. A call that fails with UNAVAILABLE or RESOURCE_EXHAUSTED (or is cancelled
-by a stage shutting down) before it returned its result is retried on another replica: Encode and Decode are pure, and Denoise is a
-pure function of its request given the seed, so rerunning it from the start gives the same
+by a stage shutting down) before it returned its result is retried on another replica: Encode and Decode are pure,
+and Denoise is a pure function of its request given the seed, so rerunning it from the start gives the same
 latents. The client's deadline is passed down as each call's timeout, and a client that goes
 away cancels the call in flight.
 
@@ -58,7 +58,8 @@ from sdmesh.v1.tensors import TensorError, from_proto, to_proto
 log = logging.getLogger("sdmesh.gateway")
 
 MAX_MESSAGE_BYTES = GATEWAY_MESSAGE_BYTES  # decoded images of the largest batch fit; larger is refused by gRPC
-# Stage failures another replica may not have; CANCELLED counts only when the stage (shutting down), not our client, cancelled.
+# Stage failures another replica may not have;
+# CANCELLED counts only when the stage (shutting down), not our client, cancelled.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
 STUBS = {
     "encoder": text_encoder_pb2_grpc.TextEncoderStub,
@@ -112,7 +113,8 @@ class Replica:
         self.stage, self.address, self.channel = stage, address, channel
         self.stub = STUBS[stage](channel)
         self.outstanding = 0
-        # SERVING / NOT_SERVING from grpc.health.v1 (None until the first answer); `reachable`: the last call got through
+        # SERVING / NOT_SERVING from grpc.health.v1 (None until the first answer);
+        # `reachable`: the last call got through
         self.health: int | None = None
         self.reachable = True
 
@@ -332,7 +334,8 @@ def request_from_proto(request: gateway_pb2.GenerateRequest) -> GenerationReques
         prompt=request.prompt, negative_prompt=request.negative_prompt,
         num_images=request.num_images or contract.DEFAULT_NUM_IMAGES,
         steps=request.num_inference_steps or contract.DEFAULT_STEPS,
-        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else contract.DEFAULT_GUIDANCE_SCALE,
+        guidance_scale=(request.guidance_scale if request.HasField("guidance_scale")
+                        else contract.DEFAULT_GUIDANCE_SCALE),
         guidance_rescale=request.guidance_rescale, eta=request.eta, height=request.height or None,
         width=request.width or None, seed=request.seed if request.HasField("seed") else None,
         sampler=request.sampler or None, priority=request.priority,

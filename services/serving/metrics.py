@@ -6,7 +6,8 @@
 Every metric carries `stage` = text_encoder | denoiser | decoder | gateway:
 
     sdmesh_queue_depth{stage}                 gauge      calls admitted and not finished: running + waiting for the
-                                                         device (a stage's DeviceQueue); requests in flight (the gateway)
+                                                         device (a stage's DeviceQueue);
+                                                         requests in flight (the gateway)
     sdmesh_batch_occupancy{stage}             gauge      the last device batch's used rows / compiled rows (0..1)
     sdmesh_batch_size{stage}                  histogram  rows used per device batch
     sdmesh_chunk_seconds{stage}               histogram  seconds per compiled program call (a denoiser chunk, an encode,

@@ -129,7 +129,8 @@ class DeviceQueue:
         with self._count:
             if self._admitted > self.max_queue:  # one running and max_queue waiting
                 raise Overloaded(
-                    f"the stage is busy: 1 call running and {self.max_queue} waiting (--max-queue); retry later or on another replica"
+                    f"the stage is busy: 1 call running and {self.max_queue} waiting (--max-queue); "
+                    "retry later or on another replica"
                 )
             self._admitted += 1
             self._on_change(self._admitted)
@@ -405,7 +406,8 @@ def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
             dims.append(dims[1])
         if len(dims) != 3 or min(dims) < 1:
             raise InvalidRequest(
-                f"--shapes: expected BATCHxHEIGHTxWIDTH items separated by commas, e.g. 1x512x512,2x512x512; got {part!r}"
+                f"--shapes: expected BATCHxHEIGHTxWIDTH items separated by commas, e.g. 1x512x512,2x512x512; "
+                f"got {part!r}"
             )
         shapes.append(tuple(dims))
     return shapes
