@@ -3,7 +3,7 @@
     GenerateRequest → contract.validate → chain.generate over the replica pools → PNGs
         (TextEncoder.Encode → [Decoder.EncodeImage] → Denoiser.Denoise, progress streamed through → Decoder.Decode)
 
-It holds no model and imports no JAX (tests/test_layers.py checks). Requests are checked by the
+It holds no model and imports no JAX (tests/test_layering.py checks). Requests are checked by the
 same contract and run by the same chain as `StableDiffusion.generate` in one process, against
 the facts the denoiser reports in its ModelInfo, so a request and seed give the same image.
 
