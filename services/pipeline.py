@@ -29,7 +29,7 @@ from sdmesh.services.engine.stages import (
     TextEncoderStage,
     enable_compilation_cache,
 )
-from sdmesh.services.inputs import conditioning, contract, modes
+from sdmesh.services.inputs import contract, modes
 from sdmesh.services.inputs.contract import DenoiseJob, GenerationRequest, Job, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.models import unet as un
@@ -101,8 +101,7 @@ class StableDiffusion:
     def validate(self, request: GenerationRequest) -> Job:
         """Check a request before any work (the contract, then the sampler's plan); raises InvalidRequest."""
         job = contract.validate(request, self.facts)
-        first = 0 if job.strength is None else conditioning.img2img_start(job.steps, job.strength)[0]
-        self.denoiser.plan(job.steps, sampler=job.sampler, eta=job.eta, first=first)
+        self.denoiser.check_plan(job.steps, sampler=job.sampler, eta=job.eta, strength=job.strength)
         return job
 
     def generate(

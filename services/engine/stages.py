@@ -315,8 +315,13 @@ class DenoiserStage:
     def check(self, job: DenoiseJob, facts: ModelFacts) -> None:
         """Refuse a call before it joins a batch: the contract's checks, then the sampler's plan for it."""
         contract.check_denoise_job(job, facts)
-        first = 0 if job.init_latents is None else conditioning.img2img_start(job.steps, job.strength)[0]
-        self.plan(job.steps, sampler=job.sampler, eta=job.eta, first=first)
+        self.check_plan(job.steps, sampler=job.sampler, eta=job.eta,
+                        strength=None if job.init_latents is None else job.strength)  # fmt: skip
+
+    def check_plan(self, steps: int, *, sampler: str | None, eta: float, strength: float | None) -> None:
+        """The sampler can run this many steps from this start (None: from pure noise) on this checkpoint."""
+        first = 0 if strength is None else conditioning.img2img_start(steps, strength)[0]
+        self.plan(steps, sampler=sampler, eta=eta, first=first)
 
     def job_slots(
         self, job: DenoiseJob, facts: ModelFacts, *, owner: Any = None, low_res_noise: np.ndarray | None = None
