@@ -19,9 +19,9 @@ COPY services ./services
 COPY client ./client
 RUN pip install "${JAX_PACKAGE}" ".[serve]"
 
-RUN useradd --create-home --uid 1000 sdmesh && mkdir -p /models /cache && chown sdmesh /models /cache
+RUN useradd --create-home --uid 1000 sdmesh && mkdir -p /models /cache /certs && chown sdmesh /models /cache /certs
 USER sdmesh
-VOLUME ["/models", "/cache"]
+VOLUME ["/models", "/cache", "/certs"]
 EXPOSE 50051 50052 50053 50054
 
 ENTRYPOINT ["sdmesh"]

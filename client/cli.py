@@ -4,10 +4,14 @@
     sdmesh bench [options]                 steady-state timing of the in-process pipeline
     sdmesh make-checkpoint SPEC DIR        a random-weight diffusers checkpoint (dev extra)
     sdmesh serve encoder|denoiser|decoder|gateway [options]   one gRPC service
-    sdmesh up --model M [--port P] [--denoisers N]            the whole stack as local processes
+    sdmesh up --model M [--port P] [--denoisers N] [--tls]    the whole stack as local processes
     sdmesh generate PROMPT --server HOST:PORT                  text → PNGs through a gateway
     sdmesh health HOST:PORT                                    grpc.health.v1 probe (exit 0 when SERVING)
     sdmesh top HOST:PORT [HOST:PORT ...] [--once]              live summary of services' metrics endpoints
+
+TLS: `serve` takes --tls-cert/--tls-key [--tls-client-ca] (mutual TLS), the gateway also --stage-tls-*;
+`generate --server`, `health` and `top` take --tls-ca/--tls-cert/--tls-key; `up --tls` makes a throwaway
+CA (services/serving/tls.py) and wires them all.
 
 Imports of JAX and the models happen inside the commands that need them, so the
 light client (`pip install sdmesh`) starts fast and says what to install.
@@ -246,6 +250,12 @@ def _add_top_parser(sub: Any) -> argparse.ArgumentParser:
     )
     top.add_argument("--once", action="store_true", help="print one table and exit (1 if an endpoint failed)")
     top.add_argument("--timeout", type=_finite_float, default=5.0, help="seconds per scrape (default: %(default)s)")
+    t = top.add_argument_group("TLS", "scrape https:// endpoints (services started with --tls-cert)")
+    t.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="trust this CA (default: the system's); HOST:PORT means https://"
+    )
+    t.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for services with --tls-client-ca")
+    t.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
     return top
 
 
@@ -270,6 +280,7 @@ def _add_health_parser(sub: Any) -> argparse.ArgumentParser:
     h.add_argument("address", metavar="HOST:PORT")
     h.add_argument("--service", default="", help="the health service name (default: the whole server)")
     h.add_argument("--timeout", type=_finite_float, default=5.0, help="seconds (default: %(default)s)")
+    _add_client_tls_options(h)
     return h
 
 
@@ -279,7 +290,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     from sdmesh.client.stages import health_status
 
     try:
-        status = health_status(args.address, args.service, timeout=args.timeout)
+        status = health_status(args.address, args.service, timeout=args.timeout, credentials=_channel_credentials(args))
     except ImportError as e:
         raise UsageError(
             f"health checks need grpcio-health-checking ({e.name} is missing): pip install 'sdmesh[serve]'"
@@ -343,6 +354,16 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
         default=900.0,
         help="seconds to wait for every service to report SERVING (default: %(default)s)",
     )
+    up.add_argument("--api-keys", type=Path, metavar="FILE", help="the gateway's API keys (see `sdmesh serve --help`)")
+    up.add_argument("--max-work", type=_finite_float, metavar="IMAGE_STEPS", help="see `sdmesh serve --help`")
+    up.add_argument("--max-side", type=_positive_int, metavar="PIXELS", help="see `sdmesh serve --help`")
+    up.add_argument(
+        "--drain-seconds",
+        type=_finite_float,
+        default=contract.DEFAULT_DRAIN_SECONDS,
+        help="on Ctrl-C/SIGTERM: how long the gateway, then the stages, let requests in flight finish "
+        "(default: %(default)s)",
+    )
     up.add_argument("--log-dir", type=Path, help="write each service's output to DIR/NAME.log (default: this terminal)")
     up.add_argument(
         "--metrics-base-port",
@@ -351,13 +372,43 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
         help="serve each service's Prometheus metrics: the gateway on PORT, the stages on the ports after it "
         "(0: free ports); printed with the services (default: off)",
     )
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on every hop, from a throwaway CA made at start (valid 7 days): clients need the "
+        "printed --tls-ca/--tls-cert/--tls-key",
+    )
+    up.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="with --tls: write the CA, certificates and keys here, replacing any of the same names "
+        "(default: LOG_DIR/tls with --log-dir, else a new temporary folder; printed)",
+    )
     return up
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from sdmesh.client import stack
 
-    return stack.main(args)
+    certificates = None
+    if args.tls_dir is not None and not args.tls:
+        raise UsageError("--tls-dir is where --tls writes its certificates: add --tls")
+    if args.tls:
+        import tempfile
+
+        from sdmesh.services.serving import tls  # the CLI is the one place that reaches both client and services
+
+        directory = args.tls_dir or (
+            args.log_dir / "tls" if args.log_dir else Path(tempfile.mkdtemp(prefix="sdmesh-tls-"))
+        )
+        try:
+            certificates = tls.make_local_certificates(directory, [args.host])
+        except OSError as e:
+            raise UsageError(
+                f"--tls-dir {directory}: cannot write the certificates there ({e.strerror or e})"
+            ) from None
+    return stack.main(args, certificates)
 
 
 # Default ports: the gateway on the usual gRPC port, the stages after it.
@@ -378,10 +429,20 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
         "--server", metavar="HOST:PORT", help="the gateway's address, e.g. 127.0.0.1:50051 (see `sdmesh up`)"
     )
     g.add_argument("--timeout", type=_finite_float, help="seconds before the request is given up (default: none)")
+    _add_client_tls_options(g)
+
+
+def _add_client_tls_options(g: Any) -> None:
+    """A client's TLS flags, read by `_channel_credentials` (`sdmesh up --tls` prints the ones to give)."""
     g.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
     g.add_argument("--tls-ca", type=Path, metavar="PEM", help="TLS with these root certificates")
     g.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
     g.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("SDMESH_API_KEY"),
+        help="the gateway's API key, if it requires one (default: $SDMESH_API_KEY)",
+    )
 
 
 def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -451,10 +512,27 @@ def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     _add_gateway_options(serve)
     serve.add_argument(
+        "--drain-seconds",
+        type=_finite_float,
+        default=contract.DEFAULT_DRAIN_SECONDS,
+        help="on SIGTERM: report NOT_SERVING, admit nothing new, let calls in flight finish for this long, then end "
+        "the rest UNAVAILABLE so a gateway retries them elsewhere (default: %(default)s)",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=int,
         metavar="PORT",
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged; default: off)",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged; default: off); "
+        "with --tls-cert, https:// with the same certificate (and --tls-client-ca)",
+    )
+    t = serve.add_argument_group("TLS", "default: plaintext; `sdmesh up --tls` makes a throwaway CA and uses these")
+    t.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
+    t.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key (unencrypted PEM)")
+    t.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="mutual TLS: refuse clients (and metrics scrapers) without a certificate signed by this CA",
     )
     return serve
 
@@ -475,6 +553,41 @@ def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
         default=contract.DEFAULT_MAX_INFLIGHT,
         help="requests the gateway holds at once; more get RESOURCE_EXHAUSTED (default: %(default)s)",
     )
+    g.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="require an API key (metadata 'authorization: Bearer KEY'); one per line: KEY [TENANT] "
+        "[inflight=N] [rate=R] [burst=B] (default: open to every caller)",
+    )
+    serve.add_argument(
+        "--max-work",
+        type=_finite_float,
+        metavar="IMAGE_STEPS",
+        help="gateway and denoiser: the most work one request may ask for, in image-steps at the model's native "
+        f"size (images × steps × area / native area); more is INVALID_ARGUMENT (default: {contract.DEFAULT_MAX_WORK})",
+    )
+    serve.add_argument(
+        "--max-side",
+        type=_positive_int,
+        metavar="PIXELS",
+        help="gateway and denoiser: the largest image side one request may ask for "
+        f"(default: {contract.DEFAULT_MAX_SIDE_FACTOR} × the native side, at most {contract.MAX_SIDE})",
+    )
+    g.add_argument(
+        "--stage-tls-ca",
+        type=Path,
+        metavar="PEM",
+        help="reach the stages over TLS, trusting this CA (default: plaintext; the system's roots with "
+        "--stage-tls-cert alone)",
+    )
+    g.add_argument(
+        "--stage-tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="the certificate the gateway presents to stages that require one (--tls-client-ca); with --stage-tls-key",
+    )
+    g.add_argument("--stage-tls-key", type=Path, metavar="PEM", help="the private key of --stage-tls-cert")
 
 
 def _apply_per_device_batch(args: argparse.Namespace, field: str) -> None:
@@ -497,8 +610,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _apply_per_device_batch(args, "max_batch")
     if args.port is None:
         args.port = SERVE_PORTS[args.service]
+    if args.drain_seconds < 0:
+        raise UsageError(f"--drain-seconds must be ≥ 0, got {args.drain_seconds}")
     if args.max_queue < 0:
         raise UsageError(f"--max-queue must be ≥ 0, got {args.max_queue}")
+    from sdmesh.services.serving import tls  # JAX-free
+
+    # a wrong certificate path fails now, not after minutes of loading weights
+    tls.server_tls_from_args(args)
+    if args.service == "gateway":
+        tls.stage_channel_credentials_from_args(args)
     name = f"sdmesh.services.serving.{SERVE_MODULES[args.service]}"
     try:
         module = importlib.import_module(name)
@@ -655,7 +776,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     bar = ProgressBar("denoise", not args.quiet)
     t0 = time.perf_counter()
-    with Client(args.server, credentials=_channel_credentials(args), timeout=args.timeout) as client:
+    with Client(
+        args.server, credentials=_channel_credentials(args), timeout=args.timeout, api_key=args.api_key
+    ) as client:
         try:
             for event in client.stream(
                 args.prompt,

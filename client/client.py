@@ -13,6 +13,7 @@ with Client("localhost:50051") as client:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -27,15 +28,21 @@ DEFAULT_OPTIONS = (("grpc.max_receive_message_length", GATEWAY_MESSAGE_BYTES),)
 
 
 class GatewayError(Exception):
-    """A call the gateway refused or could not finish: `code` is the grpc.StatusCode, `message` says why."""
+    """A call the gateway refused or could not finish: `code` is the grpc.StatusCode, `message` says why;
+    `retry_after`: seconds to wait before retrying, when the gateway said (a tenant past its quota)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None):
         super().__init__(f"{code.name}: {message}")
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after = code, message, retry_after
 
     @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> GatewayError:
-        return cls(e.code(), e.details() or "")
+        retry_after = None
+        for key, value in getattr(e, "trailing_metadata", lambda: None)() or ():
+            if key == "retry-after":
+                with contextlib.suppress(ValueError):
+                    retry_after = float(value)
+        return cls(e.code(), e.details() or "", retry_after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +149,16 @@ def _channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[st
     return [*((k, v) for k, v in DEFAULT_OPTIONS if k not in given), *given.items()]
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class Client:
     """A blocking client for `sdmesh.v1.Gateway`.
 
     credentials: grpc.ChannelCredentials for TLS (e.g. grpc.ssl_channel_credentials()); None: plaintext.
     options: extra gRPC channel options. timeout: the default per-call deadline in seconds (None: none).
+    api_key: sent with every call as 'authorization: Bearer KEY', for a gateway started with --api-keys.
     """
 
     def __init__(
@@ -156,9 +168,11 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
         timeout: float | None = None,
+        api_key: str | None = None,
     ):
         opts = _channel_options(options)
         self.address, self.timeout = address, timeout
+        self.metadata = _auth_metadata(api_key)
         self.channel = (
             grpc.secure_channel(address, credentials, options=opts)
             if credentials
@@ -174,7 +188,9 @@ class Client:
         Stopping the iteration early (or closing it) cancels the request on the gateway and its stages.
         """
         call = self.stub.Generate(
-            generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout
+            generate_request(prompt, **kwargs),
+            timeout=timeout if timeout is not None else self.timeout,
+            metadata=self.metadata,
         )
         try:
             for event in call:
@@ -196,7 +212,9 @@ class Client:
     def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:
         try:
             return self.stub.ModelInfo(
-                common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout
+                common_pb2.ModelInfoRequest(),
+                timeout=timeout if timeout is not None else self.timeout,
+                metadata=self.metadata,
             )
         except grpc.RpcError as e:
             raise GatewayError.from_rpc(e) from None
@@ -212,7 +230,7 @@ class Client:
 
 
 class AsyncClient:
-    """`Client` on grpc.aio: the same methods, awaited (`stream` is an async iterator)."""
+    """`Client` on grpc.aio: the same arguments and methods, awaited (`stream` is an async iterator)."""
 
     def __init__(
         self,
@@ -221,9 +239,11 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
         timeout: float | None = None,
+        api_key: str | None = None,
     ):
         opts = _channel_options(options)
         self.address, self.timeout = address, timeout
+        self.metadata = _auth_metadata(api_key)
         self.channel = (
             grpc.aio.secure_channel(address, credentials, options=opts)
             if credentials
@@ -235,7 +255,9 @@ class AsyncClient:
         self, prompt: str, *, timeout: float | None = None, **kwargs: Any
     ) -> AsyncIterator[Progress | GenerateResult]:
         call = self.stub.Generate(
-            generate_request(prompt, **kwargs), timeout=timeout if timeout is not None else self.timeout
+            generate_request(prompt, **kwargs),
+            timeout=timeout if timeout is not None else self.timeout,
+            metadata=self.metadata,
         )
         try:
             async for event in call:
@@ -255,7 +277,9 @@ class AsyncClient:
     async def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:
         try:
             return await self.stub.ModelInfo(
-                common_pb2.ModelInfoRequest(), timeout=timeout if timeout is not None else self.timeout
+                common_pb2.ModelInfoRequest(),
+                timeout=timeout if timeout is not None else self.timeout,
+                metadata=self.metadata,
             )
         except grpc.RpcError as e:
             raise GatewayError.from_rpc(e) from None

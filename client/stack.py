@@ -11,6 +11,12 @@ With `metrics_base_port`, each child also serves its Prometheus metrics (`--metr
 on that port, the stages on the ports after it in order (0: free ports).
 Children run in their own session (a terminal's Ctrl-C reaches only `sdmesh up`, which then
 stops them in order) and, on Linux, get SIGTERM if `sdmesh up` itself dies: no orphans.
+
+With `tls` (`sdmesh up --tls`: a throwaway CA and certificates, made by services/serving/tls.py) every hop is
+mutual TLS: each stage serves with the server certificate and takes only clients whose certificate the CA
+signed (`--tls-cert/--tls-key/--tls-client-ca`); the gateway serves the same way and presents the server
+certificate to the stages (`--stage-tls-*`); metrics are https://. `wait_serving` checks health with the
+client certificate, and `client_flags` are what a client gives (`sdmesh generate --server ADDR ...`).
 """
 
 from __future__ import annotations
@@ -24,9 +30,32 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 STAGES = ("encoder", "denoiser", "decoder")
+
+
+class StackCertificates(Protocol):
+    """The PEM files of a TLS stack (services/serving/tls.py's LocalCertificates)."""
+
+    directory: Path
+    ca: Path
+    server_cert: Path  # valid for the stack's host, usable as a server and as a client certificate
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def client_flags(certificates: StackCertificates) -> list[str]:
+    """The flags a client gives to reach a TLS stack: `sdmesh generate --server ADDR` plus these."""
+    return [
+        "--tls-ca",
+        str(certificates.ca),
+        "--tls-cert",
+        str(certificates.client_cert),
+        "--tls-key",
+        str(certificates.client_key),
+    ]
 
 
 class ChildDied(RuntimeError):
@@ -76,6 +105,16 @@ def _parent_death_signal() -> Any:
     return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def _tls_args(tls: StackCertificates | None) -> tuple[list[str], list[str]]:
+    """(`sdmesh serve` flags for a service's own port, the gateway's flags for its calls to the stages)."""
+    if tls is None:
+        return [], []
+    own = ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-client-ca", str(tls.ca)]
+    # the gateway is the stages' client: it presents the server certificate, which is valid for clientAuth too
+    to_stages = ["--stage-tls-ca", str(tls.ca), "--stage-tls-cert", str(tls.server_cert)]
+    return own, [*to_stages, "--stage-tls-key", str(tls.server_key)]
+
+
 def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
@@ -87,6 +126,9 @@ class Stack:
     log_dir: write each child's output to log_dir/NAME.log (default: inherit this process's stdout/stderr).
     metrics_base_port: serve each child's metrics, the gateway's on this port and the stages' on the next ones
     (0: free ports); None: none.
+    tls: serve every hop with mutual TLS from these certificates; None: plaintext.
+    drain_seconds: the children's --drain-seconds (pass the same in serve_args and gateway_args): how long
+    `stop` lets each drain before it kills it.
     """
 
     def __init__(
@@ -98,11 +140,16 @@ class Stack:
         denoisers: int = 1,
         gateway_args: list[str] = (),
         log_dir: Path | None = None,
+        drain_seconds: float = 30.0,
         metrics_base_port: int | None = None,
+        tls: StackCertificates | None = None,
     ):
+        self.drain_seconds = drain_seconds
         if denoisers < 1:
             raise ValueError(f"denoisers must be at least 1, got {denoisers}")
-        self.host, self.log_dir = host, log_dir
+        self.host, self.log_dir, self.tls = host, log_dir, tls
+        own, to_stages = _tls_args(tls)
+        serve_args = [*serve_args, *own]
         names = ["encoder", *(f"denoiser-{i}" for i in range(denoisers)), "decoder"]
         metrics = self._metrics_ports(metrics_base_port, len(names) + 1)  # the gateway's first
         self.children = [
@@ -111,9 +158,8 @@ class Stack:
         ]
         addresses = {stage: ",".join(c.address for c in self.children if c.service == stage) for stage in STAGES}
         routing = [a for stage in STAGES for a in (f"--{stage}", addresses[stage])]
-        self.children.append(
-            self._child("gateway", "gateway", port or free_port(host), [*routing, *gateway_args], metrics[0])
-        )
+        gateway = [*routing, *own, *to_stages, *gateway_args]
+        self.children.append(self._child("gateway", "gateway", port or free_port(host), gateway, metrics[0]))
         self._logs: list[TextIO] = []
 
     def _metrics_ports(self, base: int | None, n: int) -> list[int | None]:
@@ -183,7 +229,15 @@ class Stack:
 
         deadline = time.monotonic() + timeout
         waiting = {c.name: c for c in self.children}
-        channels = {c.name: grpc.insecure_channel(c.address) for c in self.children}
+        if self.tls is None:
+            channels = {c.name: grpc.insecure_channel(c.address) for c in self.children}
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.tls.ca.read_bytes(),
+                private_key=self.tls.client_key.read_bytes(),
+                certificate_chain=self.tls.client_cert.read_bytes(),
+            )
+            channels = {c.name: grpc.secure_channel(c.address, credentials) for c in self.children}
         try:
             while waiting:
                 for child in self.dead():
@@ -204,18 +258,23 @@ class Stack:
             for channel in channels.values():
                 channel.close()
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every child (the gateway first, so no new work reaches the stages), SIGKILL after `grace` seconds."""
-        running = [c for c in reversed(self.children) if c.process is not None and c.process.poll() is None]
-        for child in running:
-            child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in running:
-            try:
-                child.process.wait(max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+    def stop(self, grace: float | None = None) -> None:
+        """Stop in the order that loses nothing: the gateway first (it admits nothing new and lets the requests it
+        holds finish through the stages), then the stages (each drains what is left). SIGTERM, then SIGKILL
+        after `grace` seconds (default: the drain time and 5 s more) for each of the two."""
+        grace = self.drain_seconds + 5.0 if grace is None else grace
+        gateway = [c for c in self.children if c.service == "gateway"]
+        for group in (gateway, [c for c in self.children if c.service != "gateway"]):
+            running = [c for c in group if c.process is not None and c.process.poll() is None]
+            for child in running:
+                child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for child in running:
+                try:
+                    child.process.wait(max(deadline - time.monotonic(), 0.01))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -245,6 +304,9 @@ def serve_args(args: argparse.Namespace) -> list[str]:
         "max_batch",
         "batch_wait_ms",
         "batching",
+        "drain_seconds",
+        "max_work",
+        "max_side",
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -254,8 +316,10 @@ def serve_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def main(args: argparse.Namespace) -> int:
-    """`sdmesh up`: start, wait for SERVING, print the gateway address, run until Ctrl-C/SIGTERM or a stage is gone."""
+def main(args: argparse.Namespace, certificates: StackCertificates | None = None) -> int:
+    """`sdmesh up`: start, wait for SERVING, print the gateway address, run until Ctrl-C/SIGTERM or a stage is gone.
+
+    certificates: serve every hop with mutual TLS from these (`sdmesh up --tls` makes them); None: plaintext."""
     if args.max_queue is None:  # each stage can hold every request the gateway admits: none is refused downstream
         args.max_queue = args.max_inflight
     stack = Stack(
@@ -263,9 +327,17 @@ def main(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         denoisers=args.denoisers,
-        gateway_args=["--max-inflight", str(args.max_inflight)],
+        gateway_args=[
+            "--max-inflight",
+            str(args.max_inflight),
+            "--drain-seconds",
+            str(args.drain_seconds),
+            *(["--api-keys", str(args.api_keys)] if getattr(args, "api_keys", None) else []),
+        ],
         log_dir=args.log_dir,
+        drain_seconds=args.drain_seconds,
         metrics_base_port=getattr(args, "metrics_base_port", None),
+        tls=certificates,
     )
     # SIGTERM behaves as Ctrl-C: one path stops everything.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -278,12 +350,20 @@ def main(args: argparse.Namespace) -> int:
         except (ChildDied, TimeoutError) as e:
             print(f"sdmesh up: {e}", file=sys.stderr)
             return 1
+        scheme = "https" if certificates is not None else "http"
+        tls_flags = f" {' '.join(client_flags(certificates))}" if certificates is not None else ""
         for c in stack.children:
-            metrics = f"  metrics http://{c.metrics}/metrics" if c.metrics else ""
+            metrics = f"  metrics {scheme}://{c.metrics}/metrics" if c.metrics else ""
             print(f"  {c.name:<12} {c.address}  pid {c.process.pid}{metrics}", file=sys.stderr)
         if any(c.metrics for c in stack.children):
             print(
-                f"  live summary: sdmesh top {' '.join(c.metrics for c in stack.children if c.metrics)}",
+                f"  live summary: sdmesh top {' '.join(c.metrics for c in stack.children if c.metrics)}{tls_flags}",
+                file=sys.stderr,
+            )
+        if certificates is not None:
+            print(
+                f"  mutual TLS on every hop; certificates in {certificates.directory}; a client gives:\n"
+                f"    sdmesh generate PROMPT --server {stack.address}{tls_flags}",
                 file=sys.stderr,
             )
         print(stack.address, flush=True)

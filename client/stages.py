@@ -67,13 +67,26 @@ def _channel(target: str | grpc.Channel) -> grpc.Channel:
     return connect(target) if isinstance(target, str) else target
 
 
-def health_status(target: str | grpc.Channel, service: str = "", timeout: float | None = 5.0) -> str:
+def health_status(
+    target: str | grpc.Channel,
+    service: str = "",
+    timeout: float | None = 5.0,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> str:
     """The server's health for `service` ("" = the whole server): "SERVING", "NOT_SERVING", … ;
-    RpcError if unreachable."""
+    RpcError if unreachable (a TLS server reached in plaintext, or refusing the client's certificate: UNAVAILABLE).
+
+    credentials: TLS to an address (grpc.ssl_channel_credentials); a channel brings its own."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # grpcio-health-checking: only callers of health need it
 
-    stub = health_pb2_grpc.HealthStub(_channel(target))
-    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    channel = connect(target, credentials=credentials) if isinstance(target, str) else target
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    finally:
+        if channel is not target:
+            channel.close()
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
@@ -173,12 +186,14 @@ class DenoiserClient:
         noise_seed: int = 0,
         sampler: str | None = None,
         priority: int = 0,
+        tenant: str = "",
         timeout: float | None = None,
     ) -> DenoiseStream:
         """Start the sampling loop from `seed`'s noise or from `latents` (N, C, h, w);
         height/width 0: the default or the latents'.
 
-        With a seed, the seed also seeds the η stream; with latents, `noise_seed` does.
+        With a seed, the seed also seeds the η stream; with latents, `noise_seed` does. `tenant`: whose request
+        this is, for the denoiser's fair sharing of its batch (a gateway sends its caller's).
         """
         if (seed is None) == (latents is None):
             raise ValueError("give exactly one of seed and latents")
@@ -193,6 +208,7 @@ class DenoiserClient:
             noise_seed=noise_seed,
             sampler=sampler or "",
             priority=priority,
+            tenant=tenant,
         )
         if uncond is not None:
             request.uncond.CopyFrom(to_proto(np.asarray(uncond, np.float32)))

@@ -10,6 +10,12 @@ as Prometheus' histogram_quantile does (linear within a bucket); they cover the 
 scrape, or since the service started on the first one (and with --once). IMG/S is the rate since
 the last scrape. Light client only: the text exposition format is parsed here, with no
 prometheus_client.
+
+TLS: services started with --tls-cert serve https:// (and with --tls-client-ca want a client certificate):
+
+    sdmesh top https://127.0.0.1:9100 --tls-ca ca.pem --tls-cert client.pem --tls-key client-key.pem
+
+With --tls-ca or --tls-cert an address without a scheme means https://.
 """
 
 from __future__ import annotations
@@ -18,17 +24,42 @@ import argparse
 import dataclasses
 import http.client
 import math
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 PREFIX = "sdmesh_"
 
 
 class ScrapeError(Exception):
-    """An endpoint that could not be read, or is not an sdmesh metrics endpoint: the message says which and why."""
+    """An endpoint that could not be read, or is not an sdmesh metrics endpoint, or TLS files that could not be
+    read: the message says which and why."""
+
+
+def ssl_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext | None:
+    """A client context for https:// endpoints: trust `ca` (None: the system's roots), present `cert`/`key`.
+
+    None when no file is given. ScrapeError naming the flag for a file that cannot be used."""
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise ScrapeError("give --tls-cert and --tls-key together (a client certificate and its key)")
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ScrapeError(f"--tls-ca {ca}: not a readable PEM CA certificate ({e})") from None
+    if cert is not None:
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as e:
+            raise ScrapeError(
+                f"--tls-cert {cert} / --tls-key {key}: not a readable certificate and its private key ({e})"
+            ) from None
+    return context
 
 
 # --- the text exposition format -----------------------------------------------------
@@ -97,24 +128,37 @@ def _quoted(line: str, i: int) -> tuple[str, int]:
     return "".join(out), i + 1
 
 
-def scrape(address: str, timeout: float = 5.0) -> list[Sample]:
-    """GET http://address/metrics and parse it; ScrapeError if unreachable or not an sdmesh metrics endpoint."""
-    url = address if address.startswith(("http://", "https://")) else f"http://{address}"
+def scrape(address: str, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> list[Sample]:
+    """GET http://address/metrics (https:// with a `context`, or when the address says so) and parse it;
+    ScrapeError if unreachable or not an sdmesh metrics endpoint."""
+    scheme = "https" if context is not None else "http"
+    url = address if address.startswith(("http://", "https://")) else f"{scheme}://{address}"
     url = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             text = response.read().decode("utf-8")
     except urllib.error.HTTPError as e:
         raise ScrapeError(f"{address}: {url} answered HTTP {e.code} {e.reason}: not a metrics endpoint") from None
     except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            raise ScrapeError(
+                f"{address}: TLS with {url} failed ({e.reason}); give --tls-ca with the CA that signed the "
+                "service's certificate, and --tls-cert/--tls-key if it requires a client certificate"
+            ) from None
         raise ScrapeError(
             f"{address}: cannot reach {url} ({e.reason}); is the service running with --metrics-port?"
+        ) from None
+    except ssl.SSLError as e:  # a handshake the server ended while the response was read
+        raise ScrapeError(
+            f"{address}: TLS with {url} failed ({e}); does the service require a client certificate "
+            "(--tls-cert/--tls-key)?"
         ) from None
     except (http.client.HTTPException, ConnectionError, UnicodeDecodeError, TimeoutError) as e:
         # no message: a gRPC port answers HTTP/1.1 with HTTP/2 frames, and BadStatusLine would quote their bytes
         raise ScrapeError(
             f"{address}: {url} did not answer as an HTTP metrics endpoint ({type(e).__name__}); "
-            f"is this the service's gRPC port rather than its --metrics-port?"
+            f"is this the service's gRPC port rather than its --metrics-port, or an https:// endpoint "
+            f"(give --tls-ca)?"
         ) from None
     try:
         samples = parse_exposition(text)
@@ -262,8 +306,8 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 class Top:
     """Scrapes the endpoints and renders the table, remembering the last scrape for rates and windows."""
 
-    def __init__(self, addresses: Sequence[str], timeout: float = 5.0):
-        self.addresses, self.timeout = list(addresses), timeout
+    def __init__(self, addresses: Sequence[str], timeout: float = 5.0, context: ssl.SSLContext | None = None):
+        self.addresses, self.timeout, self.context = list(addresses), timeout, context
         self._last: dict[tuple[str, str], tuple[float, StageSummary]] = {}
 
     def render(self) -> tuple[str, list[str]]:
@@ -271,7 +315,7 @@ class Top:
         rows, failures = [], []
         for address in self.addresses:
             try:
-                samples = scrape(address, self.timeout)
+                samples = scrape(address, self.timeout, self.context)
             except ScrapeError as e:
                 failures.append(str(e))
                 continue
@@ -286,7 +330,10 @@ class Top:
 
 def main(args: argparse.Namespace) -> int:
     """`sdmesh top`: print the table once (--once) or every --interval seconds until Ctrl-C."""
-    top = Top(args.addresses, timeout=args.timeout)
+    context = ssl_context(
+        getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    )
+    top = Top(args.addresses, timeout=args.timeout, context=context)
     text, failures = top.render()
     if len(failures) == len(args.addresses):  # nothing answered: most likely a wrong address
         raise ScrapeError("; ".join(failures))

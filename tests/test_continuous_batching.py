@@ -33,10 +33,11 @@ def stages_loaded(tiny_checkpoints):
 
 
 class Slowed:
-    """The real stage, each chunk slowed by `delay` so concurrent calls arrive while a batch runs."""
+    """The real stage, each chunk slowed by `delay` so concurrent calls arrive while a batch runs; `fault(inputs)`
+    may return an exception the chunk raises instead of running (an injected device failure)."""
 
-    def __init__(self, stage, delay: float):
-        self.stage, self.delay = stage, delay
+    def __init__(self, stage, delay: float, fault=None):
+        self.stage, self.delay, self.fault = stage, delay, fault or (lambda inputs: None)
 
     def __getattr__(self, name):
         return getattr(self.stage, name)
@@ -45,19 +46,22 @@ class Slowed:
         batch = self.stage.new_batch(buckets)
         run = batch._run
 
-        def slowed(*args):
+        def slowed(with_uncond, inputs, *args):
             time.sleep(self.delay)
-            return run(*args)
+            error = self.fault(inputs)
+            if error is not None:
+                raise error
+            return run(with_uncond, inputs, *args)
 
         batch._run = slowed
         return batch
 
 
-def start(stages_loaded, *, max_batch=4, max_queue=8, chunk=1, delay=0.0):
+def start(stages_loaded, *, max_batch=4, max_queue=8, chunk=1, delay=0.0, fault=None):
     folder, stage, _ = stages_loaded
     facts = denoiser_service.denoiser_facts(stage, folder)
     service = denoiser_service.DenoiserService(
-        Slowed(stage, delay), facts, "tiny", chunk=chunk, max_batch=max_batch, max_queue=max_queue
+        Slowed(stage, delay, fault), facts, "tiny", chunk=chunk, max_batch=max_batch, max_queue=max_queue
     )
     running = server.StageServer(
         denoiser_service.stage_service(service, [(1, SIZE, SIZE)]), max_queue=max_queue
@@ -216,3 +220,165 @@ def test_strict_shapes_refuse_an_unconfigured_size_naming_the_served_ones(stages
         ).result().shape == (1, 4, 8, 8)
     finally:
         running.stop(grace=0)
+
+
+# --- fairness between tenants, failures, draining ---------------------------------------
+
+
+def test_a_tenants_single_request_is_not_starved_by_anothers_burst_and_preemption_changes_no_result(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded, max_batch=2, max_queue=16, delay=0.05)
+    try:
+        burst = [dict(prompt=i % 3, seed=10 + i, steps=12, guidance_scale=7.5, sampler="dpm++2m") for i in range(6)]
+        single = dict(prompt=1, seed=99, steps=4, guidance_scale=5.0)
+        expected = [send(client, hidden, r).result() for r in (*burst, single)]
+        finished = []
+
+        def run(r, tenant):
+            result = send(client, hidden, r, tenant=tenant).result()
+            finished.append(tenant)
+            return result
+
+        with futures.ThreadPoolExecutor(len(burst) + 1) as pool:
+            pending = [pool.submit(run, r, "burst") for r in burst]
+            assert wait_until(lambda: service.batcher.running_slots == 2)  # the burst holds every slot
+            mine = pool.submit(run, single, "single")
+            results = [p.result(timeout=120) for p in (*pending, mine)]
+        assert finished.index("single") < 3, f"the single request finished after the burst: {finished}"
+        assert service.batcher.stats["preempted"] >= 1
+        for got, want in zip(results, expected):  # suspended and resumed requests equal themselves run alone
+            assert_rel_close(got, want, 1e-5)
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_full_queue_pushes_out_the_busiest_tenants_newest_request_not_another_tenants(stages_loaded):
+    _, _, hidden = stages_loaded
+    _service, running, client = start(stages_loaded, max_batch=1, max_queue=3, delay=0.05)
+    try:
+        request = dict(prompt=0, seed=1, steps=2, guidance_scale=7.5)
+        first = send(client, hidden, dict(request, steps=30), tenant="a")
+        progress = iter(first)
+        next(progress)  # running; now a fills the queue
+        waiting = [send(client, hidden, request, tenant="a") for _ in range(3)]
+        assert wait_until(lambda: _service.batcher.waiting_requests == 3)
+        other = send(client, hidden, request, tenant="b")
+        list(progress)
+        assert other.result() is not None  # b got in
+        outcomes = []
+        for stream in waiting:
+            try:
+                stream.result()
+                outcomes.append("ok")
+            except grpc.RpcError as e:
+                outcomes.append(e.code())
+        assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1 and outcomes.count("ok") == 2
+    finally:
+        running.stop(grace=0)
+
+
+OOM = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB")
+
+
+def test_a_device_oom_retries_smaller_batches_before_failing_anyone(stages_loaded):
+    _, _, hidden = stages_loaded
+    # the device "holds" at most 2 rows: a batch of 4 fails, and the batcher must fall back to 2
+    service, running, client = start(
+        stages_loaded, max_batch=4, delay=0.05, fault=lambda inputs: OOM if inputs.cond.shape[0] > 2 else None
+    )
+    try:
+        requests = REQUESTS[:4]
+        expected = [send(client, hidden, r).result() for r in requests]
+        with futures.ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: send(client, hidden, r).result(), requests))
+        for got, want in zip(together, expected):
+            assert_rel_close(got, want, 1e-5)
+        assert service.batcher.stats["preempted"] >= 1
+    finally:
+        running.stop(grace=0)
+
+
+def test_an_oom_alone_is_resource_exhausted_and_the_stage_keeps_serving(stages_loaded):
+    _, _, hidden = stages_loaded
+    _service, running, client = start(
+        stages_loaded, max_batch=4, fault=lambda inputs: OOM if inputs.cond.shape[0] > 2 else None
+    )
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.denoise(np.repeat(hidden[:1], 3, 0), seed=1, steps=2, guidance_scale=1.0).result()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ran out of memory" in caught.value.details() and "fewer images" in caught.value.details()
+        assert client.denoise(hidden[:1], seed=1, steps=2, guidance_scale=1.0).result() is not None
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_failing_chunk_fails_only_its_own_batch(stages_loaded):
+    _, _, hidden = stages_loaded
+    broken = RuntimeError("injected failure")
+    # one image size fails; a request of the other size running at the same time is untouched
+    _service, running, client = start(
+        stages_loaded, max_batch=4, delay=0.05, fault=lambda inputs: broken if inputs.cond.shape[0] == 2 else None
+    )
+    try:
+        healthy = dict(prompt=0, seed=1, steps=8, guidance_scale=7.5)
+        expected = send(client, hidden, healthy).result()
+        good = send(client, hidden, healthy)
+        progress = iter(good)
+        next(progress)
+        with pytest.raises(grpc.RpcError) as caught:  # two images of another request: the batch of 2 fails
+            two = np.repeat(hidden[1:2], 2, 0)
+            client.denoise(two, seed=2, steps=2, guidance_scale=1.0, height=24, width=24).result()
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        list(progress)
+        assert_rel_close(good.result(), expected, 1e-5)
+    finally:
+        running.stop(grace=0)
+
+
+def test_drain_refuses_new_work_finishes_running_requests_and_ends_the_rest_unavailable(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded, max_batch=1, delay=0.05)
+    try:
+        short = send(client, hidden, dict(prompt=0, seed=1, steps=20, guidance_scale=7.5))
+        progress = iter(short)
+        next(progress)
+        waiting = send(client, hidden, dict(prompt=1, seed=2, steps=4, guidance_scale=7.5))
+        assert wait_until(lambda: service.batcher.waiting_requests == 1)
+        drained = futures.ThreadPoolExecutor(1).submit(service.batcher.drain, 30.0)
+        with pytest.raises(grpc.RpcError) as caught:
+            waiting.result()  # not started: sent away at once, to be retried elsewhere
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        list(progress)
+        assert short.result() is not None  # running: finished
+        with pytest.raises(grpc.RpcError) as caught:
+            send(client, hidden, dict(prompt=1, seed=2, steps=2, guidance_scale=7.5)).result()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in caught.value.details()
+        assert drained.result(timeout=30) == 1
+    finally:
+        running.stop(grace=0)
+
+
+def test_drain_past_its_deadline_ends_running_requests_unavailable(stages_loaded):
+    _, _, hidden = stages_loaded
+    service, running, client = start(stages_loaded, max_batch=1, delay=0.05)
+    try:
+        long = send(client, hidden, dict(prompt=0, seed=1, steps=200, guidance_scale=7.5))
+        progress = iter(long)
+        next(progress)
+        assert service.batcher.drain(0.3) == 1
+        with pytest.raises(grpc.RpcError) as caught:
+            list(progress)
+            long.result()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop(grace=0)
+
+
+def wait_until(condition, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

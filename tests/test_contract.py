@@ -89,6 +89,14 @@ def test_a_bad_request_is_refused_naming_the_fix(facts, fields, message):
     assert message in str(e.value)
 
 
+def test_a_long_sampler_name_is_quoted_cut_short():
+    """A status message past ~8 kB (after gRPC's percent-encoding, 3 bytes a byte of UTF-8) never reaches the
+    caller, who would get RESOURCE_EXHAUSTED instead of the refusal."""
+    with pytest.raises(InvalidRequest, match=r"sampler '🙂+'… \(10000 characters\) is not one of ddim") as e:
+        contract.validate(GenerationRequest("a cat", sampler="🙂" * 10_000), FACTS)
+    assert len(str(e.value)) < 200
+
+
 def test_the_gateway_refuses_with_the_pipelines_words():
     """A GenerateRequest is converted and validated by the same contract, so the messages are the same."""
     wire_request = gateway_pb2.GenerateRequest(prompt="a cat", height=500, width=512)

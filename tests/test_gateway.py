@@ -167,7 +167,7 @@ class FakeServer:
 class Stack:
     """Fake stages behind a real gateway, in this process."""
 
-    def __init__(self, denoisers: list[FakeDenoiser | FakeServer | str], *, max_inflight: int = 16):
+    def __init__(self, denoisers: list[FakeDenoiser | FakeServer | str], *, max_inflight: int = 16, **options):
         self.servers: list[FakeServer] = []
         self.encoder = self._serve(FakeEncoder(), text_encoder_pb2_grpc.add_TextEncoderServicer_to_server)
         self.decoder = self._serve(FakeDecoder(), decoder_pb2_grpc.add_DecoderServicer_to_server)
@@ -183,7 +183,7 @@ class Stack:
             gateway.ReplicaPool("denoiser", addresses),
             gateway.ReplicaPool("decoder", [self.decoder.address]),
         ]
-        self.service = gateway.GatewayService(*self.pools, max_inflight=max_inflight)
+        self.service = gateway.GatewayService(*self.pools, max_inflight=max_inflight, **options)
         self.server, port = gateway.build_server(self.service, "127.0.0.1:0")
         self.server.start()
         self.address = f"127.0.0.1:{port}"
@@ -420,6 +420,45 @@ def test_a_refusing_replica_is_retried_on_another(make_stack, code):
     stack = make_stack([refusing, well])
     results = [stack.client.generate("a cat", steps=1, seed=s) for s in range(2)]
     assert [r.seed for r in results] == [0, 1] and len(well.requests) == 2
+
+
+class DiesMidway(FakeDenoiser):
+    """Streams `steps` progress events, then fails UNAVAILABLE (a replica going away mid-request)."""
+
+    def __init__(self, steps: int):
+        super().__init__("dies-midway")
+        self.steps = steps
+
+    def Denoise(self, request, context):
+        self.requests.append(request)
+        for step in range(1, self.steps + 1):
+            yield denoiser_pb2.DenoiseEvent(
+                progress=common_pb2.Progress(stage="denoise", step=step, total_steps=request.num_inference_steps)
+            )
+        context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
+
+
+def test_a_retried_denoise_resumes_the_progress_count_where_the_client_saw_it(make_stack):
+    dying, well = DiesMidway(steps=3), FakeDenoiser("well")
+    stack = make_stack([dying, well])
+    steps = [e.step for e in stack.client.stream("a cat", steps=5, seed=1) if getattr(e, "stage", "") == "denoise"]
+    assert len(dying.requests) == 1 and len(well.requests) == 1
+    assert steps == [1, 2, 3, 4, 5]  # never back to 1 on the second replica
+
+
+def test_the_denoise_stream_is_read_to_its_end(make_stack):
+    denoiser = FakeDenoiser()
+    ended = []
+    original = denoiser.Denoise
+
+    def watched(request, context):
+        yield from original(request, context)
+        ended.append(context.is_active())  # the gateway still listening: the call ends OK, not cancelled
+
+    denoiser.Denoise = watched
+    stack = make_stack([denoiser])
+    stack.client.generate("a cat", steps=2, seed=1)
+    assert wait_until(lambda: ended) and ended == [True]
 
 
 def test_every_replica_refusing_passes_the_status_on(make_stack):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -133,6 +136,37 @@ def test_oversized_image_is_refused_before_decoding():
     refused("largest side allowed is 16", images.decode_image, png(rgb(8, 24)), max_side=16)
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width × height RGB pixels, with hardly any pixel data after it."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("decode", [images.decode_image, images.decode_mask, images.decode_depth])
+def test_a_huge_image_is_refused_by_its_header_naming_its_size_and_the_limit(decode):
+    """Past ~179 M pixels PIL's Image.open raises DecompressionBombError (a warning past ~89 M) before anyone sees
+    the size; the header is read first, so the caller learns the size and the limit, and nothing is decompressed."""
+    zeros = png(Image.new("1", (20_000, 20_000)), compress_level=9)  # real, and a few tens of kB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        refused("100000×100000; the largest side allowed is 4096", decode, png_declaring(100_000, 100_000))
+        refused("20000×20000; the largest side allowed is 4096", decode, zeros)
+        refused(f"5000×8; the largest side allowed is {contract.MAX_SIDE}", decode, png_declaring(5000, 8))
+
+
+def test_a_header_that_cannot_be_read_is_refused_as_corrupt():
+    text_bomb = png_chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * (2 << 20)))  # past PIL's 1 MB text limit
+    valid = png(rgb(8, 8))
+    refused("header could not be read.*MAX_TEXT_CHUNK.*truncated or corrupt", images.decode_image,
+            valid[:33] + text_bomb + valid[33:])  # fmt: skip
+    refused("header could not be read.*truncated or corrupt", images.decode_image, b"\xff\xd8\xff\xe0\0\x10JFIF\0")
+    refused("header could not be read.*checksum", images.decode_image, valid[:29] + b"\0" + valid[30:])
+
+
 def test_size_checks_name_the_multiple_and_a_size_that_works():
     contract.check_size(64, 96, multiple=8, what="image")
     refused(
@@ -168,6 +202,30 @@ def npy(array) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=True)
     return buf.getvalue()
+
+
+def npy_header(shape: tuple, descr: str = "<f8") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_a_npy_header_is_checked_before_its_array_is_allocated():
+    """np.load would allocate what the header declares (80 GB here) before finding the data missing."""
+    refused("100000×100000; the largest side allowed is 4096", images.decode_depth, npy_header((100_000, 100_000)))
+    refused("declares float64 \\(8, 8\\) \\(512 bytes\\) but 511 bytes follow", images.decode_depth,
+            npy_header((8, 8)) + b"\0" * 511)  # fmt: skip
+    refused("Python objects, never unpickled", images.decode_depth, npy_header((2, 2), "|O"))
+    fortran = RNG.random((12, 20))
+    np.testing.assert_array_equal(images.decode_depth(npy(np.asfortranarray(fortran))), fortran.astype(np.float32))
+
+
+def test_a_decoders_long_complaint_is_cut_short():
+    """A status message past ~8 kB never reaches the caller: numpy quotes a whole malformed header (up to 10 kB)."""
+    header = b"{" + b"x" * 9000 + b"}\n"
+    with pytest.raises(InvalidRequest, match=r"not a readable \.npy array") as e:
+        images.decode_depth(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header)
+    assert len(str(e.value)) < 400
 
 
 def test_bad_depth_maps_are_refused():

@@ -56,6 +56,13 @@ def test_inconsistent_tensors_are_refused(tensor, message):
         tensors.from_proto(tensor)
 
 
+def test_a_refusal_names_a_shape_of_too_many_dimensions_by_its_count():
+    """Quoting 100000 dimensions would make a status message that never reaches the caller (past ~8 kB)."""
+    with pytest.raises(tensors.TensorError, match="latents: shape has 100000 dimensions; at most 8") as e:
+        tensors.from_proto(tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[1] * 100_000), name="latents")
+    assert len(str(e.value)) < 100
+
+
 def test_expected_dtype_and_rank_are_checked():
     t = tensors.to_proto(np.zeros((2, 3), np.float16))
     with pytest.raises(tensors.TensorError, match="expected float32"):

@@ -238,24 +238,30 @@ class RunningBatch:
         """Whether any slot needs the unconditional pass (else the cheaper program without it runs)."""
         return any(s.guided for s in self.slots)
 
-    def join(self, slots: Sequence[Slot]) -> None:
+    def join(self, slots: Sequence[Slot], states: Sequence[table.SlotState] | None = None) -> None:
+        """Add slots: fresh ones start from their `x`; `states` (from `suspend`) resume where they stopped."""
         self._pull()
-        for s in slots:
+        for i, s in enumerate(slots):
             self.slots.append(s)
-            self._host_state.append(_fresh_state(s.x))
+            self._host_state.append(_fresh_state(s.x) if states is None else states[i])
         self._device = None
+
+    def suspend(self, which: Callable[[Slot], bool]) -> list[tuple[Slot, table.SlotState]]:
+        """Take out the slots `which` selects with their whole state, to `join` this or another batch later and
+        continue as if never interrupted (the state carries the sampler's history; the step is the slot's)."""
+        taken = [i for i, s in enumerate(self.slots) if which(s)]
+        if not taken:
+            return []
+        self._pull()
+        out = [(self.slots[i], self._host_state[i]) for i in taken]
+        self.slots = [s for i, s in enumerate(self.slots) if i not in taken]
+        self._host_state = [h for i, h in enumerate(self._host_state) if i not in taken]
+        self._device = None
+        return out
 
     def leave(self, keep: Callable[[Slot], bool]) -> list[tuple[Slot, np.ndarray]]:
         """Remove the slots `keep` rejects; returns them with their current latents (h, w, C)."""
-        gone = [i for i, s in enumerate(self.slots) if not keep(s)]
-        if not gone:
-            return []
-        self._pull()
-        out = [(self.slots[i], np.asarray(self._host_state[i].x)) for i in gone]
-        self.slots = [s for i, s in enumerate(self.slots) if i not in gone]
-        self._host_state = [h for i, h in enumerate(self._host_state) if i not in gone]
-        self._device = None
-        return out
+        return [(slot, np.asarray(state.x)) for slot, state in self.suspend(lambda s: not keep(s))]
 
     def run_chunk(self, iterations: int) -> float:
         """Run `iterations` evaluations of every slot; returns the program's compile seconds (0 when cached)."""

@@ -46,6 +46,12 @@ DEFAULT_MAX_QUEUE = 8  # calls that may wait for a stage's device
 DEFAULT_MAX_BATCH = 8  # the denoiser's running batch, in images
 DEFAULT_CHUNK_STEPS = 5  # denoiser steps per compiled chunk: a cancelled request stops within one
 DEFAULT_MAX_INFLIGHT = 32  # requests the gateway holds at once
+DEFAULT_DRAIN_SECONDS = 30.0  # on SIGTERM: how long running requests may finish before they are ended
+# The work one served request may ask for, in image-steps at the model's native size: e.g. 8 images × 150 steps
+# at twice the native side. A stage's memory and time grow with images × steps × area; past this, one request
+# would hold a device for everyone else's share.
+DEFAULT_MAX_WORK = 8 * 150 * 4
+DEFAULT_MAX_SIDE_FACTOR = 8  # the largest side a server takes by default: this × the native side (≤ MAX_SIDE)
 
 # What a checkpoint is built for (its UNet's inputs), and what a request does with it.
 KINDS = ("text-to-image", "inpainting", "depth", "upscaling")
@@ -178,10 +184,55 @@ class DenoiseJob:
     extra: np.ndarray | None = None  # (N, h, w, E): channels joining the UNet input
     blend_mask: np.ndarray | None = None  # (N, h, w, 1): latent blending towards init_latents (1 repaints)
     class_labels: np.ndarray | None = None  # (N, *class_labels_shape)
+    tenant: str = ""  # who asked (the gateway's API-key tenant): the denoiser shares its batch fairly between them
 
     @property
     def images(self) -> int:
         return int(self.cond.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkBudget:
+    """What one request may ask of a server (`--max-work`, `--max-side`): its largest side in pixels, and its
+    work in image-steps at the model's native size (images × steps × area / native area)."""
+
+    max_side: int
+    max_work: float
+    native_area: int  # latent pixels of one native-size image: the unit of work
+
+    @classmethod
+    def for_model(cls, facts: ModelFacts, max_work: float | None = None, max_side: int | None = None) -> WorkBudget:
+        """The defaults for this model (DEFAULT_MAX_WORK; DEFAULT_MAX_SIDE_FACTOR × its native side, ≤ MAX_SIDE),
+        or the given limits."""
+        native = facts.default_size or (512, 512)
+        f = facts.vae_scale_factor
+        side = max_side or min(MAX_SIDE, DEFAULT_MAX_SIDE_FACTOR * max(native))
+        if not 1 <= side <= MAX_SIDE:
+            raise InvalidRequest(f"--max-side must be 1 to {MAX_SIDE} pixels, got {side}")
+        work = DEFAULT_MAX_WORK if max_work is None else max_work
+        if not (math.isfinite(work) and work > 0):
+            raise InvalidRequest(f"--max-work must be a positive number of image-steps, got {work}")
+        return cls(max_side=side, max_work=float(work), native_area=max(1, (native[0] // f) * (native[1] // f)))
+
+
+def check_work(
+    images: int, steps: int, height: int, width: int, latent_size: tuple[int, int], budget: WorkBudget
+) -> None:
+    """A request within the server's budget: no side past max_side, no more work than max_work (InvalidRequest
+    naming the limit and what to ask for instead)."""
+    if max(height, width) > budget.max_side:
+        raise InvalidRequest(
+            f"{height}x{width} is larger than this server takes: at most {budget.max_side} pixels a side "
+            "(--max-side); ask for a smaller size"
+        )
+    area = latent_size[0] * latent_size[1] / budget.native_area
+    work = images * steps * area
+    if work > budget.max_work:
+        raise InvalidRequest(
+            f"this request is {work:.0f} image-steps of work ({images} images × {steps} steps × {area:.2g} × the "
+            f"native area); this server takes at most {budget.max_work:.0f} (--max-work): ask for fewer images, "
+            "fewer steps or a smaller size"
+        )
 
 
 # --- Checks, each one rule ------------------------------------------------------------------------
@@ -233,8 +284,14 @@ def check_sampler(sampler: str | None, facts: ModelFacts) -> str | None:
     if not sampler:
         return None
     if sampler not in facts.samplers:
-        raise InvalidRequest(f"sampler {sampler!r} is not one of {', '.join(facts.samplers)}")
+        raise InvalidRequest(f"sampler {shown(sampler)} is not one of {', '.join(facts.samplers)}")
     return sampler
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A caller's string as an error quotes it: cut to `limit` characters, since a status message past ~8 kB
+    (after gRPC's percent-encoding) is dropped on the way back and the caller gets RESOURCE_EXHAUSTED instead."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 def check_seed(seed: Any) -> int:

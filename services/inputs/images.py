@@ -16,15 +16,21 @@ Everything a caller can get wrong raises `InvalidRequest` naming the problem and
 from __future__ import annotations
 
 import io
+import math
 from typing import cast
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from sdmesh.services.inputs.contract import MAX_SIDE
 from sdmesh.services.inputs.errors import InvalidRequest
 
 FORMATS = ("PNG", "JPEG")
+# Each format's signature → PIL's parser for it, which reads only the header when constructed. Image.open runs the
+# same parsers but then refuses a large image (DecompressionBombError past ~179 M pixels, a warning past ~89 M)
+# before its caller sees the size (a 20000×20000 PNG of zeros can be a few tens of kB): so `_open` parses the
+# header itself and checks the size against the contract's limit first.
+_PARSERS = {b"\x89PNG\r\n\x1a\n": PngImagePlugin.PngImageFile, b"\xff\xd8\xff": JpegImagePlugin.jpeg_factory}
 _NPY_MAGIC = b"\x93NUMPY"
 # VaeImageProcessor's `resample` names → PIL filters (diffusers' PIL_INTERPOLATION).
 RESAMPLE = {
@@ -42,21 +48,33 @@ def _open(data: bytes, what: str, max_side: int) -> Image.Image:
     """Parse the header only, check the size, then decode: a huge image is refused before it is decompressed."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
         raise InvalidRequest(f"{what} is empty; send the bytes of a PNG or JPEG file")
+    data = bytes(data)
+    parse = next((p for magic, p in _PARSERS.items() if data.startswith(magic)), None)
+    if parse is None:
+        raise InvalidRequest(f"{what} is not a PNG or JPEG file; convert it to PNG (lossless) and send its bytes")
     try:
-        image = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
-    except UnidentifiedImageError:
+        image = parse(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # a truncated header, a bad checksum, or a text/ICC chunk that decompresses past PIL's limit (ValueError)
         raise InvalidRequest(
-            f"{what} is not a PNG or JPEG file; convert it to PNG (lossless) and send its bytes"
+            f"{what}'s header could not be read ({_why(e)}); the file is truncated or corrupt: send the file as saved"
         ) from None
     w, h = image.size
     if max(w, h) > max_side:
         raise InvalidRequest(f"{what} is {w}×{h}; the largest side allowed is {max_side}: downscale it first")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise InvalidRequest(f"{what} could not be decoded ({e}); the file is truncated or corrupt") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated or corrupt data
+        raise InvalidRequest(f"{what} could not be decoded ({_why(e)}); the file is truncated or corrupt") from None
     # load_image applies the camera's EXIF orientation, so a phone photo is the right way up.
     return ImageOps.exif_transpose(image)
+
+
+def _why(error: Exception, limit: int = 200) -> str:
+    """A decoder's complaint, cut short: numpy quotes a whole malformed .npy header (up to 10 kB), and a status
+    message past ~8 kB never reaches the caller."""
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _opaque(image: Image.Image, what: str, fix: str) -> Image.Image:
@@ -118,7 +136,7 @@ def decode_depth(data: bytes, *, what: str = "depth map", max_side: int = MAX_SI
     matter: the depth pipeline rescales each map to [-1, 1] by its own min and max.
     """
     if bytes(data[:6]) == _NPY_MAGIC:
-        depth = _load_npy(data, what)
+        depth = _load_npy(data, what, max_side)
     else:
         image = _opaque(_open(data, what, max_side), what, "send a grayscale PNG (or a .npy array) without alpha")
         if image.mode in ("RGB", "RGBA"):
@@ -144,14 +162,36 @@ def decode_depth(data: bytes, *, what: str = "depth map", max_side: int = MAX_SI
     return depth
 
 
-def _load_npy(data: bytes, what: str) -> np.ndarray:
+def _load_npy(data: bytes, what: str, max_side: int) -> np.ndarray:
+    """Read the .npy header, check the dtype and shape, then take the data: np.load would first allocate
+    whatever the header declares (a (100000, 100000) header is 80 GB), before finding the data missing."""
+    data = bytes(data)
+    buffer = io.BytesIO(data)
+    fix = "save it with numpy.save(path, array)"
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
-        array = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
-    except ValueError as e:
-        raise InvalidRequest(f"{what}: not a readable .npy array ({e}); save it with numpy.save(path, array)") from None
-    if array.dtype.kind not in "fiu" or not 2 <= array.ndim <= 3 or min(array.shape) < 1:
-        raise InvalidRequest(f"{what}: expected a float array (H, W) or (N, H, W), got {array.dtype} {array.shape}")
-    return array
+        version = np.lib.format.read_magic(buffer)
+        if version not in readers:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}; sdmesh reads 1.0 and 2.0")
+        shape, fortran_order, dtype = readers[version](buffer)
+    except ValueError as e:  # numpy reports every malformed header so (too long, bad keys, not a dict)
+        raise InvalidRequest(f"{what}: not a readable .npy array ({_why(e)}); {fix}") from None
+    if dtype.hasobject:
+        raise InvalidRequest(
+            f"{what}: not a readable .npy array (it holds Python objects, never unpickled here); {fix}"
+        )
+    if dtype.kind not in "fiu" or not 2 <= len(shape) <= 3 or min(shape) < 1:
+        raise InvalidRequest(f"{what}: expected a float array (H, W) or (N, H, W), got {dtype} {shape}")
+    if max(shape[-2:]) > max_side:
+        raise InvalidRequest(f"{what} is {shape[-1]}×{shape[-2]}; the largest side allowed is {max_side}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) - buffer.tell() != expected:
+        raise InvalidRequest(
+            f"{what}: the .npy header declares {dtype} {shape} ({expected} bytes) but {len(data) - buffer.tell()} "
+            f"bytes follow it; the file is truncated or corrupt: {fix}"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=buffer.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 # -------------------------------------------------------------------- preprocessing

@@ -212,5 +212,7 @@ def main(args: Any) -> int:
         host=args.host,
         port=args.port,
         max_queue=args.max_queue,
+        grace=args.drain_seconds,
         metrics_port=getattr(args, "metrics_port", None),
+        tls=server.tls_from_args(args),
     )

@@ -56,9 +56,11 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, stage: DenoiserStage, facts: ModelFacts, model: str, chunk: int | None = None, *,
                  max_batch: int = contract.DEFAULT_MAX_BATCH, max_queue: int = contract.DEFAULT_MAX_QUEUE,
                  buckets: tuple[int, ...] | None = None, metrics: Any = None, policy: str = "continuous",
-                 sizes: set[tuple[int, int]] | None = None):  # fmt: skip
-        """sizes: with --strict-shapes, the only (height, width) served; None compiles any other size on first use."""
+                 sizes: set[tuple[int, int]] | None = None, budget: contract.WorkBudget | None = None):  # fmt: skip
+        """sizes: with --strict-shapes, the only (height, width) served; None compiles any other size on first use.
+        budget: what one request may ask for (--max-work, --max-side); None: the model's defaults."""
         self.stage, self.facts, self.model, self.sizes = stage, facts, model, sizes
+        self.budget = budget or contract.WorkBudget.for_model(facts)
         self.chunk = chunk or contract.DEFAULT_CHUNK_STEPS
         powers = {b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch}
         buckets = tuple(sorted(set(buckets or ()) | powers | {max_batch}))
@@ -98,6 +100,10 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
         job = wire.denoise_job_from_proto(request, self.facts)
         self.stage.check(job, self.facts)  # before it joins a batch: a bad call must not fail its batch-mates
         server.check_size(job.height, job.width, self.sizes)
+        f = self.facts.vae_scale_factor
+        contract.check_work(
+            job.images, job.steps, job.height, job.width, (job.height // f, job.width // f), self.budget
+        )
         latents = None
         for done, total, latents in self.run(job, context.is_active):
             if latents is None:
@@ -153,7 +159,7 @@ def stage_service(
         name="sdmesh.v1.Denoiser", servicer=service, add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,
         device_methods=frozenset(), warm_up=lambda: service.warm_up(shapes),  # the batcher queues Denoise itself
         max_message_bytes=message_bytes(service.facts, shapes), metrics=metrics,
-        stage=service.stage,
+        stage=service.stage, drain=service.batcher.drain,
     )  # fmt: skip
 
 
@@ -167,7 +173,8 @@ def main(args: Any) -> int:
     service = DenoiserService(stage, facts, args.model, chunk=args.chunk_steps, max_batch=args.max_batch,
                               max_queue=args.max_queue, buckets=tuple(b for b, _, _ in shapes), metrics=metrics,
                               policy=args.batching,
-                              sizes={(h, w) for _, h, w in shapes} if args.strict_shapes else None)  # fmt: skip
+                              sizes={(h, w) for _, h, w in shapes} if args.strict_shapes else None,
+                              budget=contract.WorkBudget.for_model(facts, args.max_work, args.max_side))  # fmt: skip
     return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port,
-                        max_queue=args.max_queue,
-                        metrics_port=args.metrics_port)  # fmt: skip
+                        max_queue=args.max_queue, metrics_port=args.metrics_port,
+                        tls=server.tls_from_args(args), grace=args.drain_seconds)  # fmt: skip

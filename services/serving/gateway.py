@@ -17,11 +17,17 @@ away cancels the call in flight.
 
 Metrics (services/serving/metrics.py, stage="gateway"): requests in flight as the queue depth, each RPC's
 latency and non-OK status code, images served; `--metrics-port` serves them over HTTP.
+
+TLS (services/serving/tls.py): `--tls-cert/--tls-key [--tls-client-ca]` serve the gateway's own port (and its
+metrics, over HTTPS) with that certificate, requiring client certificates from that CA when given;
+`--stage-tls-ca [--stage-tls-cert/--stage-tls-key]` make every stage channel TLS, trusting that CA and
+presenting that certificate to stages that require one (`stage_channel(credentials=)`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
@@ -39,9 +45,10 @@ from sdmesh.services import chain
 from sdmesh.services.inputs import contract, images
 from sdmesh.services.inputs.contract import DenoiseJob, GenerationRequest, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
-from sdmesh.services.serving import wire
+from sdmesh.services.serving import tls, wire
 from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.services.serving.server import ended_with
+from sdmesh.services.serving.tenants import QuotaExceeded, Tenant, Tenants, Unauthenticated, retry_after_header
 from sdmesh.v1 import (
     common_pb2,
     decoder_pb2,
@@ -83,10 +90,13 @@ BALANCED_SERVICE_CONFIG = json.dumps(
 )
 
 
-def stage_channel(address: str) -> grpc.Channel:
+def stage_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to one stage address: TLS with `credentials` (`tls.channel_credentials`), else plaintext."""
     options = list(CHANNEL_OPTIONS)
     if is_balanced(address):
         options.append(("grpc.service_config", BALANCED_SERVICE_CONFIG))
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=options)
     return grpc.insecure_channel(address, options=options)
 
 
@@ -362,8 +372,10 @@ class PooledStages:
     """`chain.Stages` over the replica pools, for one client request: each call goes to the least-loaded replica,
     within the client's deadline, cancelled with it, retried on another replica when that can help."""
 
-    def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, down: Downstream):
+    def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, down: Downstream,
+                 tenant: str = ""):  # fmt: skip
         self.encoders, self.denoisers, self.decoders, self.down = encoders, denoisers, decoders, down
+        self.tenant = tenant  # sent with Denoise: the denoiser shares its batch fairly between tenants
 
     def _unary(self, pool: ReplicaPool, method: str, message: Any) -> Any:
         def run(replica: Replica, timeout: float | None) -> Any:
@@ -391,19 +403,27 @@ class PooledStages:
 
     def denoise(self, job: DenoiseJob) -> Generator[chain.Progress, None, np.ndarray]:
         message = wire.denoise_job_to_proto(job)
+        message.tenant = self.tenant
+        seen = 0  # the client's progress: a retried Denoise starts again at step 0, and says nothing until past it
 
         def run(replica: Replica, timeout: float | None) -> Generator[chain.Progress, None, np.ndarray]:
+            nonlocal seen
+            latents = None
+            # read to the stream's end, so the denoiser sees the call finish OK rather than cancelled
             for event in self.down.track(replica.stub.Denoise(message, timeout=timeout)):
                 if event.HasField("progress"):
                     p = event.progress
-                    yield chain.Progress(p.stage, p.step, p.total_steps)
+                    if p.step > seen:
+                        seen = p.step
+                        yield chain.Progress(p.stage, p.step, p.total_steps)
                 elif event.HasField("latents"):
-                    return wire.nhwc(from_proto(event.latents, name="latents", dtype="float32", ndim=4))
-            raise StageError(
-                grpc.StatusCode.INTERNAL, f"the denoiser ({replica.address}) ended its stream without latents"
-            )
+                    latents = wire.nhwc(from_proto(event.latents, name="latents", dtype="float32", ndim=4))
+            if latents is None:
+                raise StageError(
+                    grpc.StatusCode.INTERNAL, f"the denoiser ({replica.address}) ended its stream without latents"
+                )
+            return latents
 
-        # A retried Denoise starts again from step 0: its progress events say so.
         return (yield from stream_stage(self.denoisers, self.down, run, "Denoise"))
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -428,9 +448,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, *,
                  max_inflight: int = contract.DEFAULT_MAX_INFLIGHT, facts: ModelFacts | None = None,
-                 metrics: StageMetrics | None = None):  # fmt: skip
+                 metrics: StageMetrics | None = None, tenants: Tenants | None = None,
+                 max_work: float | None = None, max_side: int | None = None):  # fmt: skip
+        """tenants: the API keys it requires and each tenant's limits (`Tenants.from_file`); None: open, no key.
+        max_work, max_side: one request's budget (`contract.WorkBudget`); None: the model's defaults."""
+        self.work_limits = (max_work, max_side)
         self.encoders, self.denoisers, self.decoders = encoders, denoisers, decoders
         self.max_inflight = max_inflight
+        self.tenants = tenants or Tenants.open()
         self.metrics = metrics or StageMetrics("gateway")
         self._inflight = 0
         self._lock = threading.Lock()
@@ -463,19 +488,44 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[gateway_pb2.GenerateEvent]:
         t0 = time.perf_counter()
+        tenant = None
         try:
-            yield from self._admitted(request, context)
+            tenant = self._tenant(context)
+            self._acquire(tenant, context)
+            try:
+                yield from self._admitted(request, context, tenant)
+            finally:
+                self.tenants.release(tenant)
         finally:  # also when gRPC closes the stream of a client that went away
-            self._record(context, t0)
+            self._record(context, t0, tenant)
 
-    def _record(self, context: grpc.ServicerContext, t0: float) -> None:
+    def _record(self, context: grpc.ServicerContext, t0: float, tenant: Tenant | None = None) -> None:
         self.metrics.observe_request(time.perf_counter() - t0)
         code = ended_with(context)
         if code != grpc.StatusCode.OK:
             self.metrics.error(code.name)
+        if tenant is not None:
+            self.metrics.tenant_request(tenant.name, code.name)
+
+    def _tenant(self, context: grpc.ServicerContext) -> Tenant:
+        """The caller's tenant from its API key; UNAUTHENTICATED without a known one."""
+        try:
+            return self.tenants.authenticate(context.invocation_metadata())
+        except Unauthenticated as e:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            raise  # abort raises; this line is for the type checker
+
+    def _acquire(self, tenant: Tenant, context: grpc.ServicerContext) -> None:
+        """One of the tenant's places; RESOURCE_EXHAUSTED with a `retry-after` (seconds) past its limits."""
+        try:
+            self.tenants.acquire(tenant)
+        except QuotaExceeded as e:
+            context.set_trailing_metadata((("retry-after", retry_after_header(e.retry_after)),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            raise
 
     def _admitted(
-        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
+        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext, tenant: Tenant
     ) -> Iterator[gateway_pb2.GenerateEvent]:
         with self._lock:
             if self._inflight >= self.max_inflight:
@@ -486,7 +536,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             self._inflight += 1
             self.metrics.set_queue_depth(self._inflight)
         try:
-            yield from self._generate(request, context)
+            yield from self._generate(request, context, tenant)
         except InvalidRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except TensorError as e:
@@ -505,20 +555,24 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 self.metrics.set_queue_depth(self._inflight)
 
     def _generate(
-        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
+        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext, tenant: Tenant
     ) -> Iterator[gateway_pb2.GenerateEvent]:
         down = Downstream(context)
         facts = self.facts(down)
         job = contract.validate(request_from_proto(request), facts)
-        stages = PooledStages(self.encoders, self.denoisers, self.decoders, down)
+        budget = contract.WorkBudget.for_model(facts, *self.work_limits)
+        contract.check_work(job.images, job.steps, job.height, job.width, job.latent_size, budget)
+        stages = PooledStages(self.encoders, self.denoisers, self.decoders, down, tenant=tenant.name)
         for event in chain.generate(stages, job, facts):
             if isinstance(event, chain.Generated):
                 self.metrics.images_served(len(event.images))
+                self.metrics.tenant_images(tenant.name, len(event.images))
             yield event_to_proto(event)
 
     def ModelInfo(self, request: common_pb2.ModelInfoRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         t0 = time.perf_counter()
         try:
+            self._tenant(context)
             return self._model_info(context)
         finally:
             self._record(context, t0)
@@ -598,31 +652,59 @@ def build_server(
 DEFAULT_ADDRESSES = {"encoder": "127.0.0.1:50052", "denoiser": "127.0.0.1:50053", "decoder": "127.0.0.1:50054"}
 
 
+def tenants_from_args(args: argparse.Namespace) -> Tenants:
+    """--api-keys FILE read and checked (InvalidRequest naming the line), or an open gateway without it."""
+    if not getattr(args, "api_keys", None):
+        return Tenants.open()
+    try:
+        return Tenants.from_file(args.api_keys, max_inflight=args.max_inflight)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 def main(args: argparse.Namespace) -> int:
     """`sdmesh serve gateway`: serve until SIGTERM or SIGINT, then stop cleanly. Wiring only."""
     import signal
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    own_tls = tls.server_tls_from_args(args)  # both read and checked before anything starts
+    stage_credentials = tls.stage_channel_credentials_from_args(args)
+    channel_factory = functools.partial(stage_channel, credentials=stage_credentials)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     pools = [
-        ReplicaPool(stage, split_addresses(getattr(args, stage, None) or DEFAULT_ADDRESSES[stage]))
+        ReplicaPool(
+            stage,
+            split_addresses(getattr(args, stage, None) or DEFAULT_ADDRESSES[stage]),
+            channel_factory=channel_factory,
+        )
         for stage in ("encoder", "denoiser", "decoder")
     ]
-    service = GatewayService(*pools, max_inflight=args.max_inflight)
-    server, port = build_server(service, f"{args.host}:{args.port}")
+    tenants = tenants_from_args(args)
+    service = GatewayService(*pools, max_inflight=args.max_inflight, tenants=tenants,
+                             max_work=args.max_work, max_side=args.max_side)  # fmt: skip
+    if tenants.required:
+        log.warning("sdmesh.v1.Gateway requires API keys: %d tenants (%s)", len(tenants.tenants), args.api_keys)
+    else:
+        log.warning("sdmesh.v1.Gateway is open: no --api-keys, every caller is served")
+    server, port = build_server(
+        service, f"{args.host}:{args.port}", credentials=own_tls.credentials() if own_tls else None
+    )
     if getattr(args, "metrics_port", None) is not None:
-        bound = service.metrics.serve_http(args.metrics_port, args.host)
-        log.warning("sdmesh.v1.Gateway metrics on http://%s:%d/metrics", args.host, bound)
+        bound = service.metrics.serve_http(args.metrics_port, args.host, tls=own_tls)
+        scheme = "https" if own_tls else "http"
+        log.warning("sdmesh.v1.Gateway metrics on %s://%s:%d/metrics", scheme, args.host, bound)
     for name in ("", "sdmesh.v1.Gateway"):  # until the stages answer (below)
         server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     log.warning(
-        "sdmesh.v1.Gateway listening on %s:%d (encoder %s; denoiser %s; decoder %s)",
+        "sdmesh.v1.Gateway listening on %s:%d, %s (encoder %s; denoiser %s; decoder %s; stage channels %s)",
         args.host,
         port,
+        own_tls.describe() if own_tls else "plaintext",
         *(",".join(r.address for r in pool.replicas) for pool in pools),
+        "TLS" if stage_credentials is not None else "plaintext",
     )
     serving = None
     while True:
@@ -637,9 +719,11 @@ def main(args: argparse.Namespace) -> int:
             serving = now
         if stopping.wait(0.25):
             break
-    log.warning("sdmesh.v1.Gateway stopping")
+    # NOT_SERVING, no new requests (gRPC refuses them UNAVAILABLE), the ones held finish through the stages,
+    # which are still up: `sdmesh up` and compose stop the gateway first.
+    log.warning("sdmesh.v1.Gateway stopping: letting requests in flight finish for up to %.0fs", args.drain_seconds)
     server.health.enter_graceful_shutdown()
-    server.stop(grace=5).wait()
+    server.stop(grace=args.drain_seconds).wait()
     for pool in pools:
         pool.close()
     service.metrics.close()

@@ -1,7 +1,9 @@
-"""Prometheus metrics of one service, served over HTTP on a port of its own (`--metrics-port`).
+"""Prometheus metrics of one service, served over HTTP (HTTPS with TLS) on a port of its own (`--metrics-port`).
 
     metrics = StageMetrics("denoiser")     # one registry per instance: two servers in one process never mix
     metrics.serve_http(9100)               # GET http://HOST:9100/metrics, Prometheus' text format
+    metrics.serve_http(9100, tls=tls)      # HTTPS with a service's certificate (tls.ServerTLS); with its
+                                           # client CA, a scraper must present a certificate that CA signed
 
 Every metric carries `stage` = text_encoder | denoiser | decoder | gateway:
 
@@ -16,6 +18,8 @@ Every metric carries `stage` = text_encoder | denoiser | decoder | gateway:
     sdmesh_images_served_total{stage}         counter    images returned
     sdmesh_errors_total{stage,code}           counter    RPCs that ended with a status other than OK, by its name
                                                          (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, CANCELLED, ...)
+    sdmesh_tenant_requests_total{stage,tenant,code}      the gateway's requests by tenant (its API key's) and status
+    sdmesh_tenant_images_served_total{stage,tenant}      images returned, by tenant
 
 Who records what: `server.StageServer` records request latency, errors and queue depth for every
 `/sdmesh.*` RPC of a stage; the stage services record batches, chunks and images; the gateway
@@ -26,10 +30,13 @@ these names. No JAX here: the gateway uses this module too.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
+
+if TYPE_CHECKING:
+    from sdmesh.services.serving.tls import ServerTLS
 
 STAGES = ("text_encoder", "denoiser", "decoder", "gateway")
 # Requests run from milliseconds (ModelInfo, an encode) to minutes (a long denoise on a slow device).
@@ -77,16 +84,31 @@ class StageMetrics:
         )
         for code in KNOWN_ERROR_CODES:
             self._errors.labels(stage, code)
+        # tenants come from the gateway's keys file, so these labels stay as few as its tenants
+        self._tenant_requests = Counter(
+            "sdmesh_tenant_requests", "Requests by tenant and status.", ["stage", "tenant", "code"], registry=r
+        )
+        self._tenant_images = Counter(
+            "sdmesh_tenant_images_served", "Images returned, by tenant.", ["stage", "tenant"], registry=r
+        )
         self._http: Any = None
         self._lock = threading.Lock()
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics on host:port from a daemon thread; returns the bound port (port 0: any free one)."""
+    def serve_http(self, port: int, host: str = "0.0.0.0", *, tls: ServerTLS | None = None) -> int:
+        """Serve /metrics on host:port from a daemon thread; returns the bound port (port 0: any free one).
+
+        tls: HTTPS with its certificate, and with its client CA only for scrapers presenting a certificate
+        that CA signed; None: plain HTTP."""
+        secure: dict[str, Any] = {}
+        if tls is not None:
+            secure = {"certfile": str(tls.cert), "keyfile": str(tls.key)}
+            if tls.client_ca is not None:
+                secure |= {"client_cafile": str(tls.client_ca), "client_auth_required": True}
         with self._lock:
             if self._http is not None:
                 raise RuntimeError(f"the {self.stage} metrics are already served on port {self._http.server_port}")
             try:
-                self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+                self._http, _ = start_http_server(port, addr=host, registry=self.registry, **secure)
             except OSError as e:
                 raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
             return self._http.server_port
@@ -117,6 +139,13 @@ class StageMetrics:
 
     def images_served(self, n: int) -> None:
         self._images.inc(n)
+
+    def tenant_request(self, tenant: str, code: str) -> None:
+        """A request of `tenant` ended with status `code` (OK included)."""
+        self._tenant_requests.labels(self.stage, tenant, getattr(code, "name", code)).inc()
+
+    def tenant_images(self, tenant: str, n: int) -> None:
+        self._tenant_images.labels(self.stage, tenant).inc(n)
 
     def error(self, code: str) -> None:
         """An RPC ended with status `code`: a grpc.StatusCode name such as "INVALID_ARGUMENT" (or the StatusCode)."""

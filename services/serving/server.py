@@ -12,8 +12,9 @@ Errors: handlers raise plain exceptions and `StatusInterceptor`, the one place t
 chooses status codes, turns them into statuses (`status_for`):
 
     InvalidRequest, TensorError, CheckpointError  → INVALID_ARGUMENT, with their message
-    Overloaded (the queue is full)                → RESOURCE_EXHAUSTED, at once
+    Overloaded (the queue is full, the device OOM) → RESOURCE_EXHAUSTED, at once
     FollowerLost (a multi-process stage lost one) → UNAVAILABLE
+    Draining (the stage is shutting down)         → UNAVAILABLE
     anything else                                 → INTERNAL: a bug of ours, logged with its traceback
 
 The same interceptor admits device RPCs through the `DeviceQueue`: one runs at a time,
@@ -23,6 +24,11 @@ Metrics (services/metrics.py): the interceptor records every `/sdmesh.*` RPC's l
 status is not OK, its code (refusals and callers gone included); the `DeviceQueue` reports its depth.
 They go to the service's own `StageMetrics` (`StageService.metrics`, where the servicer records batches,
 chunks and images), and `serve(metrics_port=)` serves them over HTTP.
+
+TLS (services/serving/tls.py): `serve(tls=)` (`StageServer(credentials=)`) listens with that certificate
+instead of plaintext, and with a client CA refuses clients without a certificate it signed (mutual TLS);
+the metrics are then served over HTTPS with the same certificate and client CA. `tls_from_args` reads
+`sdmesh serve`'s --tls-* flags.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ from sdmesh.services.engine.errors import FollowerLost
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import DEFAULT_MAX_QUEUE
 from sdmesh.services.inputs.errors import InvalidRequest
-from sdmesh.services.serving.errors import CallerGone, Overloaded
+from sdmesh.services.serving.errors import CallerGone, Draining, Overloaded
 from sdmesh.services.serving.metrics import StageMetrics
+from sdmesh.services.serving.tls import ServerTLS, server_tls_from_args
 from sdmesh.v1.tensors import TensorError
 
 if TYPE_CHECKING:  # the gateway imports this module and no JAX
@@ -88,6 +95,9 @@ class StageService:
     )
     # The engine stage served (its .programs and .params): over several processes they run in lockstep.
     stage: Stage | None = None
+    # On SIGTERM, before the server stops: admit nothing, let running work finish for up to the given seconds,
+    # then end the rest with Draining (UNAVAILABLE); returns how many calls were ended. None: the server's own stop.
+    drain: Callable[[float], int] | None = None
 
 
 # --- errors → statuses: the one place ---------------------------------------------
@@ -97,7 +107,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a handler's exception becomes."""
     if isinstance(error, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, FollowerLost):
+    if isinstance(error, (FollowerLost, Draining)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, (InvalidRequest, TensorError, CheckpointError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
@@ -257,10 +267,19 @@ def stage_name(service_name: str) -> str:
 
 class StageServer:
     """A gRPC server hosting one stage, with health (NOT_SERVING until warmed up), reflection and metrics
-    (the service's `StageMetrics`, or a new one; served over HTTP only by `serve(metrics_port=)`)."""
+    (the service's `StageMetrics`, or a new one; served over HTTP only by `serve(metrics_port=)`).
+
+    credentials: grpc.ssl_server_credentials(...) (`ServerTLS.credentials()`) to serve TLS; None: plaintext.
+    """
 
     def __init__(
-        self, service: StageService, *, host: str = "127.0.0.1", port: int = 0, max_queue: int = DEFAULT_MAX_QUEUE
+        self,
+        service: StageService,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        credentials: grpc.ServerCredentials | None = None,
     ):
         self.service, self.host = service, host
         self.metrics = service.metrics or StageMetrics(stage_name(service.name))
@@ -274,7 +293,10 @@ class StageServer:
         service.add_to_server(service.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = (
+            self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -311,15 +333,20 @@ def serve(
     host: str,
     port: int,
     max_queue: int = DEFAULT_MAX_QUEUE,
-    grace: float = 5.0,
+    grace: float = contract.DEFAULT_DRAIN_SECONDS,
     metrics_port: int | None = None,
+    tls: ServerTLS | None = None,
 ) -> int:
     """Start, warm up, serve until SIGTERM or SIGINT, stop cleanly. Returns the exit status (0).
 
     Logs "<service> SERVING on HOST:PORT" once warm (with --port 0 that is how a launcher learns the port).
-    A signal during warm-up ends the process at once: nothing is in flight yet.
+    A signal during warm-up ends the process at once: nothing is in flight yet. After it, SIGTERM drains: health
+    turns NOT_SERVING at once (gateways stop sending), the service's `drain` admits nothing new and lets running
+    calls finish for up to `grace` seconds (--drain-seconds), the rest end UNAVAILABLE (a gateway retries them on
+    another replica), and then the server stops.
     metrics_port: serve Prometheus metrics on http://HOST:metrics_port/metrics from the start (0: any free
     port; logged as "<service> metrics on http://HOST:PORT/metrics"); None: not served.
+    tls: serve gRPC over TLS, and the metrics over HTTPS, with this certificate (and client CA); None: plaintext.
     """
     from sdmesh.services.engine import distributed  # stage services only: JAX is loaded already
 
@@ -329,15 +356,18 @@ def serve(
         code = distributed.follow(stage.programs, stage.params)
         logging.shutdown()
         os._exit(code)
-    server = StageServer(service, host=host, port=port, max_queue=max_queue).start()
-    log.warning("%s listening on %s (NOT_SERVING until warmed up)", service.name, server.address)
+    credentials = tls.credentials() if tls else None
+    server = StageServer(service, host=host, port=port, max_queue=max_queue, credentials=credentials).start()
+    security = tls.describe() if tls else "plaintext"
+    log.warning("%s listening on %s, %s (NOT_SERVING until warmed up)", service.name, server.address, security)
     leader = None
     if distributed.is_multi_process():  # process 0: every program call goes to the followers first
         leader = distributed.Leader.open(on_lost=lambda _why: server._set(health_pb2.HealthCheckResponse.NOT_SERVING))
         _stage(service).programs.lead(leader)
     if metrics_port is not None:
-        bound = server.metrics.serve_http(metrics_port, host)
-        log.warning("%s metrics on http://%s/metrics", service.name, _host_port(host, bound))
+        bound = server.metrics.serve_http(metrics_port, host, tls=tls)
+        scheme = "https" if tls else "http"
+        log.warning("%s metrics on %s://%s/metrics", service.name, scheme, _host_port(host, bound))
     seconds = server.warm_up()
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -345,8 +375,14 @@ def serve(
     log.warning("%s SERVING on %s (warm-up %.1fs)", service.name, server.address, seconds)
     while not stopping.wait(0.5):
         pass
-    log.warning("%s stopping: NOT_SERVING, finishing calls in flight for up to %.0fs", service.name, grace)
-    server.stop(grace)
+    log.warning("%s stopping: NOT_SERVING, draining calls in flight for up to %.0fs", service.name, grace)
+    server.health.enter_graceful_shutdown()
+    t0 = time.monotonic()
+    if service.drain is not None:
+        ended = service.drain(grace)
+        if ended:
+            log.warning("%s ended %d calls unfinished (UNAVAILABLE: retried elsewhere)", service.name, ended)
+    server.stop(max(grace - (time.monotonic() - t0), 1.0))
     if leader is not None:
         leader.close()  # the followers exit too
     log.warning("%s stopped", service.name)
@@ -369,6 +405,11 @@ def _host_port(host: str, port: int) -> str:
 
 
 # --- what every stage's main() shares -------------------------------------------------
+
+
+def tls_from_args(args: Any) -> ServerTLS | None:
+    """`sdmesh serve`'s --tls-cert, --tls-key, --tls-client-ca, read and checked; None: plaintext."""
+    return server_tls_from_args(args)
 
 
 def check_size(height: int, width: int, sizes: set[tuple[int, int]] | None) -> None:

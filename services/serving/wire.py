@@ -60,7 +60,7 @@ def denoise_job_to_proto(job: DenoiseJob) -> denoiser_pb2.DenoiseRequest:
     request = denoiser_pb2.DenoiseRequest(
         cond=to_proto(np.asarray(job.cond, np.float32)), num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale, guidance_rescale=job.guidance_rescale, eta=job.eta, height=job.height,
-        width=job.width, sampler=job.sampler or "", priority=job.priority,
+        width=job.width, sampler=job.sampler or "", priority=job.priority, tenant=job.tenant,
     )  # fmt: skip
     if job.uncond is not None:
         request.uncond.CopyFrom(to_proto(np.asarray(job.uncond, np.float32)))
@@ -128,4 +128,5 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFac
         height=height, width=width, sampler=request.sampler or None, priority=request.priority,
         init_latents=image_input("init_latents"), strength=request.strength if request.HasField("strength") else 1.0,
         extra=image_input("extra"), blend_mask=image_input("blend_mask"), class_labels=labels,
+        tenant=request.tenant,
     )  # fmt: skip

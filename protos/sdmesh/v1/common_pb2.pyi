@@ -106,20 +106,22 @@ class Batching(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., max_batch: _Optional[int] = ..., buckets: _Optional[_Iterable[int]] = ..., batch_wait_ms: _Optional[float] = ..., chunk_steps: _Optional[int] = ...) -> None: ...
 
 class DenoiserLoad(_message.Message):
-    __slots__ = ("running_slots", "waiting_requests", "peak_slots", "peak_requests", "chunks", "shared_chunks")
+    __slots__ = ("running_slots", "waiting_requests", "peak_slots", "peak_requests", "chunks", "shared_chunks", "preempted")
     RUNNING_SLOTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PEAK_SLOTS_FIELD_NUMBER: _ClassVar[int]
     PEAK_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SHARED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     running_slots: int
     waiting_requests: int
     peak_slots: int
     peak_requests: int
     chunks: int
     shared_chunks: int
-    def __init__(self, running_slots: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., peak_slots: _Optional[int] = ..., peak_requests: _Optional[int] = ..., chunks: _Optional[int] = ..., shared_chunks: _Optional[int] = ...) -> None: ...
+    preempted: int
+    def __init__(self, running_slots: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., peak_slots: _Optional[int] = ..., peak_requests: _Optional[int] = ..., chunks: _Optional[int] = ..., shared_chunks: _Optional[int] = ..., preempted: _Optional[int] = ...) -> None: ...
 
 class GatewayStages(_message.Message):
     __slots__ = ("encoder_replicas", "denoiser_replicas", "decoder_replicas", "max_inflight")

@@ -55,7 +55,9 @@ def from_proto(
         raise TensorError(f"{name}: unknown or unspecified dtype {tensor.dtype}")
     np_dtype = _TO_NUMPY[tensor.dtype]()
     shape = tuple(tensor.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+    if len(shape) > MAX_DIMS:  # not quoted: a status message past ~8 kB never reaches the caller
+        raise TensorError(f"{name}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
+    if any(d < 0 for d in shape):
         raise TensorError(f"{name}: shape {list(shape)} is not a valid array shape")
     expected = math.prod(shape) * np_dtype.itemsize  # Python ints: no overflow on absurd shapes
     if len(tensor.data) != expected:
