@@ -32,3 +32,20 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         name: reference.build(root / name, reference.TINY[name], seed=i, perturb=0.02)
         for i, name in enumerate(("sd2", "sd1"))
     }
+
+
+@pytest.fixture
+def make_stack():
+    """make_stack(denoisers=None, **gateway options): fake stages behind a real gateway in this process
+    (tests/test_gateway.py's `Stack`), closed after the test."""
+    from test_gateway import FakeDenoiser, Stack
+
+    stacks = []
+
+    def make(denoisers=None, **kwargs):
+        stacks.append(Stack(denoisers if denoisers is not None else [FakeDenoiser()], **kwargs))
+        return stacks[-1]
+
+    yield make
+    for s in stacks:
+        s.close()

@@ -203,19 +203,6 @@ class Stack:
             s.stop()
 
 
-@pytest.fixture
-def make_stack():
-    stacks = []
-
-    def make(denoisers=None, **kwargs) -> Stack:
-        stacks.append(Stack(denoisers if denoisers is not None else [FakeDenoiser()], **kwargs))
-        return stacks[-1]
-
-    yield make
-    for s in stacks:
-        s.close()
-
-
 _HELD: list = []  # bound, never listening: no other server in the session can take these ports
 
 

@@ -14,7 +14,7 @@ import threading
 
 import grpc
 import pytest
-from test_gateway import FakeDenoiser, make_stack, wait_until  # noqa: F401  (make_stack is a fixture)
+from test_gateway import FakeDenoiser, wait_until
 
 from sdmesh.client import Client, GatewayError
 from sdmesh.services.inputs.errors import InvalidRequest
@@ -122,9 +122,9 @@ def test_a_tenant_past_its_requests_in_flight_is_refused_with_a_retry_hint(make_
         running = threading.Thread(target=lambda: acme.generate("a slow cat", steps=40, seed=1))
         running.start()
         assert wait_until(lambda: denoiser.active == 1)
-        with pytest.raises(GatewayError) as caught:  # acme's other key: the same tenant, inflight=1
-            with Client(stack.address, api_key="sk-alpha-2") as again:
-                again.generate("a cat", steps=2, seed=1)
+        # acme's other key: the same tenant, inflight=1
+        with pytest.raises(GatewayError) as caught, Client(stack.address, api_key="sk-alpha-2") as again:
+            again.generate("a cat", steps=2, seed=1)
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "acme" in caught.value.message
         assert caught.value.retry_after == 1.0
         assert beta.generate("another tenant's cat", steps=2, seed=1).images  # other tenants are unaffected

@@ -11,6 +11,7 @@ decided here once.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -18,6 +19,8 @@ from typing import Any, Protocol
 import jax
 
 from sdmesh.services.engine import sharding
+
+MAX_PROGRAMS = 64  # compiled programs a stage keeps: its warm-up shapes and buckets, and room for more
 
 
 class Lockstep(Protocol):
@@ -38,9 +41,11 @@ class Programs:
     and every output is split by batch.
     """
 
-    def __init__(self, precision: str, mesh: jax.sharding.Mesh | None = None):
-        self.precision, self.mesh = precision, mesh
-        self._compiled: dict[tuple, Any] = {}
+    def __init__(self, precision: str, mesh: jax.sharding.Mesh | None = None, max_programs: int = MAX_PROGRAMS):
+        """max_programs: the most compiled programs kept; past it the least recently used is dropped (and compiled
+        again if asked for), so requests of ever new sizes cannot grow a stage's memory without bound."""
+        self.precision, self.mesh, self.max_programs = precision, mesh, max_programs
+        self._compiled: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self.lockstep: Lockstep | None = None
 
     def lead(self, lockstep: Lockstep) -> None:
@@ -77,6 +82,9 @@ class Programs:
                     lowered = jitted.lower(*placed)
                 self._compiled[key] = (lowered.compile(), shardings)
             compile_s = time.perf_counter() - t0
+            while len(self._compiled) > self.max_programs:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
         program, shardings = self._compiled[key]
         if shardings is None:
             return program, compile_s

@@ -19,6 +19,11 @@ whole state and resumes later, as if never interrupted), so one tenant's burst n
 another's single request. A full waiting queue likewise pushes out the newest request of the
 tenant waiting most rather than refuse a tenant waiting less.
 
+A batch whose program is not compiled yet (an image size or batch size the warm-up did not cover)
+runs its first chunk on a worker thread, compile included, while the device thread goes on with
+the other batches: a new size costs its own requests the compile, not everyone's. (A stage over
+several processes compiles in lockstep on the device thread.)
+
 A chunk that fails fails only the requests in its batch. A device out-of-memory first retries
 smaller: the requests that joined last are suspended and the batch size at that image size is
 capped below what failed; a request that runs out of memory alone gets RESOURCE_EXHAUSTED.
@@ -27,6 +32,7 @@ capped below what failed; a request that runs out of memory alone gets RESOURCE_
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import heapq
 import itertools
 import logging
@@ -100,6 +106,11 @@ class ContinuousBatcher:
         self._batches: dict[tuple, RunningBatch] = {}
         self._tickets: list[Ticket] = []  # admitted, not finished
         self._row_limit: dict[tuple[int, int], int] = {}  # (height, width) → rows, after a device OOM there
+        # batches whose first chunk (and compile) runs on the worker: key → (future, start time)
+        self._busy: dict[tuple, tuple[concurrent.futures.Future, float]] = {}
+        self._deferred: list[Ticket] = []  # admitted, waiting for their batch to come back from the worker
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdmesh-compile")
+        self._off_thread = getattr(getattr(stage, "programs", None), "lockstep", None) is None
         self._lock = threading.Condition()
         self._seq = itertools.count()
         self._joins = itertools.count(1)
@@ -165,14 +176,14 @@ class ContinuousBatcher:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._tickets and not self.waiting_requests:
+                if not self._tickets and not self._deferred and not self.waiting_requests:
                     return ended
             time.sleep(0.05)
         with self._lock:
             self._stop = True  # the device thread stops at the next chunk boundary, with the lock
             self._lock.notify()
         self._thread.join(timeout=max(seconds, 5.0))
-        rest = [t for t in self._tickets if not t.cancelled.is_set()]
+        rest = [t for t in self._tickets + self._deferred if not t.cancelled.is_set()]
         self._fail(rest, Draining(f"the denoiser shut down before this request finished ({seconds:g}s drain); retry"))
         return ended + len(rest)
 
@@ -181,6 +192,7 @@ class ContinuousBatcher:
             self._stop = True
             self._lock.notify()
         self._thread.join(timeout=5)
+        self._worker.shutdown(wait=False)
 
     @property
     def waiting_requests(self) -> int:
@@ -188,7 +200,7 @@ class ContinuousBatcher:
 
     @property
     def running_slots(self) -> int:
-        return sum(len(b) for b in self._batches.values())
+        return sum(len(b) for b in self._batches.values()) + sum(len(t.slots) for t in self._deferred)
 
     # -- the device thread --
 
@@ -204,8 +216,10 @@ class ContinuousBatcher:
                 if self._stop:
                     return
                 admitted, preempted = self._admit()
+            self._collect()
             self._suspend(preempted)
-            for ticket in admitted:
+            deferred, self._deferred = self._deferred, []
+            for ticket in deferred + admitted:
                 try:
                     self._join(ticket)
                 except Exception as error:  # its own inputs failed to become slots: only it fails
@@ -216,8 +230,8 @@ class ContinuousBatcher:
                 self._run_one_chunk()
             except Exception as error:  # a bug outside any one batch: fail what runs, keep serving
                 log.exception("the denoiser's batching failed")
-                self._fail(list(self._tickets), error)
-                self._batches = {}
+                self._fail(self._tickets + self._deferred, error)
+                self._batches, self._busy, self._deferred = {}, {}, []
 
     # -- who joins (the caller holds the lock) --
 
@@ -227,10 +241,14 @@ class ContinuousBatcher:
         preempted: list[Ticket] = []
         if self.policy == "request" and self.running_slots:
             return admitted, preempted  # request-level batching: a batch forms from the waiting requests, runs out
-        running = collections.Counter(t.tenant for t in self._tickets for _ in t.slots)
-        rows = collections.Counter(self._size(t) for t in self._tickets for _ in t.slots)
+        holding = self._tickets + self._deferred
+        running = collections.Counter(t.tenant for t in holding for _ in t.slots)
+        rows = collections.Counter(self._size(t) for t in holding for _ in t.slots)
         free = self.max_batch - self.running_slots
-        victims = sorted(self._tickets, key=lambda t: (-t.job.priority, t.joined))  # most deserving first
+        on_worker = {id(s.owner) for key in self._busy for s in self._batches[key].slots}
+        victims = sorted(  # most deserving first; a batch on the worker cannot give slots up now
+            (t for t in self._tickets if id(t) not in on_worker), key=lambda t: (-t.job.priority, t.joined)
+        )
         self._waiting = {tenant: heap for tenant, heap in self._waiting.items() if heap}  # tenants come and go
         while True:
             heads = [(running[tenant], heap[0], tenant) for tenant, heap in self._waiting.items() if heap]
@@ -300,10 +318,13 @@ class ContinuousBatcher:
                 self._report_queue()
 
     def _join(self, ticket: Ticket) -> None:
-        if ticket.states is None:
+        if ticket.states is None and not ticket.slots:
             ticket.slots = self.stage.job_slots(ticket.job, self.facts, owner=ticket)
             ticket.total = ticket.slots[0].steps  # img2img runs fewer
         key = group_key(ticket.slots[0])
+        if key in self._busy:  # its batch is on the worker: join when it is back
+            self._deferred.append(ticket)
+            return
         if key not in self._batches:
             self._batches[key] = self.stage.new_batch(self.buckets)
         self._batches[key].join(ticket.slots, ticket.states)
@@ -312,36 +333,66 @@ class ContinuousBatcher:
         self._tickets.append(ticket)
 
     def _drop_cancelled(self) -> None:
-        for batch in self._batches.values():
-            batch.leave(lambda s: not s.owner.cancelled.is_set())
-        self._tickets = [t for t in self._tickets if not t.cancelled.is_set()]
+        for key, batch in self._batches.items():
+            if key not in self._busy:
+                batch.leave(lambda s: not s.owner.cancelled.is_set())
+        on_worker = {id(s.owner) for key in self._busy for s in self._batches[key].slots}
+        self._tickets = [t for t in self._tickets if id(t) in on_worker or not t.cancelled.is_set()]
+        self._deferred = [t for t in self._deferred if not t.cancelled.is_set()]
 
     def _in(self, batch: RunningBatch) -> list[Ticket]:
         mine = {id(s) for s in batch.slots}
         return [t for t in self._tickets if any(id(s) in mine for s in t.slots)]
 
+    def _program(self, key: tuple, batch: RunningBatch) -> tuple[str, int, int, int]:
+        (h, w, _), _, _ = key
+        f = self.facts.vae_scale_factor
+        return GUIDED if batch.with_uncond else UNGUIDED, batch.capacity, h * f, w * f
+
     def _run_one_chunk(self) -> None:
-        keys = [k for k, b in self._batches.items() if len(b)]
+        keys = [k for k, b in self._batches.items() if len(b) and k not in self._busy]
         if not keys:
+            if self._busy:  # only batches on the worker: wait for one (or for a new request, at the next loop)
+                concurrent.futures.wait(
+                    [f for f, _ in self._busy.values()], timeout=0.05, return_when="FIRST_COMPLETED"
+                )
             return
         key = keys[self._turn % len(keys)]
         self._turn += 1
         batch = self._batches[key]
         t0 = time.perf_counter()
+        if self._off_thread and self._program(key, batch) not in self.compiled:
+            self._busy[key] = (self._worker.submit(batch.run_chunk, self.chunk), t0)
+            return
         try:
             compile_s = batch.run_chunk(self.chunk)
         except Exception as error:
             self._chunk_failed(key, batch, error)
             return
+        self._after_chunk(key, batch, t0, compile_s)
+
+    def _collect(self) -> None:
+        """Take back the batches whose chunk on the worker has finished."""
+        for key, (future, t0) in list(self._busy.items()):
+            if not future.done():
+                continue
+            del self._busy[key]
+            batch = self._batches[key]
+            error = future.exception()
+            if error is not None:
+                self._chunk_failed(key, batch, error)  # type: ignore[arg-type]
+            else:
+                self._after_chunk(key, batch, t0, future.result())
+
+    def _after_chunk(self, key: tuple, batch: RunningBatch, t0: float, compile_s: float) -> None:
+        """Count the chunk, report progress, and let finished requests leave with their latents."""
         seconds = time.perf_counter() - t0 - compile_s
         owners = {id(s.owner) for s in batch.slots}
         self.stats["chunks"] += 1
         self.stats["peak_slots"] = max(self.stats["peak_slots"], len(batch))
         self.stats["peak_requests"] = max(self.stats["peak_requests"], len(owners))
         self.stats["shared_chunks"] += len(owners) > 1
-        (h, w, _), _, _ = key
-        f = self.facts.vae_scale_factor
-        self.compiled.add((GUIDED if batch.with_uncond else UNGUIDED, batch.capacity, h * f, w * f))
+        self.compiled.add(self._program(key, batch))
         if self.metrics is not None:
             self.metrics.observe_chunk(seconds)
             self.metrics.observe_batch(len(batch), batch.capacity)

@@ -47,7 +47,7 @@ from sdmesh.services.inputs.contract import DenoiseJob, GenerationRequest, Model
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving import tls, wire
 from sdmesh.services.serving.metrics import StageMetrics
-from sdmesh.services.serving.server import ended_with
+from sdmesh.services.serving.server import ParseInterceptor, ended_with, short
 from sdmesh.services.serving.tenants import QuotaExceeded, Tenant, Tenants, Unauthenticated, retry_after_header
 from sdmesh.v1 import (
     common_pb2,
@@ -538,11 +538,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         try:
             yield from self._generate(request, context, tenant)
         except InvalidRequest as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, short(str(e)))
         except TensorError as e:
-            context.abort(grpc.StatusCode.INTERNAL, f"a stage returned a malformed tensor: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, short(f"a stage returned a malformed tensor: {e}"))
         except StageError as e:
-            context.abort(e.code, e.message)
+            context.abort(e.code, short(e.message))
         except Exception as e:  # a bug of ours: say so, and keep the traceback in the log
             log.exception("internal error in Generate")
             context.abort(
@@ -625,6 +625,7 @@ def build_server(
     workers = workers or service.max_inflight + 8
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[ParseInterceptor()],
         maximum_concurrent_rpcs=workers,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -158,6 +158,58 @@ class DeviceQueue:
                 self._on_change(self._admitted)
 
 
+MAX_STATUS_CHARS = 2000  # a status message travels as metadata (16 kB at most, percent-encoded): keep it well under
+
+
+class Unparsable:
+    """A request whose bytes are not the RPC's message: the handler answers INVALID_ARGUMENT, not gRPC's INTERNAL."""
+
+    def __init__(self, message: str, error: Exception):
+        self.why = (
+            f"the request is not a valid {message} message ({type(error).__name__}); send one built from the .proto"
+        )
+
+
+class ParseInterceptor(grpc.ServerInterceptor):
+    """Requests that do not parse as their message are refused INVALID_ARGUMENT (grpcio itself would answer
+    INTERNAL, "Exception deserializing request!", before any handler runs). On every server, the gateway's too."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        message = handler_call_details.method.rsplit("/", 1)[-1] + "Request"
+
+        def parse(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as e:  # any parse failure is the caller's bytes, never ours
+                return Unparsable(message, e)
+
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+
+            def streaming(request, context):
+                if isinstance(request, Unparsable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+                yield from behaviour(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, request_deserializer=parse, response_serializer=handler.response_serializer
+            )
+        unary = handler.unary_unary
+
+        def call(request, context):
+            if isinstance(request, Unparsable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+            return unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=parse, response_serializer=handler.response_serializer
+        )
+
+
 class StatusInterceptor(grpc.ServerInterceptor):
     """Turns handler exceptions into statuses (`status_for`), queues device RPCs (`DeviceQueue`), and records
     each RPC's latency and non-OK status code in `metrics`."""
@@ -233,7 +285,12 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     code, message = status_for(error)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=error)
-    context.abort(code, message)
+    context.abort(code, short(message))
+
+
+def short(message: str) -> str:
+    """A status message cut to MAX_STATUS_CHARS, so no echo of a caller's input can pass gRPC's metadata limit."""
+    return message if len(message) <= MAX_STATUS_CHARS else message[: MAX_STATUS_CHARS - 20] + " … (cut short)"
 
 
 def ended_with(context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -287,7 +344,7 @@ class StageServer:
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_queue + 1 + EXTRA_WORKERS, thread_name_prefix="sdmesh-rpc"),
-            interceptors=[StatusInterceptor(self.queue, service.device_methods, self.metrics)],
+            interceptors=[ParseInterceptor(), StatusInterceptor(self.queue, service.device_methods, self.metrics)],
             options=channel_options(service.max_message_bytes),
         )
         service.add_to_server(service.servicer, self.server)
