@@ -204,9 +204,12 @@ class Client:
         """Text (and images) → images. `options` are generate_request's: negative_prompt, num_images, steps,
         guidance_scale, guidance_rescale, height, width (None: native size), seed (None: random, returned), eta,
         sampler, priority, init_image, mask_image, strength, depth_map, noise_level."""
-        for event in self.stream(prompt, timeout=timeout, **options):
+        result = None
+        for event in self.stream(prompt, timeout=timeout, **options):  # to its end: the call finishes OK
             if isinstance(event, GenerateResult):
-                return event
+                result = event
+        if result is not None:
+            return result
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")
 
     def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:
@@ -269,9 +272,12 @@ class AsyncClient:
 
     async def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> GenerateResult:
         """As Client.generate."""
+        result = None
         async for event in self.stream(prompt, timeout=timeout, **options):
             if isinstance(event, GenerateResult):
-                return event
+                result = event
+        if result is not None:
+            return result
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway ended the stream without a result")
 
     async def model_info(self, *, timeout: float | None = None) -> common_pb2.ModelInfo:

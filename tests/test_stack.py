@@ -110,7 +110,7 @@ def pipeline(tiny_checkpoints):
 def in_process(pipeline, prompt, seed, **kwargs) -> np.ndarray:
     from sdmesh.services.inputs.contract import GenerationRequest
 
-    return pipeline.generate(GenerationRequest(prompt=prompt, seed=seed, steps=STEPS, **kwargs)).images
+    return pipeline.generate(GenerationRequest(prompt=prompt, seed=seed, **{"steps": STEPS, **kwargs})).images
 
 
 def pixels(result: GenerateResult) -> np.ndarray:
@@ -225,6 +225,37 @@ def test_a_client_that_cancels_stops_the_denoiser_work(up):
         assert left > 1.0, "the long request is too short to tell a stopped denoiser from a finished one"
         # Both replicas are free again at once: neither of two short requests waits behind the cancelled one.
         assert timed(1, 2, 3) < baseline + left / 2
+
+
+def test_sigterm_to_a_denoiser_replica_loses_no_request(up, pipeline):
+    """It drains: what runs there finishes there, what waits there is sent back and retried on the other replica.
+    (The module's last test on `up`: one denoiser is left after it.)"""
+    victim = up.children("denoiser")[0]
+    started = []
+
+    def run(seed: int) -> GenerateResult:
+        for event in client.stream(f"drained {seed}", steps=20, seed=seed, timeout=120):
+            if isinstance(event, Progress) and event.stage == "denoise":
+                started.append(seed)
+            elif isinstance(event, GenerateResult):
+                return event
+        raise AssertionError("no result")
+
+    with Client(up.address) as client, futures.ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(run, seed) for seed in range(8)]
+        deadline = time.monotonic() + 60
+        while len(set(started)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGTERM)
+        results = [f.result(timeout=180) for f in running]  # every one completes: none fails, none hangs
+    victim.wait(60)
+    log = Path(up.log.name)
+    deadline = time.monotonic() + 10
+    while "exited with status 0" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "exited with status 0" in log.read_text()  # it drained and exited cleanly; `sdmesh up` said so
+    for seed in (0, 7):
+        np.testing.assert_array_equal(pixels(results[seed]), in_process(pipeline, f"drained {seed}", seed, steps=20))
 
 
 def test_a_killed_denoiser_fails_its_calls_fast_or_retries_them_and_ctrl_c_stops_every_process(

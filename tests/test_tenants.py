@@ -182,3 +182,13 @@ def test_a_side_past_the_largest_is_invalid_argument(make_stack):
     with pytest.raises(GatewayError) as caught:
         stack.client.generate("a cat", steps=1, height=128, width=32, seed=1)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "--max-side" in caught.value.message
+
+
+def test_the_largest_request_the_contract_allows_is_refused_at_once_by_the_default_budget(make_stack):
+    stack = make_stack()  # the fake model's native side is 32: it takes at most 256 a side by default
+    with pytest.raises(GatewayError) as caught:
+        stack.client.generate("a cat", steps=1000, num_images=64, height=4096, width=4096, seed=1, timeout=5)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "--max-side" in caught.value.message
+    with pytest.raises(GatewayError) as caught:  # within the side, past the work
+        stack.client.generate("a cat", steps=1000, num_images=8, height=64, width=64, seed=1, timeout=5)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "--max-work" in caught.value.message

@@ -462,6 +462,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self._facts = facts
         self._denoiser_info: common_pb2.ModelInfo | None = None
 
+    @property
+    def inflight(self) -> int:
+        """Generate calls held now."""
+        return self._inflight
+
     # -- the model's facts, asked of the denoiser once (it knows the UNet, the scheduler and the VAE factor) --
 
     def facts(self, down: Downstream) -> ModelFacts:
@@ -488,20 +493,25 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[gateway_pb2.GenerateEvent]:
         t0 = time.perf_counter()
-        tenant = None
+        tenant, delivered = None, False
         try:
             tenant = self._tenant(context)
             self._acquire(tenant, context)
             try:
-                yield from self._admitted(request, context, tenant)
+                for event in self._admitted(request, context, tenant):
+                    delivered = event.HasField("result")  # the last event: a client may hang up as it arrives
+                    yield event
             finally:
                 self.tenants.release(tenant)
         finally:  # also when gRPC closes the stream of a client that went away
-            self._record(context, t0, tenant)
+            self._record(context, t0, tenant, delivered)
 
-    def _record(self, context: grpc.ServicerContext, t0: float, tenant: Tenant | None = None) -> None:
+    def _record(
+        self, context: grpc.ServicerContext, t0: float, tenant: Tenant | None = None, delivered: bool = False
+    ) -> None:
+        """The call's latency and status; one whose result went out is OK even if the client hung up after it."""
         self.metrics.observe_request(time.perf_counter() - t0)
-        code = ended_with(context)
+        code = grpc.StatusCode.OK if delivered else ended_with(context)
         if code != grpc.StatusCode.OK:
             self.metrics.error(code.name)
         if tenant is not None:
@@ -724,7 +734,10 @@ def main(args: argparse.Namespace) -> int:
     # which are still up: `sdmesh up` and compose stop the gateway first.
     log.warning("sdmesh.v1.Gateway stopping: letting requests in flight finish for up to %.0fs", args.drain_seconds)
     server.health.enter_graceful_shutdown()
-    server.stop(grace=args.drain_seconds).wait()
+    stopped = server.stop(grace=args.drain_seconds)  # refuses new requests from now
+    while service.inflight and not stopped.wait(0.05):  # health Watch streams must not hold the stop up
+        pass
+    server.stop(0).wait()
     for pool in pools:
         pool.close()
     service.metrics.close()

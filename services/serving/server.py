@@ -216,6 +216,12 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, queue: DeviceQueue, device_methods: frozenset[str], metrics: StageMetrics | None = None):
         self.queue, self.device_methods, self.metrics = queue, device_methods, metrics
+        self.active = 0  # our RPCs running now (not health or reflection): a drain waits for these alone
+        self._active_lock = threading.Lock()
+
+    def _count(self, change: int) -> None:
+        with self._active_lock:
+            self.active += change
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -241,6 +247,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _unary(self, behaviour, queued: bool):
         def call(request, context):
             t0 = time.perf_counter()
+            self._count(1)
             try:
                 with self._admit(queued, context):
                     if context.is_active():
@@ -250,6 +257,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
             except Exception as e:  # this is the one place errors become statuses
                 _abort(context, e)
             finally:
+                self._count(-1)
                 self._record(context, t0)
             return None
 
@@ -258,6 +266,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _streaming(self, behaviour, queued: bool):
         def call(request, context):
             t0 = time.perf_counter()
+            self._count(1)
             try:
                 with self._admit(queued, context):
                     if context.is_active():
@@ -267,6 +276,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
             except Exception as e:  # this is the one place errors become statuses
                 _abort(context, e)
             finally:  # also when gRPC closes the generator of a call whose client went away
+                self._count(-1)
                 self._record(context, t0)
 
         return call
@@ -342,9 +352,10 @@ class StageServer:
         self.metrics = service.metrics or StageMetrics(stage_name(service.name))
         self.queue = DeviceQueue(max_queue, on_change=self.metrics.set_queue_depth)
         self.health = health.HealthServicer()
+        self.interceptor = StatusInterceptor(self.queue, service.device_methods, self.metrics)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_queue + 1 + EXTRA_WORKERS, thread_name_prefix="sdmesh-rpc"),
-            interceptors=[ParseInterceptor(), StatusInterceptor(self.queue, service.device_methods, self.metrics)],
+            interceptors=[ParseInterceptor(), self.interceptor],
             options=channel_options(service.max_message_bytes),
         )
         service.add_to_server(service.servicer, self.server)
@@ -376,6 +387,20 @@ class StageServer:
         self.service.warm_up()
         self._set(health_pb2.HealthCheckResponse.SERVING)
         return time.perf_counter() - t0
+
+    def drain(self, grace: float) -> int:
+        """Shut down losing nothing: NOT_SERVING at once; the service's `drain` (the denoiser: admit nothing, finish
+        what runs, end the rest UNAVAILABLE); new calls refused; ours in flight finish within `grace` seconds in
+        all. Returns how many calls were ended unfinished. Health Watch streams do not hold it up."""
+        self.health.enter_graceful_shutdown()
+        t0 = time.monotonic()
+        ended = self.service.drain(grace) if self.service.drain is not None else 0
+        stopped = self.server.stop(max(grace - (time.monotonic() - t0), 0.0))  # refuses new calls from now
+        while self.interceptor.active and not stopped.wait(0.05):
+            pass
+        self.server.stop(0).wait()  # the rest is health watchers and reflection
+        self.metrics.close()
+        return ended
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, refuse new calls, let running ones finish for `grace` seconds; stop serving metrics."""
@@ -433,13 +458,9 @@ def serve(
     while not stopping.wait(0.5):
         pass
     log.warning("%s stopping: NOT_SERVING, draining calls in flight for up to %.0fs", service.name, grace)
-    server.health.enter_graceful_shutdown()
-    t0 = time.monotonic()
-    if service.drain is not None:
-        ended = service.drain(grace)
-        if ended:
-            log.warning("%s ended %d calls unfinished (UNAVAILABLE: retried elsewhere)", service.name, ended)
-    server.stop(max(grace - (time.monotonic() - t0), 1.0))
+    ended = server.drain(grace)
+    if ended:
+        log.warning("%s ended %d calls unfinished (UNAVAILABLE: retried elsewhere)", service.name, ended)
     if leader is not None:
         leader.close()  # the followers exit too
     log.warning("%s stopped", service.name)

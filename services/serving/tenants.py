@@ -179,10 +179,11 @@ class Tenants:
                     "wait for one to finish and retry",
                     retry_after=1.0,
                 )
-            wait = tenant.bucket.take() if tenant.bucket else 0.0
-            if wait:
+            bucket = tenant.bucket
+            wait = bucket.take() if bucket is not None else 0.0
+            if bucket is not None and wait:
                 raise QuotaExceeded(
-                    f"tenant {tenant.name!r} is past its rate of {tenant.bucket.rate:g} requests/s; "
+                    f"tenant {tenant.name!r} is past its rate of {bucket.rate:g} requests/s; "
                     f"retry in {wait:.1f}s",
                     retry_after=wait,
                 )
