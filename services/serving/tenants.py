@@ -183,8 +183,7 @@ class Tenants:
             wait = bucket.take() if bucket is not None else 0.0
             if bucket is not None and wait:
                 raise QuotaExceeded(
-                    f"tenant {tenant.name!r} is past its rate of {bucket.rate:g} requests/s; "
-                    f"retry in {wait:.1f}s",
+                    f"tenant {tenant.name!r} is past its rate of {bucket.rate:g} requests/s; retry in {wait:.1f}s",
                     retry_after=wait,
                 )
             tenant.inflight += 1
