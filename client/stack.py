@@ -316,6 +316,16 @@ def serve_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def gateway_args(args: argparse.Namespace) -> list[str]:
+    """The gateway's own `sdmesh serve` options, from `sdmesh up`'s."""
+    out = ["--max-inflight", str(args.max_inflight), "--drain-seconds", str(args.drain_seconds)]
+    for flag in ("api_keys", "max_work", "max_side"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    return out
+
+
 def main(args: argparse.Namespace, certificates: StackCertificates | None = None) -> int:
     """`sdmesh up`: start, wait for SERVING, print the gateway address, run until Ctrl-C/SIGTERM or a stage is gone.
 
@@ -327,13 +337,7 @@ def main(args: argparse.Namespace, certificates: StackCertificates | None = None
         host=args.host,
         port=args.port,
         denoisers=args.denoisers,
-        gateway_args=[
-            "--max-inflight",
-            str(args.max_inflight),
-            "--drain-seconds",
-            str(args.drain_seconds),
-            *(["--api-keys", str(args.api_keys)] if getattr(args, "api_keys", None) else []),
-        ],
+        gateway_args=gateway_args(args),
         log_dir=args.log_dir,
         drain_seconds=args.drain_seconds,
         metrics_base_port=getattr(args, "metrics_base_port", None),

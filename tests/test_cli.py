@@ -236,3 +236,19 @@ def test_a_mask_without_an_init_image_is_one_line_and_status_2(tiny_checkpoints,
 def test_process_flags_belong_to_serve(tiny_checkpoints, capsys):
     assert main(["generate", "x", "--model", str(tiny_checkpoints["sd2"]), "--num-processes", "2", "--quiet"]) == 2
     assert "sdmesh serve" in capsys.readouterr().err
+
+
+def test_up_passes_limits_drain_and_keys_to_the_services_that_use_them():
+    from sdmesh.client import cli, stack
+
+    args = cli.build_parser().parse_args(
+        ["up", "--model", "m", "--api-keys", "keys.txt", "--max-work", "100", "--max-side", "512",
+         "--drain-seconds", "7"]
+    )  # fmt: skip
+    gateway, stages = stack.gateway_args(args), stack.serve_args(args)
+    assert gateway[gateway.index("--api-keys") + 1] == "keys.txt" and "--api-keys" not in stages
+    for flags in (gateway, stages):
+        assert flags[flags.index("--max-work") + 1] == "100.0" and flags[flags.index("--max-side") + 1] == "512"
+        assert flags[flags.index("--drain-seconds") + 1] == "7.0"
+    served = cli.build_parser().parse_args(["serve", "gateway", *gateway])  # every flag is one serve takes
+    assert served.max_work == 100 and served.drain_seconds == 7 and str(served.api_keys) == "keys.txt"
