@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,16 @@ def assert_rel_close(actual, reference, tol: float = 1e-4) -> None:
     """The parity bar for fp32 tensors: relative L2 error ≤ 1e-4."""
     err = rel_error(actual, reference)
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.fixture(scope="session")

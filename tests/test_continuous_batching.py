@@ -15,7 +15,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from conftest import assert_rel_close
+from conftest import assert_rel_close, wait_until
 
 from sdmesh.client import stages
 from sdmesh.services.engine.stages import DenoiserStage, TextEncoderStage
@@ -381,15 +381,6 @@ def test_drain_past_its_deadline_ends_running_requests_unavailable(stages_loaded
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop(grace=0)
-
-
-def wait_until(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_new_image_size_compiles_off_the_device_thread_without_stalling_running_requests(stages_loaded):

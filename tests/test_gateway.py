@@ -17,6 +17,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from conftest import wait_until
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -214,15 +215,6 @@ def free_address() -> str:
     s.bind(("127.0.0.1", 0))
     _HELD.append(s)
     return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # --- chaining -----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import wait_until
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -66,15 +67,6 @@ def value(samples, name: str, stage: str, **labels) -> float:
 
 def names(samples) -> set[str]:
     return {name for name, _ in samples}
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 # --- StageMetrics ---------------------------------------------------------------------------

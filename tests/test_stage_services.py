@@ -17,6 +17,7 @@ import grpc
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from sdmesh.client import stages
 from sdmesh.services.engine.stages import DecoderStage, DenoiserStage, TextEncoderStage
@@ -409,15 +410,6 @@ class CountingDenoiser:
 
         batch._run = slowed
         return batch
-
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])

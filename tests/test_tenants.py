@@ -14,7 +14,8 @@ import threading
 
 import grpc
 import pytest
-from test_gateway import FakeDenoiser, wait_until
+from conftest import wait_until
+from test_gateway import FakeDenoiser
 
 from sdmesh.client import Client, GatewayError
 from sdmesh.services.inputs.errors import InvalidRequest
