@@ -245,7 +245,7 @@ class ContinuousBatcher:
         running = collections.Counter(t.tenant for t in holding for _ in t.slots)
         rows = collections.Counter(self._size(t) for t in holding for _ in t.slots)
         free = self.max_batch - self.running_slots
-        on_worker = {id(s.owner) for key in self._busy for s in self._batches[key].slots}
+        on_worker = self._on_worker()
         victims = sorted(  # most deserving first; a batch on the worker cannot give slots up now
             (t for t in self._tickets if id(t) not in on_worker), key=lambda t: (-t.job.priority, t.joined)
         )
@@ -336,9 +336,13 @@ class ContinuousBatcher:
         for key, batch in self._batches.items():
             if key not in self._busy:
                 batch.leave(lambda s: not s.owner.cancelled.is_set())
-        on_worker = {id(s.owner) for key in self._busy for s in self._batches[key].slots}
+        on_worker = self._on_worker()
         self._tickets = [t for t in self._tickets if id(t) in on_worker or not t.cancelled.is_set()]
         self._deferred = [t for t in self._deferred if not t.cancelled.is_set()]
+
+    def _on_worker(self) -> set[int]:
+        """ids of the tickets whose batch is on the worker now (not to be touched until it is back)."""
+        return {id(s.owner) for key in self._busy for s in self._batches[key].slots}
 
     def _in(self, batch: RunningBatch) -> list[Ticket]:
         mine = {id(s) for s in batch.slots}
@@ -419,9 +423,8 @@ class ContinuousBatcher:
             size = self._size(tickets[0])
             smaller = max([b for b in self.buckets if b < batch.capacity], default=1)
             self._row_limit[size] = min(self._row_limit.get(size, self.max_batch), smaller)
-            latest = sorted(tickets, key=lambda t: t.joined)
-            rows, keep = 0, []
-            for t in latest:
+            rows, keep = 0, []  # the earliest joiners stay, up to the smaller size; the later ones wait
+            for t in sorted(tickets, key=lambda t: t.joined):
                 if not keep or rows + len(t.slots) <= smaller:
                     keep.append(t)
                     rows += len(t.slots)

@@ -47,7 +47,7 @@ from sdmesh.services.inputs.contract import DenoiseJob, GenerationRequest, Model
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving import tls, wire
 from sdmesh.services.serving.metrics import StageMetrics
-from sdmesh.services.serving.server import ParseInterceptor, ended_with, short
+from sdmesh.services.serving.server import ParseInterceptor, ended_with, short, stop_when_idle
 from sdmesh.services.serving.tenants import QuotaExceeded, Tenant, Tenants, Unauthenticated, retry_after_header
 from sdmesh.v1 import (
     common_pb2,
@@ -734,10 +734,7 @@ def main(args: argparse.Namespace) -> int:
     # which are still up: `sdmesh up` and compose stop the gateway first.
     log.warning("sdmesh.v1.Gateway stopping: letting requests in flight finish for up to %.0fs", args.drain_seconds)
     server.health.enter_graceful_shutdown()
-    stopped = server.stop(grace=args.drain_seconds)  # refuses new requests from now
-    while service.inflight and not stopped.wait(0.05):  # health Watch streams must not hold the stop up
-        pass
-    server.stop(0).wait()
+    stop_when_idle(server, args.drain_seconds, lambda: service.inflight > 0)
     for pool in pools:
         pool.close()
     service.metrics.close()

@@ -332,6 +332,15 @@ def stage_name(service_name: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(short))
 
 
+def stop_when_idle(server: grpc.Server, grace: float, busy: Callable[[], bool]) -> None:
+    """Refuse new calls now; stop once `busy()` is false (our own calls are done) or `grace` seconds pass.
+    Waiting on gRPC's grace alone would wait it out for idle health Watch streams."""
+    stopped = server.stop(grace)
+    while busy() and not stopped.wait(0.05):
+        pass
+    server.stop(0).wait()  # what is left is health watchers and reflection
+
+
 class StageServer:
     """A gRPC server hosting one stage, with health (NOT_SERVING until warmed up), reflection and metrics
     (the service's `StageMetrics`, or a new one; served over HTTP only by `serve(metrics_port=)`).
@@ -395,10 +404,7 @@ class StageServer:
         self.health.enter_graceful_shutdown()
         t0 = time.monotonic()
         ended = self.service.drain(grace) if self.service.drain is not None else 0
-        stopped = self.server.stop(max(grace - (time.monotonic() - t0), 0.0))  # refuses new calls from now
-        while self.interceptor.active and not stopped.wait(0.05):
-            pass
-        self.server.stop(0).wait()  # the rest is health watchers and reflection
+        stop_when_idle(self.server, max(grace - (time.monotonic() - t0), 0.0), lambda: self.interceptor.active > 0)
         self.metrics.close()
         return ended
 
