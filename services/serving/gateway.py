@@ -27,6 +27,7 @@ presenting that certificate to stages that require one (`stage_channel(credentia
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import json
@@ -35,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent import futures
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -111,6 +112,76 @@ class StageError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+class Refused(Exception):
+    """A request the gateway answers with an error: the gRPC status (each front maps it to its own), the message
+    for the caller, and for overload the seconds after which a retry may succeed."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.code, self.message, self.retry_after = code, message, retry_after
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """Turn what can go wrong while a request runs into Refused: the caller's mistakes INVALID_ARGUMENT with the
+    contract's message, a stage's failure its status, anything else INTERNAL (a bug of ours, logged)."""
+    try:
+        yield
+    except Refused:
+        raise
+    except InvalidRequest as e:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, short(str(e))) from None
+    except TensorError as e:
+        raise Refused(grpc.StatusCode.INTERNAL, short(f"a stage returned a malformed tensor: {e}")) from None
+    except StageError as e:
+        raise Refused(e.code, short(e.message)) from None
+    except Exception as e:
+        log.exception("internal error in Generate")
+        message = f"internal error in the gateway ({type(e).__name__}: {e}); the log has the traceback"
+        raise Refused(grpc.StatusCode.INTERNAL, message) from None
+
+
+class Call(Protocol):
+    """What the gateway needs of a caller's call: a grpc.ServicerContext has it, and so has `LocalCall`."""
+
+    def add_callback(self, callback: Callable[[], None]) -> Any: ...
+
+    def is_active(self) -> bool: ...
+
+    def time_remaining(self) -> float | None: ...
+
+
+class LocalCall:
+    """A call from this process (the HTTP front): an optional deadline, and `cancel()` for a caller that went away.
+    Cancelling cancels the stage call in flight, as a gRPC client's cancellation does."""
+
+    def __init__(self, timeout: float | None = None):
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._ended = False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if not self._ended:
+                self._callbacks.append(callback)
+                return True
+        return False
+
+    def is_active(self) -> bool:
+        return not self._ended and (self._deadline is None or time.monotonic() < self._deadline)
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+    def cancel(self) -> None:
+        """End the call: the caller is gone (or it finished); the stage call in flight, if any, is cancelled."""
+        with self._lock:
+            callbacks, self._callbacks, self._ended = self._callbacks, [], True
+        for callback in callbacks:
+            callback()
 
 
 # --- Replicas -----------------------------------------------------------------------
@@ -219,7 +290,7 @@ class Downstream:
     """The stage calls one client request makes: each gets the client's remaining time, and the one in
     flight is cancelled when the client goes away."""
 
-    def __init__(self, context: grpc.ServicerContext):
+    def __init__(self, context: Call):
         self.context = context
         self._lock = threading.Lock()
         self._call: Any = None
@@ -487,6 +558,61 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             self._denoiser_info = call_stage(self.denoisers, down, run, "Denoiser.ModelInfo")
         return self._denoiser_info
 
+    # -- one request, for any front (gRPC here, HTTP in services/http) --
+
+    def admit(self, request: gateway_pb2.GenerateRequest, call: Call, tenant: Tenant) -> Admitted:
+        """Take one of the tenant's places and one of the gateway's, then check the request against the contract
+        and the budget. Raises Refused (the status, the message, a retry-after) and holds nothing then; otherwise
+        the Admitted holds both places until its events end or it is released."""
+        try:
+            self.tenants.acquire(tenant)
+        except QuotaExceeded as e:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after=e.retry_after) from None
+        admitted = Admitted(self, tenant, Downstream(call))
+        try:
+            with self._lock:
+                if self._inflight >= self.max_inflight:
+                    raise Refused(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the gateway has {self.max_inflight} requests in flight (its --max-inflight); retry later",
+                    )
+                self._inflight += 1
+                admitted.holds_inflight = True
+                self.metrics.set_queue_depth(self._inflight)
+            with refusals():
+                admitted.facts = self.facts(admitted.down)
+                admitted.job = contract.validate(request_from_proto(request), admitted.facts)
+                budget = contract.WorkBudget.for_model(admitted.facts, *self.work_limits)
+                job = admitted.job
+                contract.check_work(job.images, job.steps, job.height, job.width, job.latent_size, budget)
+        except BaseException:
+            admitted.release()
+            raise
+        return admitted
+
+    def _leave(self, tenant: Tenant, holds_inflight: bool) -> None:
+        if holds_inflight:
+            with self._lock:
+                self._inflight -= 1
+                self.metrics.set_queue_depth(self._inflight)
+        self.tenants.release(tenant)
+
+    def record(self, seconds: float, code: grpc.StatusCode, tenant: Tenant | None = None) -> None:
+        """One call's latency and status in the metrics (and its tenant's count)."""
+        self.metrics.observe_request(seconds)
+        if code != grpc.StatusCode.OK:
+            self.metrics.error(code.name)
+        if tenant is not None:
+            self.metrics.tenant_request(tenant.name, code.name)
+
+    def authenticate(self, metadata: Sequence[tuple[str, str]]) -> Tenant:
+        """The caller's tenant from its API key (`authorization: Bearer KEY` or `x-api-key`); Refused
+        UNAUTHENTICATED without a known one."""
+        try:
+            return self.tenants.authenticate(metadata)
+        except Unauthenticated as e:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+
     # -- RPCs --
 
     def Generate(
@@ -495,97 +621,30 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         t0 = time.perf_counter()
         tenant, delivered = None, False
         try:
-            tenant = self._tenant(context)
-            self._acquire(tenant, context)
             try:
-                for event in self._admitted(request, context, tenant):
+                tenant = self.authenticate(context.invocation_metadata())
+                admitted = self.admit(request, context, tenant)
+                for event in admitted.events():
                     delivered = event.HasField("result")  # the last event: a client may hang up as it arrives
                     yield event
-            finally:
-                self.tenants.release(tenant)
+            except Refused as e:
+                if e.retry_after is not None:
+                    context.set_trailing_metadata((("retry-after", retry_after_header(e.retry_after)),))
+                context.abort(e.code, e.message)
         finally:  # also when gRPC closes the stream of a client that went away
-            self._record(context, t0, tenant, delivered)
-
-    def _record(
-        self, context: grpc.ServicerContext, t0: float, tenant: Tenant | None = None, delivered: bool = False
-    ) -> None:
-        """The call's latency and status; one whose result went out is OK even if the client hung up after it."""
-        self.metrics.observe_request(time.perf_counter() - t0)
-        code = grpc.StatusCode.OK if delivered else ended_with(context)
-        if code != grpc.StatusCode.OK:
-            self.metrics.error(code.name)
-        if tenant is not None:
-            self.metrics.tenant_request(tenant.name, code.name)
-
-    def _tenant(self, context: grpc.ServicerContext) -> Tenant:
-        """The caller's tenant from its API key; UNAUTHENTICATED without a known one."""
-        try:
-            return self.tenants.authenticate(context.invocation_metadata())
-        except Unauthenticated as e:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-            raise  # abort raises; this line is for the type checker
-
-    def _acquire(self, tenant: Tenant, context: grpc.ServicerContext) -> None:
-        """One of the tenant's places; RESOURCE_EXHAUSTED with a `retry-after` (seconds) past its limits."""
-        try:
-            self.tenants.acquire(tenant)
-        except QuotaExceeded as e:
-            context.set_trailing_metadata((("retry-after", retry_after_header(e.retry_after)),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-            raise
-
-    def _admitted(
-        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext, tenant: Tenant
-    ) -> Iterator[gateway_pb2.GenerateEvent]:
-        with self._lock:
-            if self._inflight >= self.max_inflight:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the gateway has {self.max_inflight} requests in flight (its --max-inflight); retry later",
-                )
-            self._inflight += 1
-            self.metrics.set_queue_depth(self._inflight)
-        try:
-            yield from self._generate(request, context, tenant)
-        except InvalidRequest as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, short(str(e)))
-        except TensorError as e:
-            context.abort(grpc.StatusCode.INTERNAL, short(f"a stage returned a malformed tensor: {e}"))
-        except StageError as e:
-            context.abort(e.code, short(e.message))
-        except Exception as e:  # a bug of ours: say so, and keep the traceback in the log
-            log.exception("internal error in Generate")
-            context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error in the gateway ({type(e).__name__}: {e}); the log has the traceback",
-            )
-        finally:
-            with self._lock:
-                self._inflight -= 1
-                self.metrics.set_queue_depth(self._inflight)
-
-    def _generate(
-        self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext, tenant: Tenant
-    ) -> Iterator[gateway_pb2.GenerateEvent]:
-        down = Downstream(context)
-        facts = self.facts(down)
-        job = contract.validate(request_from_proto(request), facts)
-        budget = contract.WorkBudget.for_model(facts, *self.work_limits)
-        contract.check_work(job.images, job.steps, job.height, job.width, job.latent_size, budget)
-        stages = PooledStages(self.encoders, self.denoisers, self.decoders, down, tenant=tenant.name)
-        for event in chain.generate(stages, job, facts):
-            if isinstance(event, chain.Generated):
-                self.metrics.images_served(len(event.images))
-                self.metrics.tenant_images(tenant.name, len(event.images))
-            yield event_to_proto(event)
+            # one whose result went out is OK even if the client hung up after it
+            self.record(time.perf_counter() - t0, grpc.StatusCode.OK if delivered else ended_with(context), tenant)
 
     def ModelInfo(self, request: common_pb2.ModelInfoRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         t0 = time.perf_counter()
         try:
-            self._tenant(context)
+            try:
+                self.authenticate(context.invocation_metadata())
+            except Refused as e:
+                context.abort(e.code, e.message)
             return self._model_info(context)
         finally:
-            self._record(context, t0)
+            self.record(time.perf_counter() - t0, ended_with(context))
 
     def _model_info(self, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         down = Downstream(context)
@@ -605,6 +664,39 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             model_facts=wire.facts_to_proto(facts),
             gateway_stages=common_pb2.GatewayStages(max_inflight=self.max_inflight, **replicas),
         )
+
+
+class Admitted:
+    """A request the gateway admitted (`GatewayService.admit`): its checked job and the two places it holds."""
+
+    def __init__(self, service: GatewayService, tenant: Tenant, down: Downstream):
+        self.service, self.tenant, self.down = service, tenant, down
+        self.facts: ModelFacts | None = None
+        self.job: contract.Job | None = None
+        self.holds_inflight = False
+        self._released = False
+
+    def events(self) -> Iterator[gateway_pb2.GenerateEvent]:
+        """The request through the stages: progress events, then the result; raises Refused. Releases at the end."""
+        service = self.service
+        try:
+            assert self.job is not None and self.facts is not None
+            with refusals():
+                stages = PooledStages(service.encoders, service.denoisers, service.decoders, self.down,
+                                      tenant=self.tenant.name)  # fmt: skip
+                for event in chain.generate(stages, self.job, self.facts):
+                    if isinstance(event, chain.Generated):
+                        service.metrics.images_served(len(event.images))
+                        service.metrics.tenant_images(self.tenant.name, len(event.images))
+                    yield event_to_proto(event)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give the places back (once; `events` does it when it ends)."""
+        if not self._released:
+            self._released = True
+            self.service._leave(self.tenant, self.holds_inflight)
 
 
 # --- Wiring -------------------------------------------------------------------------
