@@ -11,9 +11,16 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# Also Debian's chromium and chromium-driver, for the page's browser test (tests/test_http_page.py), when missing.
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then echo "install chromium and chromedriver for tests/test_http_page.py"; \
+	  else sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	    $$sudo apt-get update -qq >/dev/null && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null; fi; }
 
 # ruff (lint, then formatting) and mypy on the JAX-free request layer; CI runs this before the tests.
 lint: install
@@ -29,12 +36,15 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not processes"
 
 # The main job: the stage services as separate local processes (encoder, denoiser, decoder, gateway),
-# then a generation through the gateway, on a locally built tiny random-weight model (its image is noise).
+# then a generation through the gateway, on a locally built tiny random-weight model (its image is noise);
+# then it prints the web page's URL and serves until Ctrl-C.
 demo: install
 	test -d $(MODEL) || $(BIN)/sdmesh make-checkpoint tiny-sd2 $(MODEL)
 	$(BIN)/sdmesh up --model $(MODEL) --port $(PORT) & stack=$$!; trap 'kill $$stack; wait $$stack' EXIT; \
 	until $(BIN)/sdmesh health 127.0.0.1:$(PORT) >/dev/null 2>&1; do kill -0 $$stack || exit 1; sleep 1; done; \
-	$(BIN)/sdmesh generate "a photograph of an astronaut riding a horse" --server 127.0.0.1:$(PORT) --steps 20 --seed 0 --output-dir out
+	$(BIN)/sdmesh generate "a photograph of an astronaut riding a horse" --server 127.0.0.1:$(PORT) --steps 20 --seed 0 --output-dir out && \
+	echo "web page: http://127.0.0.1:$$(( $(PORT) + 1000 ))/  (OpenAI and A1111 APIs there too; Ctrl-C stops the stack)" && \
+	wait $$stack
 
 # The same job in one process, no services.
 demo-local: install

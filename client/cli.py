@@ -318,6 +318,14 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
         default=SERVE_PORTS["gateway"],
         help="the gateway's port (default: %(default)s; 0: any free port)",
     )
+    up.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="the gateway's HTTP front: the web page, OpenAI Images and AUTOMATIC1111 APIs "
+        "(default: --port + 1000; 0: any free port); printed as `http: URL`",
+    )
+    up.add_argument("--no-http", action="store_true", help="serve gRPC only")
     up.add_argument("--denoisers", type=_positive_int, default=1, help="denoiser replicas (default: %(default)s)")
     up.add_argument(
         "--shapes", help="BATCHxHEIGHTxWIDTH,... each stage compiles at start-up (default: 1 at the native size)"
@@ -573,6 +581,35 @@ def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
         metavar="PIXELS",
         help="gateway and denoiser: the largest image side one request may ask for "
         f"(default: {contract.DEFAULT_MAX_SIDE_FACTOR} × the native side, at most {contract.MAX_SIDE})",
+    )
+    h = serve.add_argument_group("HTTP front (gateway)", "OpenAI Images, AUTOMATIC1111, sdmesh's jobs and a web page")
+    h.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="also serve HTTP on HOST:PORT (0: any free port, logged; default: off): the page at /, the API "
+        "document at /docs; with --tls-cert, https:// with the same certificate; --api-keys holds here too",
+    )
+    h.add_argument(
+        "--http-max-body",
+        type=_positive_int,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="the largest HTTP request body; larger is refused (413) before it is read (default: %(default)s)",
+    )
+    h.add_argument(
+        "--http-keep-seconds",
+        type=_finite_float,
+        default=600.0,
+        help="how long a finished job (POST /v1/jobs) and its images are kept (default: %(default)s)",
+    )
+    h.add_argument(
+        "--http-preview-every",
+        type=int,
+        default=5,
+        metavar="STEPS",
+        help="steps between the previews the front asks for when a client watches progress (0: none; "
+        "default: %(default)s)",
     )
     g.add_argument(
         "--stage-tls-ca",

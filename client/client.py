@@ -9,6 +9,10 @@ with Client("localhost:50051") as client:
             print(f"{event.stage} {event.step}/{event.total_steps}")
         else:
             event.images[0].save("fox.png")
+
+    for event in client.stream("a red fox", steps=30, preview_every=5):   # live previews
+        if isinstance(event, Progress) and event.preview:
+            Path("preview.jpg").write_bytes(event.preview)   # the first image, at latent resolution
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Progress:
     stage: str  # "encode", "denoise", "decode"
     step: int
     total_steps: int
+    preview: bytes = b""  # denoise, with preview_every: a small JPEG of the first image as currently estimated
 
 
 @dataclasses.dataclass
@@ -78,9 +83,11 @@ def generate_request(
     strength: float | None = None,
     depth_map: Any = None,
     noise_level: int | None = None,
+    preview_every: int = 0,
 ) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (None means the gateway's default: 1 image, 50 steps, guidance 7.5,
-    the native size, a random seed, the checkpoint's own sampler).
+    the native size, a random seed, the checkpoint's own sampler). preview_every k > 0: denoise progress carries a
+    JPEG preview about every k steps (`Progress.preview`); 0: none.
 
     Images (init_image, mask_image, depth_map) may be PNG/JPEG bytes, a PIL image, or a uint8 array; a float
     depth map array is sent as .npy.
@@ -99,6 +106,7 @@ def generate_request(
         init_image=image_bytes(init_image),
         mask_image=image_bytes(mask_image),
         depth_map=image_bytes(depth_map),
+        preview_every=preview_every,
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
@@ -134,7 +142,7 @@ def image_bytes(image: Any) -> bytes:
 def event_from_proto(event: gateway_pb2.GenerateEvent) -> Progress | GenerateResult:
     if event.HasField("progress"):
         p = event.progress
-        return Progress(stage=p.stage, step=p.step, total_steps=p.total_steps)
+        return Progress(stage=p.stage, step=p.step, total_steps=p.total_steps, preview=p.preview)
     from PIL import Image
 
     r = event.result
@@ -203,7 +211,8 @@ class Client:
     def generate(self, prompt: str, *, timeout: float | None = None, **options: Any) -> GenerateResult:
         """Text (and images) → images. `options` are generate_request's: negative_prompt, num_images, steps,
         guidance_scale, guidance_rescale, height, width (None: native size), seed (None: random, returned), eta,
-        sampler, priority, init_image, mask_image, strength, depth_map, noise_level."""
+        sampler, priority, init_image, mask_image, strength, depth_map, noise_level, preview_every (previews arrive
+        only through `stream`)."""
         result = None
         for event in self.stream(prompt, timeout=timeout, **options):  # to its end: the call finishes OK
             if isinstance(event, GenerateResult):

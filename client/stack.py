@@ -127,6 +127,7 @@ class Stack:
     metrics_base_port: serve each child's metrics, the gateway's on this port and the stages' on the next ones
     (0: free ports); None: none.
     tls: serve every hop with mutual TLS from these certificates; None: plaintext.
+    http_port: the gateway also serves its HTTP front there (0: a free port; None: no HTTP).
     drain_seconds: the children's --drain-seconds (pass the same in serve_args and gateway_args): how long
     `stop` lets each drain before it kills it.
     """
@@ -143,6 +144,7 @@ class Stack:
         drain_seconds: float = 30.0,
         metrics_base_port: int | None = None,
         tls: StackCertificates | None = None,
+        http_port: int | None = None,
     ):
         self.drain_seconds = drain_seconds
         if denoisers < 1:
@@ -159,6 +161,12 @@ class Stack:
         addresses = {stage: ",".join(c.address for c in self.children if c.service == stage) for stage in STAGES}
         routing = [a for stage in STAGES for a in (f"--{stage}", addresses[stage])]
         gateway = [*routing, *own, *to_stages, *gateway_args]
+        # the gateway's HTTP front (services/http): None: off; 0: a free port
+        self.http_address = None
+        if http_port is not None:
+            http_port = http_port or free_port(host)
+            gateway += ["--http-port", str(http_port)]
+            self.http_address = f"{host}:{http_port}"
         self.children.append(self._child("gateway", "gateway", port or free_port(host), gateway, metrics[0]))
         self._logs: list[TextIO] = []
 
@@ -326,6 +334,16 @@ def gateway_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def http_port(args: argparse.Namespace) -> int | None:
+    """`sdmesh up`'s HTTP port: --http-port, else the gateway's port + 1000 (a free one when that is 0); None with
+    --no-http."""
+    if getattr(args, "no_http", False):
+        return None
+    if getattr(args, "http_port", None) is not None:
+        return int(args.http_port)
+    return args.port + 1000 if args.port else 0
+
+
 def main(args: argparse.Namespace, certificates: StackCertificates | None = None) -> int:
     """`sdmesh up`: start, wait for SERVING, print the gateway address, run until Ctrl-C/SIGTERM or a stage is gone.
 
@@ -342,6 +360,7 @@ def main(args: argparse.Namespace, certificates: StackCertificates | None = None
         drain_seconds=args.drain_seconds,
         metrics_base_port=getattr(args, "metrics_base_port", None),
         tls=certificates,
+        http_port=http_port(args),
     )
     # SIGTERM behaves as Ctrl-C: one path stops everything.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -370,7 +389,12 @@ def main(args: argparse.Namespace, certificates: StackCertificates | None = None
                 f"    sdmesh generate PROMPT --server {stack.address}{tls_flags}",
                 file=sys.stderr,
             )
+        if stack.http_address is not None:
+            print(f"  page and HTTP API: {scheme}://{stack.http_address}/  (OpenAI: {scheme}://{stack.http_address}/v1,"
+                  f" A1111: /sdapi/v1, API document: /docs)", file=sys.stderr)  # fmt: skip
         print(stack.address, flush=True)
+        if stack.http_address is not None:
+            print(f"http: {scheme}://{stack.http_address}", flush=True)
         print("serving; Ctrl-C stops the stack", file=sys.stderr)
         while True:
             for child in stack.dead():

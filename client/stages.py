@@ -149,7 +149,8 @@ class DenoiseStream:
     def __iter__(self) -> Iterator[Progress]:
         for event in self.call:
             if event.WhichOneof("event") == "progress":
-                yield Progress(event.progress.stage, event.progress.step, event.progress.total_steps)
+                p = event.progress
+                yield Progress(p.stage, p.step, p.total_steps, p.preview)
             elif event.WhichOneof("event") == "latents":
                 self.latents = from_proto(event.latents, name="latents", dtype="float32", ndim=4)
 
@@ -187,13 +188,17 @@ class DenoiserClient:
         sampler: str | None = None,
         priority: int = 0,
         tenant: str = "",
+        preview_every: int = 0,
+        preview_projection: common_pb2.LatentPreview | None = None,
         timeout: float | None = None,
     ) -> DenoiseStream:
         """Start the sampling loop from `seed`'s noise or from `latents` (N, C, h, w);
         height/width 0: the default or the latents'.
 
         With a seed, the seed also seeds the η stream; with latents, `noise_seed` does. `tenant`: whose request
-        this is, for the denoiser's fair sharing of its batch (a gateway sends its caller's).
+        this is, for the denoiser's fair sharing of its batch (a gateway sends its caller's). `preview_every` k > 0:
+        progress carries a JPEG of the first image's x̂₀ about every k steps, through `preview_projection` (the
+        Decoder's ModelInfo.latent_preview; None: the denoiser's fallback, the first three channels).
         """
         if (seed is None) == (latents is None):
             raise ValueError("give exactly one of seed and latents")
@@ -209,7 +214,10 @@ class DenoiserClient:
             sampler=sampler or "",
             priority=priority,
             tenant=tenant,
+            preview_every=preview_every,
         )
+        if preview_projection is not None:
+            request.preview_projection.CopyFrom(preview_projection)
         if uncond is not None:
             request.uncond.CopyFrom(to_proto(np.asarray(uncond, np.float32)))
         if seed is not None:

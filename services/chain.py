@@ -27,6 +27,7 @@ class Progress(NamedTuple):
     stage: str  # "encode", "denoise", "decode"
     step: int  # steps done
     total_steps: int
+    preview: bytes = b""  # denoise, when the job asked (preview_every): a JPEG of the first image's x̂₀
 
 
 class Truncation(NamedTuple):
@@ -62,7 +63,8 @@ class Stages(Protocol):
         ...
 
     def denoise(self, job: DenoiseJob) -> Generator[Progress, None, np.ndarray]:
-        """Yields progress; returns the final latents (N, h, w, C)."""
+        """Yields progress (with previews when job.preview_every asks; the stages bring the latent → RGB map);
+        returns the final latents (N, h, w, C)."""
         ...
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -88,7 +90,7 @@ def generate(stages: Stages, job: Job, facts: ModelFacts) -> Iterator[Progress |
         cond=cond, uncond=uncond, latents=latents, seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale,
         guidance_rescale=job.guidance_rescale, eta=job.eta, height=job.height, width=job.width, sampler=job.sampler,
         priority=job.priority, init_latents=image.init_latents, strength=image.strength, extra=image.extra,
-        blend_mask=image.blend_mask, class_labels=image.class_labels,
+        blend_mask=image.blend_mask, class_labels=image.class_labels, preview_every=job.preview_every,
     )  # fmt: skip
     final = yield from stages.denoise(denoise_job)
     images = stages.decode(final)

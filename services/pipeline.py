@@ -3,6 +3,7 @@
     pipe = StableDiffusion.load("models/tiny-sd2")
     result = pipe.generate(GenerationRequest(prompt="a cat", steps=20, seed=0))
     result.images      # (N, H, W, 3) uint8;  result.timings: compile / encode / encode_image / denoise / decode / total
+    pipe.generate(GenerationRequest(..., preview_every=5), preview=lambda step, total, jpeg: ...)   live previews
 
 Requests are checked by `contract.validate` and run by `chain.generate`, as the gateway runs them
 over gRPC; here the chain's stage calls are direct calls of the loaded stages.
@@ -28,6 +29,7 @@ from sdmesh.services.engine.stages import (
     RuntimeOptions,
     TextEncoderStage,
     enable_compilation_cache,
+    preview_jpeg,
 )
 from sdmesh.services.inputs import contract, modes
 from sdmesh.services.inputs.contract import DenoiseJob, GenerationRequest, Job, ModelFacts
@@ -110,8 +112,13 @@ class StableDiffusion:
         progress: Callable[[int, int], None] | None = None,
         chunk: int | None = None,
         noise: dict[str, np.ndarray] | None = None,
+        preview: Callable[[int, int, bytes], None] | None = None,
     ) -> GenerationResult:
         """Text (and images) → images. `progress(step, total)` is called between compiled chunks of `chunk` steps.
+
+        With `request.preview_every` k > 0, `preview(step, total, JPEG bytes)` gets the first image's preview after
+        each chunk that passed a multiple of k steps, as the Denoiser service sends them (the same bytes for the
+        same chunking; `chunk` defaults to the service's DEFAULT_CHUNK_STEPS then).
 
         `noise` supplies draws that otherwise come from the seed, to reproduce another implementation's:
         "image" / "masked_image" (posterior samples, NHWC like the latents) and "low_res" (the x4 upscaler's).
@@ -123,8 +130,11 @@ class StableDiffusion:
         for event in chain.generate(stages, job, self.facts):
             if isinstance(event, chain.Generated):
                 result = event
-            elif progress is not None and event.stage == "denoise":
-                progress(event.step, event.total_steps)
+            elif event.stage == "denoise":
+                if progress is not None:
+                    progress(event.step, event.total_steps)
+                if preview is not None and event.preview:
+                    preview(event.step, event.total_steps, event.preview)
         assert result is not None, "the chain ended without a result"
         timings = {name: stages.seconds[name] - stages.compile_seconds[name] for name in stages.seconds}
         timings["compile"] = sum(stages.compile_seconds.values())
@@ -165,17 +175,32 @@ class InProcessStages:
         return latents
 
     def denoise(self, job: DenoiseJob) -> Generator[chain.Progress, None, np.ndarray]:
-        t0, compile_total = time.perf_counter(), 0.0
         denoiser, facts = self.pipe.denoiser, self.pipe.facts
+        chunk, previews = self.chunk, []
+        if job.preview_every:
+            job = dataclasses.replace(job, preview_projection=self.latent_preview())
+            chunk = chunk or contract.DEFAULT_CHUNK_STEPS  # as the Denoiser service chunks: the same previews
+        t0, compile_total = time.perf_counter(), 0.0
         denoiser.check(job, facts)
         slots = denoiser.job_slots(job, facts, low_res_noise=self.noise.get("low_res"))
+        projection = job.preview_projection or contract.LatentPreview.fallback(facts.latent_channels)
         final: Any = None
-        for done, latents, compile_s in denoiser.run_slots(slots, chunk=self.chunk):
+        for done, latents, compile_s in denoiser.run_slots(
+            slots, chunk=chunk, preview_every=job.preview_every,
+            preview=lambda _, x0: previews.append(preview_jpeg(x0, projection)),
+        ):  # fmt: skip
             compile_total += compile_s
             final = latents if latents is not None else final
-            yield chain.Progress("denoise", done, slots[0].steps)
+            yield chain.Progress("denoise", done, slots[0].steps, previews.pop() if previews else b"")
         self._took("denoise", t0, compile_total)
         return final
+
+    def latent_preview(self) -> contract.LatentPreview:
+        """The decoder's preview map: fitted on the first call (a few decodes), counted as decode compile time."""
+        t0 = time.perf_counter()
+        projection = self.pipe.decoder.latent_preview()
+        self._took("decode", t0, time.perf_counter() - t0)
+        return projection
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()

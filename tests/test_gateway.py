@@ -112,12 +112,17 @@ class FakeDenoiser(denoiser_pb2_grpc.DenoiserServicer):
 
 
 class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
-    """Image pixel = latent value mod 256, upsampled by SCALE."""
+    """Image pixel = latent value mod 256, upsampled by SCALE; an image's latents are its red channel, subsampled."""
 
     def Decode(self, request, context):
         latents = from_proto(request.latents)
         pixels = (latents[:, 0] % 256).astype(np.uint8).repeat(SCALE, 1).repeat(SCALE, 2)
         return decoder_pb2.DecodeResponse(images=to_proto(np.stack([pixels] * 3, axis=-1)))
+
+    def EncodeImage(self, request, context):
+        pixels = from_proto(request.images).astype(np.float32)  # (N, H, W, 3)
+        red = pixels[:, ::SCALE, ::SCALE, 0]
+        return decoder_pb2.EncodeImageResponse(latents=to_proto(np.repeat(red[:, None], C, axis=1)))
 
     def ModelInfo(self, request, context):
         return common_pb2.ModelInfo(service="Decoder", model="fake")

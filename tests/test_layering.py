@@ -1,7 +1,7 @@
 """The layers: what each part of sdmesh may import, read from the source (every import, in functions too).
 
 models/, samplers/, engine/, inputs/   never serving, the pipeline, dev helpers or the client
-inputs/, chain.py, the gateway's path  never JAX (at import time)
+inputs/, chain.py, the gateway's path  never JAX (at import time), the HTTP front included
 services/                              never the client (the CLI is the one place that reaches both)
 the client library                     never services (only the wire: sdmesh.v1)
 """
@@ -86,7 +86,11 @@ def test_the_core_and_the_inputs_never_import_serving_the_pipeline_dev_or_the_cl
 
 def test_the_request_layer_and_the_gateways_path_load_no_jax():
     jax_free = sources(
-        "services/inputs/**/*.py", "services/chain.py", "services/engine/errors.py", "services/checkpoints/weights.py"
+        "services/inputs/**/*.py",
+        "services/chain.py",
+        "services/engine/errors.py",
+        "services/checkpoints/weights.py",
+        "services/http/*.py",  # the HTTP front runs in the gateway's process
     ) + [
         ROOT / "services" / "serving" / f"{name}.py"
         for name in ("gateway", "wire", "server", "batching", "metrics", "errors")
@@ -126,7 +130,13 @@ def test_the_client_library_depends_on_the_wire_not_on_services():
 @pytest.mark.processes  # a fresh interpreter per module
 @pytest.mark.parametrize(
     "module",
-    ["sdmesh.services.serving.gateway", "sdmesh.services.inputs.contract", "sdmesh.services.chain", "sdmesh.client"],
+    [
+        "sdmesh.services.serving.gateway",
+        "sdmesh.services.http.app",
+        "sdmesh.services.inputs.contract",
+        "sdmesh.services.chain",
+        "sdmesh.client",
+    ],
 )
 def test_importing_loads_no_jax(module):
     code = (

@@ -34,8 +34,9 @@ START_TIMEOUT = 240
 class Up:
     """A running `sdmesh up` and what it printed."""
 
-    def __init__(self, process: subprocess.Popen, address: str, log, log_dir):
+    def __init__(self, process: subprocess.Popen, address: str, log, log_dir, http: str = ""):
         self.process, self.address, self.log, self.log_dir = process, address, log, log_dir
+        self.http = http  # the HTTP front's URL, from the `http: URL` line
 
     def children(self, service: str | None = None) -> list[psutil.Process]:
         kids = psutil.Process(self.process.pid).children()
@@ -85,8 +86,10 @@ def running_stack(checkpoint, tmp):
         stderr = log.read()
         log.close()
         pytest.fail(f"sdmesh up printed no address; its stderr:\n{stderr}")
+    http = process.stdout.readline().strip()
+    assert http.startswith("http: http://"), http
     try:
-        yield Up(process, address, log, tmp / "logs")
+        yield Up(process, address, log, tmp / "logs", http.removeprefix("http: "))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -344,3 +347,72 @@ def test_sdmesh_up_reports_a_service_that_fails_to_start(tmp_path):
     ), run.stderr
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []  # the others were stopped
+
+
+# --- the HTTP front, on by default -------------------------------------------------------
+
+
+def test_openai_and_webuiapi_get_the_gateways_images_pixel_for_pixel(up):
+    import base64
+    import io
+
+    import openai
+    import webuiapi
+
+    def decoded(b64: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.tile(np.uint8([0, 255]), (32, 16)))
+    with Client(up.address, timeout=60) as client:
+        grpc_txt = client.generate("a red fox", steps=STEPS, seed=5, sampler="euler-ancestral", guidance_scale=6.0)
+        grpc_edit = client.generate("a red fox", steps=STEPS, seed=6, init_image=init, strength=0.6)
+        grpc_inpaint = client.generate("a red fox", steps=STEPS, seed=7, init_image=init, mask_image=mask,
+                                       strength=0.75)  # fmt: skip
+
+    oa = openai.OpenAI(base_url=f"{up.http}/v1", api_key="unused", max_retries=0)
+    generated = oa.images.generate(prompt="a red fox", size="32x32", extra_body={
+        "steps": STEPS, "seed": 5, "sampler": "euler-ancestral", "guidance_scale": 6.0})  # fmt: skip
+    np.testing.assert_array_equal(decoded(generated.data[0].b64_json), pixels(grpc_txt)[0])
+    buffer = io.BytesIO()
+    init.save(buffer, format="PNG")
+    edited = oa.images.edit(image=("in.png", buffer.getvalue(), "image/png"), prompt="a red fox",
+                            extra_body={"steps": STEPS, "seed": 6, "strength": 0.6})  # fmt: skip
+    np.testing.assert_array_equal(decoded(edited.data[0].b64_json), pixels(grpc_edit)[0])
+
+    host, port = up.http.removeprefix("http://").rsplit(":", 1)
+    a1111 = webuiapi.WebUIApi(host=host, port=int(port))
+    txt = a1111.txt2img(prompt="a red fox", steps=STEPS, seed=5, sampler_name="Euler a", cfg_scale=6.0,
+                        width=32, height=32)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(txt.image.convert("RGB")), pixels(grpc_txt)[0])
+    img = a1111.img2img(images=[init], prompt="a red fox", steps=STEPS, seed=7, mask_image=mask,
+                        denoising_strength=0.75, width=32, height=32)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(img.image.convert("RGB")), pixels(grpc_inpaint)[0])
+
+
+def test_an_http_job_streams_previews_then_its_images(up):
+    import base64
+    import io
+    import json
+
+    import httpx
+
+    body = {"prompt": "a red fox", "steps": 6, "seed": 9, "preview_every": 2}
+    with httpx.Client(base_url=up.http, timeout=60) as http:
+        job = http.post("/v1/jobs", json=body).json()
+        events = []
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+    previews = [e for e in events[:-1] if e.get("preview")]
+    assert previews, [(e["stage"], e["step"]) for e in events]
+    first = Image.open(io.BytesIO(base64.b64decode(previews[0]["preview"])))
+    assert first.format == "JPEG" and first.size[0] > 0
+    done = events[-1]
+    assert done["state"] == "succeeded" and len(done["images"]) == 1
+    with Client(up.address, timeout=60) as client:
+        expected = client.generate("a red fox", steps=6, seed=9)
+    image = Image.open(io.BytesIO(base64.b64decode(done["images"][0]["b64_json"])))
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), pixels(expected)[0])

@@ -3,6 +3,7 @@
     encode_text(encoder, params, ids)              → conditioning (B, 77, D)
     denoise.denoise_chunk(unet, …, params, …)      → latents, a lax.fori_loop over a running batch of slots
     decode(vae, params, latents)                   → uint8 images (B, H, W, 3)
+    fit_latent_preview(decode, shape, f)           → the latent → RGB map of live previews (a few decodes, once)
 
 `TextEncoderStage`, `DenoiserStage` and `DecoderStage` each load one component of a
 checkpoint and compile its programs once per shape (`programs.Programs`); the in-process
@@ -14,7 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
+import logging
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,7 @@ from sdmesh.services.engine import denoise as dn
 from sdmesh.services.engine import sharding
 from sdmesh.services.engine.programs import Programs
 from sdmesh.services.inputs import conditioning, contract, modes
-from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts
+from sdmesh.services.inputs.contract import DenoiseJob, LatentPreview, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.inputs.tokenizer import PromptTokenizer, load_tokenizer
 from sdmesh.services.models import text_encoder as te
@@ -41,6 +47,15 @@ from sdmesh.services.samplers import ddim, table
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PRECISIONS = ("default", "high", "highest")
+# The live previews' latent → RGB fit: from a fixed seed, decoding at least this many latent pixels (in up to
+# PREVIEW_FIT_CALLS decodes of batch 1) at the UNet's native latent size, else at PREVIEW_FIT_SIZE.
+PREVIEW_FIT_SEED = 0
+PREVIEW_FIT_PIXELS = 1024
+PREVIEW_FIT_CALLS = 8
+PREVIEW_FIT_SIZE = (64, 64)  # SD's 512 × 512
+PREVIEW_JPEG_QUALITY = 80  # a 64 × 64 preview: 1 to 3 kB (smooth to noisy), against 64 kB of float32 x̂₀
+
+log = logging.getLogger("sdmesh.stages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +92,62 @@ def decode(vae: va.AutoencoderKL, params: Any, latents: jax.Array) -> jax.Array:
     )
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return jnp.round(images * 255).astype(jnp.uint8)
+
+
+def preview_jpeg(x0: np.ndarray, projection: LatentPreview) -> bytes:
+    """x̂₀ (h, w, C) → a JPEG of its colours under the latent → RGB map, one pixel per latent pixel."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(projection.rgb(x0)).save(buffer, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def smooth_latents(rng: np.random.Generator, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """(N, h, w, C) float32 latents that vary slowly, as an image's do: a random colour per image plus a random
+    field on a coarse 5 × 5 grid, bilinearly upsampled; about unit variance per channel, as scaled latents have."""
+    n, h, w, c = shape
+    field = rng.standard_normal((n, 5, 5, c))
+    for axis, size in ((1, h), (2, w)):  # separable linear interpolation of the grid onto h × w
+        pos = np.linspace(0.0, field.shape[axis] - 1.0, size)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, field.shape[axis] - 1)
+        t = (pos - lo).reshape([-1 if a == axis else 1 for a in range(4)])
+        field = (1 - t) * np.take(field, lo, axis=axis) + t * np.take(field, hi, axis=axis)
+    offset = 0.6 * rng.standard_normal((n, 1, 1, c))
+    return (offset + field).astype(np.float32)
+
+
+def fit_latent_preview(
+    decode: Callable[[np.ndarray], np.ndarray],
+    shape: tuple[int, int, int, int],
+    scale_factor: int,
+    *,
+    seed: int = PREVIEW_FIT_SEED,
+    calls: int = 1,
+) -> LatentPreview:
+    """The linear map from a latent pixel's C channels to the colour the VAE decodes there, by least squares.
+
+    `decode` maps (N, h, w, C) scaled latents to (N, h·f, w·f, 3) uint8 images; it runs `calls` times on smooth
+    random latents of `shape` (from `seed`: the fit is deterministic). Each image is average-pooled f × f down to
+    latent resolution, and rgb ≈ W·z + b is solved over every latent pixel: (3, C) weights and 3 biases, rgb in
+    [-1, 1]. A linear map cannot show texture the decoder adds, only each region's colour, which is what a
+    preview needs.
+    """
+    n, h, w, c = shape
+    f = scale_factor
+    rng = np.random.default_rng(seed)
+    zs, rgbs = [], []
+    for _ in range(calls):
+        z = smooth_latents(rng, shape)
+        images = np.asarray(decode(z), np.float64)  # (N, H, W, 3) in [0, 255]
+        pooled = images.reshape(n, h, f, w, f, 3).mean(axis=(2, 4)) / 127.5 - 1.0  # (N, h, w, 3) in [-1, 1]
+        zs.append(z.reshape(-1, c))
+        rgbs.append(pooled.reshape(-1, 3))
+    z = np.concatenate(zs).astype(np.float64)
+    design = np.concatenate([z, np.ones((len(z), 1))], axis=1)  # (M, C + 1): the channels and a constant
+    solution, *_ = np.linalg.lstsq(design, np.concatenate(rgbs), rcond=None)  # (C + 1, 3)
+    return LatentPreview(weights=solution[:c].T.astype(np.float32), bias=solution[c].astype(np.float32))
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -442,24 +513,36 @@ class DenoiserStage:
         return self.run_slots(self.slots(latents, cond, uncond, **options), chunk=chunk)
 
     def run_slots(
-        self, slots: list[dn.Slot], *, chunk: int | None = None
+        self,
+        slots: list[dn.Slot],
+        *,
+        chunk: int | None = None,
+        preview_every: int = 0,
+        preview: Callable[[int, np.ndarray], None] | None = None,
     ) -> Iterator[tuple[int, np.ndarray | None, float]]:
         """Slots alone: yield (steps done, latents, compile seconds) after each chunk of `chunk` steps.
 
         Latents (N, h, w, C) come with the last chunk (None before). A caller that stops
-        iterating stops the work at the next chunk boundary.
+        iterating stops the work at the next chunk boundary. With `preview_every` k > 0, after a chunk
+        that passed a multiple of k steps (not the last: `contract.preview_due`), `preview(steps done, x̂₀)`
+        gets the first image's current estimate of the clean latents (h, w, C), before that chunk's yield.
         """
         plan = slots[0].plan
         batch = self.new_batch([len(slots)])
         batch.join(slots)
         chunk = chunk or plan.evaluations
         while not slots[0].done:
+            before = slots[0].steps_done
             compile_s = batch.run_chunk(min(chunk, plan.evaluations - slots[0].step))
             if slots[0].done:
                 finished = batch.leave(lambda s: False)
                 yield slots[0].steps, np.stack([x for _, x in finished]), compile_s
             else:
-                yield slots[0].steps_done, None, compile_s
+                done = slots[0].steps_done
+                state = batch.device_state
+                if preview and state is not None and contract.preview_due(before, done, slots[0].steps, preview_every):
+                    preview(done, np.asarray(state.x0_history[0, 0]))  # table.SlotState: most recent x̂₀ first
+                yield done, None, compile_s
 
 
 def _image_keys(key: jax.Array, n: int) -> jax.Array:
@@ -478,6 +561,10 @@ class DecoderStage:
         self.programs = Programs(options.precision, self.mesh)
         self._decode = functools.partial(decode, vae)
         self._encode_image = functools.partial(va.encode_image, vae)
+        # the latent size (h, w) the preview map is fitted at: the UNet's native one when `load` finds it
+        self.preview_size: tuple[int, int] | None = None
+        self._latent_preview: LatentPreview | None = None
+        self._preview_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -497,7 +584,14 @@ class DecoderStage:
             source=f"{folder}/vae",
             mesh=stage_mesh(options),
         )
-        return cls(vae, params, options)
+        stage = cls(vae, params, options)
+        try:
+            sample = checkpoint.read_config(folder, "unet").get("sample_size")
+        except CheckpointError:  # a folder without a UNet: previews are fitted at PREVIEW_FIT_SIZE
+            sample = None
+        if sample is not None:
+            stage.preview_size = (sample, sample) if isinstance(sample, int) else (int(sample[0]), int(sample[1]))
+        return stage
 
     @property
     def scale_factor(self) -> int:
@@ -507,6 +601,26 @@ class DecoderStage:
         """((N, H, W, 3) uint8 images, compile seconds)."""
         program, compile_s = self.programs.get("decode", self._decode, self.params, latents, batched=(1,))
         return np.asarray(program(self.params, latents)), compile_s
+
+    def latent_preview(self) -> LatentPreview:
+        """The latent → RGB map of live previews, fitted on first use and kept (`fit_latent_preview`).
+
+        It decodes batch 1 at the UNet's native latent size (`preview_size`: the shape a default warm-up compiles
+        anyway, so no extra compile), enough times to see PREVIEW_FIT_PIXELS latent pixels (at most
+        PREVIEW_FIT_CALLS), from a fixed seed: the same map in every process that loads this checkpoint.
+        """
+        with self._preview_lock:
+            if self._latent_preview is None:
+                t0 = time.perf_counter()
+                h, w = self.preview_size or PREVIEW_FIT_SIZE
+                calls = min(PREVIEW_FIT_CALLS, math.ceil(PREVIEW_FIT_PIXELS / (h * w)))
+                shape = (1, h, w, self.vae.config.latent_channels)
+                self._latent_preview = fit_latent_preview(
+                    lambda z: self.decode(jnp.asarray(z))[0], shape, self.scale_factor, calls=calls
+                )
+                log.info("fitted the preview map in %.2fs (%d decodes at %dx%d latents)",
+                         time.perf_counter() - t0, calls, h, w)  # fmt: skip
+        return self._latent_preview
 
     def encode_image(
         self, images: Any, *, seed: int | None = None, stream: int = 0, noise: Any | None = None

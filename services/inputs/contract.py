@@ -31,6 +31,7 @@ MAX_CONTEXT_LENGTH = 1024  # tokens per conditioning row; CLIP gives 77
 MAX_GUIDANCE = 1000.0  # |guidance_scale|; real use stays under 30
 MAX_ETA = 1000.0
 MAX_PRIORITY = 2**31 - 1  # int32 on the wire
+MAX_PREVIEW_EVERY = 2**32 - 1  # uint32 on the wire; past the step count it just means no preview before the end
 UPSCALE_FACTOR = 4  # the x4 upscaler's
 
 # --- Request defaults (diffusers' pipelines' own) ------------------------------------------------
@@ -127,6 +128,7 @@ class GenerationRequest:
     strength: float | None = None  # with init_image, (0, 1]; None: DEFAULT_STRENGTH of the mode
     depth_map: np.ndarray | None = None  # (H, W) float: depth checkpoints
     noise_level: int | None = None  # x4 upscaler; None: DEFAULT_NOISE_LEVEL
+    preview_every: int = 0  # k > 0: denoise progress carries a preview of the first image about every k steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,7 @@ class Job:
     depth_map: np.ndarray | None = None
     strength: float | None = None  # set in img2img, inpainting and depth
     noise_level: int | None = None  # set in upscaling
+    preview_every: int = 0  # 0: no previews
 
     @property
     def images(self) -> int:
@@ -161,6 +164,35 @@ class Job:
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0  # as diffusers: no unconditional pass at scale ≤ 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentPreview:
+    """A cheap latent → RGB map for previews (instead of a VAE decode): rgb = weights @ z + bias, per latent pixel,
+    with z the C channels of x̂₀ in the UNet's scaled latent space and rgb in [-1, 1] once clamped."""
+
+    weights: np.ndarray  # (3, C) float32
+    bias: np.ndarray  # (3,) float32
+
+    @classmethod
+    def fallback(cls, channels: int) -> LatentPreview:
+        """What a denoiser uses when the caller sends no map: channel r mod C as colour r (the first three
+        channels as R, G, B), no bias. Only a rough picture: the Decoder's fitted map has the model's colours."""
+        weights = np.zeros((3, channels), np.float32)
+        weights[np.arange(3), np.arange(3) % channels] = 1.0
+        return cls(weights, np.zeros(3, np.float32))
+
+    def rgb(self, x0: np.ndarray) -> np.ndarray:
+        """x̂₀ (h, w, C) → (h, w, 3) uint8."""
+        rgb = np.asarray(x0, np.float32) @ self.weights.T + self.bias  # (h, w, 3), [-1, 1] once clamped
+        rgb = np.clip(np.nan_to_num(rgb), -1.0, 1.0)  # a diverged x̂₀: NaN grey, ±inf white or black
+        return np.round((rgb + 1.0) * 127.5).astype(np.uint8)
+
+
+def preview_due(before: int, after: int, total: int, every: int) -> bool:
+    """Whether a chunk that took a request from `before` to `after` of its `total` steps ends with a preview: it
+    passed a multiple of `every`, and it was not the last (the final latents follow that one)."""
+    return every > 0 and after < total and after // every > before // every
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +217,8 @@ class DenoiseJob:
     blend_mask: np.ndarray | None = None  # (N, h, w, 1): latent blending towards init_latents (1 repaints)
     class_labels: np.ndarray | None = None  # (N, *class_labels_shape)
     tenant: str = ""  # who asked (the gateway's API-key tenant): the denoiser shares its batch fairly between them
+    preview_every: int = 0  # k > 0: a preview after each chunk that passes a multiple of k steps (`preview_due`)
+    preview_projection: LatentPreview | None = None  # the latent → RGB map; None: LatentPreview.fallback
 
     @property
     def images(self) -> int:
@@ -306,6 +340,30 @@ def check_priority(priority: Any) -> int:
     return int(priority)
 
 
+def check_preview_every(preview_every: Any) -> int:
+    if (
+        isinstance(preview_every, bool)
+        or not isinstance(preview_every, (int, np.integer))
+        or not 0 <= preview_every <= MAX_PREVIEW_EVERY
+    ):
+        raise InvalidRequest(
+            f"preview_every must be a whole number of steps, 0 (no previews) or more (a preview about every that "
+            f"many steps), got {preview_every!r}"
+        )
+    return int(preview_every)
+
+
+def check_preview_projection(projection: LatentPreview, channels: int) -> None:
+    """A latent → RGB map for this UNet: (3, C) finite weights and 3 finite biases."""
+    weights, bias = np.asarray(projection.weights), np.asarray(projection.bias)
+    if weights.shape != (3, channels) or bias.shape != (3,):
+        raise InvalidRequest(
+            f"preview_projection has {weights.size} weights and {bias.size} biases; this UNet needs {3 * channels} "
+            f"weights (3 × {channels} latent channels, row-major) and 3 biases (the Decoder's ModelInfo.latent_preview)"
+        )
+    check_finite("preview_projection", np.concatenate([weights.ravel(), bias.ravel()]).astype(np.float32))
+
+
 def check_size(height: Any, width: Any, *, multiple: int, what: str = "") -> None:
     """Each side a multiple of the VAE factor, from it up to MAX_SIDE. `what` names an image whose size it is."""
     for name, v in (("height", height), ("width", width)):
@@ -375,6 +433,7 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
     )
     sampler = check_sampler(request.sampler, facts)
     priority = check_priority(request.priority)
+    preview_every = check_preview_every(request.preview_every)
     if request.seed is not None:
         seed = check_seed(request.seed)
     else:  # as diffusers' generator seeds: [0, 2^32)
@@ -393,7 +452,8 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
         prompts=tuple(prompts), negative_prompts=tuple(negatives), num_images=int(n), steps=steps,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler,
         priority=priority, latents=request.latents, init_image=request.init_image, mask_image=request.mask_image,
-        depth_map=None if request.depth_map is None else np.asarray(request.depth_map, np.float32), **mode,
+        depth_map=None if request.depth_map is None else np.asarray(request.depth_map, np.float32),
+        preview_every=preview_every, **mode,
     )  # fmt: skip
 
 
@@ -512,6 +572,9 @@ def check_denoise_job(job: DenoiseJob, facts: ModelFacts) -> None:
     check_guidance(job.guidance_scale, job.guidance_rescale, job.eta)
     check_sampler(job.sampler, facts)
     check_priority(job.priority)
+    check_preview_every(job.preview_every)
+    if job.preview_projection is not None:
+        check_preview_projection(job.preview_projection, c)
     check_size(job.height, job.width, multiple=f)
     latent = (job.height // f, job.width // f)
     if job.latents is not None:

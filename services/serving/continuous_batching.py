@@ -2,14 +2,16 @@
 
     batcher = ContinuousBatcher(stage, facts, chunk=5, max_batch=8, max_queue=8, buckets=(1, 2, 4, 8))
     ticket = batcher.submit(job)          # Overloaded at once when max_queue requests already wait
-    ticket.events.get()                   # (done, total) progress, then ("latents", NHWC array) or ("error", exc)
+    ticket.events.get()                   # (done, total, x̂₀ or None) progress, then ("latents", NHWC) or ("error", exc)
     batcher.cancel(ticket)                # frees its slots at the next chunk boundary
     batcher.drain(seconds)                # shutting down: admit nothing, finish what runs, end the rest
 
 Every request becomes one slot per image (`DenoiserStage.job_slots`). The thread keeps a running
 batch per latent shape and runs compiled chunks of `chunk` steps; between chunks finished images
 leave, cancelled requests are dropped and waiting requests join, each slot at its own step, step
-count, sampler and guidance: one compiled program serves them all.
+count, sampler and guidance: one compiled program serves them all. A request with preview_every k
+gets its first image's x̂₀ (to the host, one image) with the progress of each chunk that passed a
+multiple of k steps (`contract.preview_due`); the others pay nothing for it.
 
 Who joins is fair across tenants (`DenoiseJob.tenant`, the gateway's API-key tenant): the next
 request comes from the tenant with the fewest images running, and within a tenant by priority,
@@ -45,7 +47,7 @@ import numpy as np
 
 from sdmesh.services.engine.denoise import RunningBatch, Slot, group_key
 from sdmesh.services.engine.stages import DenoiserStage
-from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts
+from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts, preview_due
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving.errors import Draining, OutOfDeviceMemory, Overloaded, is_out_of_memory
 
@@ -60,7 +62,8 @@ class Ticket:
 
     def __init__(self, job: DenoiseJob, seq: int):
         self.job, self.seq = job, seq
-        self.events: queue.Queue = queue.Queue()  # (done, total) progress, then ("latents", array) or ("error", exc)
+        # (done, total, x̂₀ (h, w, C) or None) progress, then ("latents", array) or ("error", exc)
+        self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.slots: list[Slot] = []
         self.states: list[Any] | None = None  # while suspended: its slots' whole state, to resume from
@@ -404,8 +407,9 @@ class ContinuousBatcher:
         for ticket in self._in(batch):
             done = min(s.steps_done for s in ticket.slots)
             if done > ticket.reported:
+                due = preview_due(ticket.reported, done, ticket.total, ticket.job.preview_every)
                 ticket.reported = done
-                ticket.events.put((done, ticket.total))
+                ticket.events.put((done, ticket.total, self._x0(batch, ticket.slots[0]) if due else None))
             if all(s.done for s in ticket.slots):
                 finished[id(ticket)] = ticket
         if finished:
@@ -415,6 +419,15 @@ class ContinuousBatcher:
                 if self.metrics is not None:
                     self.metrics.images_served(ticket.job.images)
             self._tickets = [t for t in self._tickets if id(t) not in finished]
+
+    @staticmethod
+    def _x0(batch: RunningBatch, slot: Slot) -> np.ndarray | None:
+        """The slot's current x̂₀ (h, w, C) as the chunk left it on the device: one image to the host."""
+        state = batch.device_state
+        # a batch sharded across processes is not this process's to read whole: no previews there
+        if state is None or not getattr(state.x0_history, "is_fully_addressable", True):
+            return None
+        return np.asarray(state.x0_history[batch.slots.index(slot), 0])  # table.SlotState: most recent first
 
     def _chunk_failed(self, key: tuple, batch: RunningBatch, error: Exception) -> None:
         """Fail only this batch's requests; on a device OOM first retry with the latest joiners suspended."""

@@ -6,6 +6,10 @@ With --max-batch above 1, concurrent Decode calls of the same latent size share 
 and each call gets its own images back. The VAE decodes each image on its own (GroupNorm and the
 mid-block attention are per image), so an image does not depend on its batch-mates (measured:
 tests/test_batching.py).
+
+ModelInfo.latent_preview is the VAE's latent → RGB map for the denoiser's live previews
+(`DecoderStage.latent_preview`: fitted once, at warm-up, from a few decodes); the gateway forwards it with
+each Denoise that asks for previews.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import MAX_IMAGES, MAX_SIDE
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.inputs.images import preprocess_image
-from sdmesh.services.serving import batching, server
+from sdmesh.services.serving import batching, server, wire
 from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from sdmesh.v1.tensors import from_proto, to_proto
@@ -149,6 +153,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
             ],
             model_facts=facts,
             batching=batching.info(self.batcher),
+            latent_preview=wire.latent_preview_to_proto(self.stage.latent_preview()),  # fitted at warm-up (else now)
         )
 
     def warm_up(self, shapes: list[tuple[int, int, int]]) -> None:
@@ -156,6 +161,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         f = self.stage.scale_factor
         for batch, height, width in warm_up_shapes(shapes, self.batcher.buckets):
             self.decode(np.zeros((batch, height // f, width // f, self.latent_channels), np.float32))
+        self.stage.latent_preview()  # the previews' map, for ModelInfo (batch 1 at the native size: compiled above)
 
     def close(self) -> None:
         """Finish the calls waiting for the device, then stop batching."""

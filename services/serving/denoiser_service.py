@@ -4,7 +4,9 @@ Each call is decoded (`wire.denoise_job_from_proto`), checked against the model
 (`DenoiserStage.check`: the contract's rules, then the sampler's plan) and handed to the
 `ContinuousBatcher`, which runs it in a shared running batch; after each chunk its stream
 carries Progress(step i of N), then the final latents. At most `max_queue` requests wait;
-the next gets RESOURCE_EXHAUSTED at once.
+the next gets RESOURCE_EXHAUSTED at once. With preview_every, some progress events carry a JPEG of
+the first image's x̂₀ under the request's latent → RGB map (`stages.preview_jpeg`), encoded here,
+on the call's own thread, not on the device thread.
 
 Initial noise from a seed is `DenoiserStage.noise(seed, …)`, and that seed also seeds the
 η stream, as the in-process pipeline does; with given latents, `noise_seed` seeds it.
@@ -22,7 +24,7 @@ import numpy as np
 
 from sdmesh.services.checkpoints import checkpoint
 from sdmesh.services.checkpoints.weights import CheckpointError
-from sdmesh.services.engine.stages import DenoiserStage
+from sdmesh.services.engine.stages import DenoiserStage, preview_jpeg
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
@@ -44,8 +46,10 @@ def denoiser_facts(stage: DenoiserStage, folder: Path) -> ModelFacts:
     return stage.facts(vae_scale_factor=f, max_length=length)
 
 
-def progress_to_proto(done: int, total: int) -> denoiser_pb2.DenoiseEvent:
-    return denoiser_pb2.DenoiseEvent(progress=common_pb2.Progress(stage="denoise", step=done, total_steps=total))
+def progress_to_proto(done: int, total: int, preview: bytes = b"") -> denoiser_pb2.DenoiseEvent:
+    return denoiser_pb2.DenoiseEvent(
+        progress=common_pb2.Progress(stage="denoise", step=done, total_steps=total, preview=preview)
+    )
 
 
 def latents_to_proto(latents_nhwc: Any) -> denoiser_pb2.DenoiseEvent:
@@ -73,9 +77,10 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
 
     def run(
         self, job: DenoiseJob, active: Callable[[], bool] = lambda: True
-    ) -> Iterator[tuple[int, int, np.ndarray | None]]:
-        """(steps done, steps in all, None) after each chunk, then (total, total, final latents NHWC); cancels the
-        request once `active()` is false."""
+    ) -> Iterator[tuple[int, int, np.ndarray | None, bytes]]:
+        """(steps done, steps in all, None, preview JPEG or b"") after each chunk, then (total, total, final latents
+        NHWC, b""); cancels the request once `active()` is false."""
+        projection = job.preview_projection or contract.LatentPreview.fallback(self.facts.latent_channels)
         ticket = self.batcher.submit(job)
         try:
             while True:
@@ -86,11 +91,12 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                         return
                     continue
                 if event[0] == "latents":
-                    yield ticket.total, ticket.total, event[1]
+                    yield ticket.total, ticket.total, event[1], b""
                     return
                 if event[0] == "error":
                     raise event[1]
-                yield event[0], event[1], None
+                done, total, x0 = event
+                yield done, total, None, b"" if x0 is None else preview_jpeg(x0, projection)
                 if not active():
                     return
         finally:
@@ -105,9 +111,9 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             job.images, job.steps, job.height, job.width, (job.height // f, job.width // f), self.budget
         )
         latents = None
-        for done, total, latents in self.run(job, context.is_active):
+        for done, total, latents, preview in self.run(job, context.is_active):
             if latents is None:
-                yield progress_to_proto(done, total)
+                yield progress_to_proto(done, total, preview)
         if context.is_active() and latents is not None:
             yield latents_to_proto(latents)
 

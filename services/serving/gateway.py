@@ -424,6 +424,7 @@ def request_from_proto(request: gateway_pb2.GenerateRequest) -> GenerationReques
         depth_map=decoded("depth_map", images.decode_depth),
         strength=request.strength if request.HasField("strength") else None,
         noise_level=request.noise_level if request.HasField("noise_level") else None,
+        preview_every=request.preview_every,
     )  # fmt: skip
 
 
@@ -444,9 +445,11 @@ class PooledStages:
     within the client's deadline, cancelled with it, retried on another replica when that can help."""
 
     def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, down: Downstream,
-                 tenant: str = ""):  # fmt: skip
+                 tenant: str = "", preview_projection: contract.LatentPreview | None = None):  # fmt: skip
         self.encoders, self.denoisers, self.decoders, self.down = encoders, denoisers, decoders, down
         self.tenant = tenant  # sent with Denoise: the denoiser shares its batch fairly between tenants
+        # sent with a Denoise that asks for previews: the decoder's latent → RGB map (None: the denoiser's fallback)
+        self.preview_projection = preview_projection
 
     def _unary(self, pool: ReplicaPool, method: str, message: Any) -> Any:
         def run(replica: Replica, timeout: float | None) -> Any:
@@ -473,8 +476,10 @@ class PooledStages:
         return wire.nhwc(from_proto(reply.latents, name="latents", dtype="float32", ndim=4))
 
     def denoise(self, job: DenoiseJob) -> Generator[chain.Progress, None, np.ndarray]:
-        message = wire.denoise_job_to_proto(job)
+        message = wire.denoise_job_to_proto(job)  # with job.preview_every
         message.tenant = self.tenant
+        if job.preview_every and self.preview_projection is not None:
+            message.preview_projection.CopyFrom(wire.latent_preview_to_proto(self.preview_projection))
         seen = 0  # the client's progress: a retried Denoise starts again at step 0, and says nothing until past it
 
         def run(replica: Replica, timeout: float | None) -> Generator[chain.Progress, None, np.ndarray]:
@@ -486,7 +491,7 @@ class PooledStages:
                     p = event.progress
                     if p.step > seen:
                         seen = p.step
-                        yield chain.Progress(p.stage, p.step, p.total_steps)
+                        yield chain.Progress(p.stage, p.step, p.total_steps, p.preview)
                 elif event.HasField("latents"):
                     latents = wire.nhwc(from_proto(event.latents, name="latents", dtype="float32", ndim=4))
             if latents is None:
@@ -505,7 +510,8 @@ class PooledStages:
 def event_to_proto(event: chain.Progress | chain.Generated) -> gateway_pb2.GenerateEvent:
     if isinstance(event, chain.Progress):
         return gateway_pb2.GenerateEvent(progress=common_pb2.Progress(stage=event.stage, step=event.step,
-                                                                      total_steps=event.total_steps))  # fmt: skip
+                                                                      total_steps=event.total_steps,
+                                                                      preview=event.preview))  # fmt: skip
     result = gateway_pb2.GenerateResult(images=png_bytes(event.images), seed=event.seed,
                                         truncation_notes=event.truncation_notes)  # fmt: skip
     return gateway_pb2.GenerateEvent(result=result)
@@ -532,6 +538,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self._lock = threading.Lock()
         self._facts = facts
         self._denoiser_info: common_pb2.ModelInfo | None = None
+        self._decoder_info: common_pb2.ModelInfo | None = None  # asked once, by the first request with previews
 
     @property
     def inflight(self) -> int:
@@ -558,6 +565,24 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             self._denoiser_info = call_stage(self.denoisers, down, run, "Denoiser.ModelInfo")
         return self._denoiser_info
 
+    # -- the previews' latent → RGB map, asked of the decoder once (it has the VAE), when a request first wants one --
+
+    def decoder_info(self, down: Downstream) -> common_pb2.ModelInfo:
+        if self._decoder_info is None:
+
+            def run(replica: Replica, timeout: float | None) -> common_pb2.ModelInfo:
+                # a decoder that skipped its warm-up fits the map now: a few decodes
+                return replica.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=min(timeout or 60.0, 60.0))
+
+            self._decoder_info = call_stage(self.decoders, down, run, "Decoder.ModelInfo")
+        return self._decoder_info
+
+    def preview_projection(self, down: Downstream) -> contract.LatentPreview | None:
+        """The decoder's ModelInfo.latent_preview, for PooledStages; None from a decoder that reports none (then the
+        denoiser's fallback map)."""
+        info = self.decoder_info(down)
+        return wire.latent_preview_from_proto(info.latent_preview) if info.HasField("latent_preview") else None
+
     # -- one request, for any front (gRPC here, HTTP in services/http) --
 
     def admit(self, request: gateway_pb2.GenerateRequest, call: Call, tenant: Tenant) -> Admitted:
@@ -575,6 +600,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                     raise Refused(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"the gateway has {self.max_inflight} requests in flight (its --max-inflight); retry later",
+                        retry_after=1.0,
                     )
                 self._inflight += 1
                 admitted.holds_inflight = True
@@ -683,7 +709,9 @@ class Admitted:
             assert self.job is not None and self.facts is not None
             with refusals():
                 stages = PooledStages(service.encoders, service.denoisers, service.decoders, self.down,
-                                      tenant=self.tenant.name)  # fmt: skip
+                                      tenant=self.tenant.name,
+                                      preview_projection=service.preview_projection(self.down)
+                                      if self.job.preview_every else None)  # fmt: skip
                 for event in chain.generate(stages, self.job, self.facts):
                     if isinstance(event, chain.Generated):
                         service.metrics.images_served(len(event.images))
@@ -765,6 +793,22 @@ def tenants_from_args(args: argparse.Namespace) -> Tenants:
         raise InvalidRequest(str(e)) from None
 
 
+def serve_http(service: GatewayService, args: argparse.Namespace, own_tls: tls.ServerTLS | None) -> Any:
+    """The HTTP front (services/http) on --http-port beside gRPC, in this process; None without the flag."""
+    if getattr(args, "http_port", None) is None:
+        return None
+    from sdmesh.services.http.app import serve
+    from sdmesh.services.http.common import Front
+    from sdmesh.services.http.jobs import Jobs
+
+    jobs = Jobs(service, keep_seconds=args.http_keep_seconds)
+    front = Front(service, jobs=jobs, max_body_bytes=args.http_max_body, preview_every=args.http_preview_every)
+    http = serve(front, args.host, args.http_port, tls=own_tls, drain_seconds=args.drain_seconds)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    log.warning("sdmesh HTTP front on %s://%s:%d/ (API document at /docs)", http.scheme, host, http.port)
+    return http
+
+
 def main(args: argparse.Namespace) -> int:
     """`sdmesh serve gateway`: serve until SIGTERM or SIGINT, then stop cleanly. Wiring only."""
     import signal
@@ -801,6 +845,7 @@ def main(args: argparse.Namespace) -> int:
     for name in ("", "sdmesh.v1.Gateway"):  # until the stages answer (below)
         server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
+    http = serve_http(service, args, own_tls)
     log.warning(
         "sdmesh.v1.Gateway listening on %s:%d, %s (encoder %s; denoiser %s; decoder %s; stage channels %s)",
         args.host,
@@ -826,7 +871,11 @@ def main(args: argparse.Namespace) -> int:
     # which are still up: `sdmesh up` and compose stop the gateway first.
     log.warning("sdmesh.v1.Gateway stopping: letting requests in flight finish for up to %.0fs", args.drain_seconds)
     server.health.enter_graceful_shutdown()
+    if http is not None:
+        http.stop_accepting()
     stop_when_idle(server, args.drain_seconds, lambda: service.inflight > 0)
+    if http is not None:
+        http.stop(seconds=1.0)
     for pool in pools:
         pool.close()
     service.metrics.close()

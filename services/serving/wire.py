@@ -2,6 +2,7 @@
 
     facts_to_proto(facts) / facts_from_proto(message, source=...)      ModelFacts ↔ common.ModelFacts
     denoise_job_to_proto(job) / denoise_job_from_proto(request, facts) DenoiseJob ↔ DenoiseRequest
+    latent_preview_to_proto(map) / latent_preview_from_proto(message)  LatentPreview ↔ common.LatentPreview
 
 Arrays are NHWC inside and NCHW on the wire (as diffusers' latents); tensors are checked on arrival
 (`sdmesh.v1.tensors`). What a value may be is `contract`'s business: these functions only move it.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdmesh.services.inputs import contract
-from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts
+from sdmesh.services.inputs.contract import DenoiseJob, LatentPreview, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.v1 import common_pb2, denoiser_pb2
 from sdmesh.v1.tensors import from_proto, to_proto
@@ -48,6 +49,21 @@ def facts_from_proto(message: common_pb2.ModelFacts, *, source: str) -> ModelFac
     )  # fmt: skip
 
 
+def latent_preview_to_proto(projection: LatentPreview) -> common_pb2.LatentPreview:
+    return common_pb2.LatentPreview(
+        weights=np.asarray(projection.weights, np.float32).ravel().tolist(),  # (3, C) row-major
+        bias=np.asarray(projection.bias, np.float32).ravel().tolist(),
+    )
+
+
+def latent_preview_from_proto(message: common_pb2.LatentPreview) -> LatentPreview:
+    """The map as sent: 3 × C weights as (3, C) (any other count kept flat, for the contract's check to name)."""
+    weights = np.asarray(message.weights, np.float32)
+    bias = np.asarray(message.bias, np.float32)
+    return LatentPreview(weights=weights.reshape(3, -1) if weights.size and weights.size % 3 == 0 else weights,
+                         bias=bias)  # fmt: skip
+
+
 def nchw(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2))
 
@@ -61,7 +77,10 @@ def denoise_job_to_proto(job: DenoiseJob) -> denoiser_pb2.DenoiseRequest:
         cond=to_proto(np.asarray(job.cond, np.float32)), num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale, guidance_rescale=job.guidance_rescale, eta=job.eta, height=job.height,
         width=job.width, sampler=job.sampler or "", priority=job.priority, tenant=job.tenant,
+        preview_every=job.preview_every,
     )  # fmt: skip
+    if job.preview_projection is not None:
+        request.preview_projection.CopyFrom(latent_preview_to_proto(job.preview_projection))
     if job.uncond is not None:
         request.uncond.CopyFrom(to_proto(np.asarray(job.uncond, np.float32)))
     request.noise_seed = job.seed
@@ -128,5 +147,7 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFac
         height=height, width=width, sampler=request.sampler or None, priority=request.priority,
         init_latents=image_input("init_latents"), strength=request.strength if request.HasField("strength") else 1.0,
         extra=image_input("extra"), blend_mask=image_input("blend_mask"), class_labels=labels,
-        tenant=request.tenant,
+        tenant=request.tenant, preview_every=request.preview_every,
+        preview_projection=(latent_preview_from_proto(request.preview_projection)
+                            if request.HasField("preview_projection") else None),
     )  # fmt: skip

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sdmesh/v1/common.proto\x12\tsdmesh.v1\"<\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0btotal_steps\x18\x03 \x01(\r\"\x12\n\x10ModelInfoRequest\"\xb7\x03\n\tModelInfo\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rweights_dtype\x18\x03 \x01(\t\x12\x19\n\x11\x61\x63tivations_dtype\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12,\n\x04mesh\x18\x06 \x03(\x0b\x32\x1e.sdmesh.v1.ModelInfo.MeshEntry\x12\x31\n\x0f\x63ompiled_shapes\x18\x07 \x03(\x0b\x32\x18.sdmesh.v1.CompiledShape\x12*\n\x0bmodel_facts\x18\t \x01(\x0b\x32\x15.sdmesh.v1.ModelFacts\x12%\n\x08\x62\x61tching\x18\n \x01(\x0b\x32\x13.sdmesh.v1.Batching\x12.\n\rdenoiser_load\x18\x0b \x01(\x0b\x32\x17.sdmesh.v1.DenoiserLoad\x12\x30\n\x0egateway_stages\x18\x0c \x01(\x0b\x32\x18.sdmesh.v1.GatewayStages\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01J\x04\x08\x08\x10\t\"\x8f\x03\n\nModelFacts\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x10vae_scale_factor\x18\x02 \x01(\r\x12\x17\n\x0flatent_channels\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x04 \x01(\r\x12\x15\n\rdefault_width\x18\x05 \x01(\r\x12\x11\n\tmax_steps\x18\x06 \x01(\r\x12\x10\n\x08samplers\x18\x07 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_sampler\x18\x08 \x01(\t\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x12\n\nmax_length\x18\n \x01(\r\x12\x17\n\x0fprediction_type\x18\x0b \x01(\t\x12\x16\n\x0e\x65xtra_channels\x18\x0c \x01(\r\x12\x18\n\x10has_class_labels\x18\r \x01(\x08\x12\x1a\n\x12\x63lass_labels_shape\x18\x0e \x03(\r\x12\x17\n\x0fmax_noise_level\x18\x0f \x01(\r\x12\x12\n\nmax_images\x18\x10 \x01(\r\x12\x16\n\x0escaling_factor\x18\x11 \x01(\x02\"j\n\x08\x42\x61tching\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x03 \x03(\r\x12\x15\n\rbatch_wait_ms\x18\x04 \x01(\x02\x12\x13\n\x0b\x63hunk_steps\x18\x05 \x01(\r\"\xa4\x01\n\x0c\x44\x65noiserLoad\x12\x15\n\rrunning_slots\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x12\n\npeak_slots\x18\x03 \x01(\r\x12\x15\n\rpeak_requests\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x04\x12\x15\n\rshared_chunks\x18\x06 \x01(\x04\x12\x11\n\tpreempted\x18\x07 \x01(\x04\"t\n\rGatewayStages\x12\x18\n\x10\x65ncoder_replicas\x18\x01 \x03(\t\x12\x19\n\x11\x64\x65noiser_replicas\x18\x02 \x03(\t\x12\x18\n\x10\x64\x65\x63oder_replicas\x18\x03 \x03(\t\x12\x14\n\x0cmax_inflight\x18\x04 \x01(\r\"N\n\rCompiledShape\x12\x0f\n\x07program\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sdmesh/v1/common.proto\x12\tsdmesh.v1\"M\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x13\n\x0btotal_steps\x18\x03 \x01(\r\x12\x0f\n\x07preview\x18\x04 \x01(\x0c\"\x12\n\x10ModelInfoRequest\"\xe9\x03\n\tModelInfo\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rweights_dtype\x18\x03 \x01(\t\x12\x19\n\x11\x61\x63tivations_dtype\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12,\n\x04mesh\x18\x06 \x03(\x0b\x32\x1e.sdmesh.v1.ModelInfo.MeshEntry\x12\x31\n\x0f\x63ompiled_shapes\x18\x07 \x03(\x0b\x32\x18.sdmesh.v1.CompiledShape\x12*\n\x0bmodel_facts\x18\t \x01(\x0b\x32\x15.sdmesh.v1.ModelFacts\x12%\n\x08\x62\x61tching\x18\n \x01(\x0b\x32\x13.sdmesh.v1.Batching\x12.\n\rdenoiser_load\x18\x0b \x01(\x0b\x32\x17.sdmesh.v1.DenoiserLoad\x12\x30\n\x0egateway_stages\x18\x0c \x01(\x0b\x32\x18.sdmesh.v1.GatewayStages\x12\x30\n\x0elatent_preview\x18\r \x01(\x0b\x32\x18.sdmesh.v1.LatentPreview\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01J\x04\x08\x08\x10\t\".\n\rLatentPreview\x12\x0f\n\x07weights\x18\x01 \x03(\x02\x12\x0c\n\x04\x62ias\x18\x02 \x03(\x02\"\x8f\x03\n\nModelFacts\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x10vae_scale_factor\x18\x02 \x01(\r\x12\x17\n\x0flatent_channels\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x04 \x01(\r\x12\x15\n\rdefault_width\x18\x05 \x01(\r\x12\x11\n\tmax_steps\x18\x06 \x01(\r\x12\x10\n\x08samplers\x18\x07 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_sampler\x18\x08 \x01(\t\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x12\n\nmax_length\x18\n \x01(\r\x12\x17\n\x0fprediction_type\x18\x0b \x01(\t\x12\x16\n\x0e\x65xtra_channels\x18\x0c \x01(\r\x12\x18\n\x10has_class_labels\x18\r \x01(\x08\x12\x1a\n\x12\x63lass_labels_shape\x18\x0e \x03(\r\x12\x17\n\x0fmax_noise_level\x18\x0f \x01(\r\x12\x12\n\nmax_images\x18\x10 \x01(\r\x12\x16\n\x0escaling_factor\x18\x11 \x01(\x02\"j\n\x08\x42\x61tching\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x0f\n\x07\x62uckets\x18\x03 \x03(\r\x12\x15\n\rbatch_wait_ms\x18\x04 \x01(\x02\x12\x13\n\x0b\x63hunk_steps\x18\x05 \x01(\r\"\xa4\x01\n\x0c\x44\x65noiserLoad\x12\x15\n\rrunning_slots\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x12\n\npeak_slots\x18\x03 \x01(\r\x12\x15\n\rpeak_requests\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\x04\x12\x15\n\rshared_chunks\x18\x06 \x01(\x04\x12\x11\n\tpreempted\x18\x07 \x01(\x04\"t\n\rGatewayStages\x12\x18\n\x10\x65ncoder_replicas\x18\x01 \x03(\t\x12\x19\n\x11\x64\x65noiser_replicas\x18\x02 \x03(\t\x12\x18\n\x10\x64\x65\x63oder_replicas\x18\x03 \x03(\t\x12\x14\n\x0cmax_inflight\x18\x04 \x01(\r\"N\n\rCompiledShape\x12\x0f\n\x07program\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_MESHENTRY']._loaded_options = None
   _globals['_MODELINFO_MESHENTRY']._serialized_options = b'8\001'
   _globals['_PROGRESS']._serialized_start=37
-  _globals['_PROGRESS']._serialized_end=97
-  _globals['_MODELINFOREQUEST']._serialized_start=99
-  _globals['_MODELINFOREQUEST']._serialized_end=117
-  _globals['_MODELINFO']._serialized_start=120
-  _globals['_MODELINFO']._serialized_end=559
-  _globals['_MODELINFO_MESHENTRY']._serialized_start=510
-  _globals['_MODELINFO_MESHENTRY']._serialized_end=553
-  _globals['_MODELFACTS']._serialized_start=562
-  _globals['_MODELFACTS']._serialized_end=961
-  _globals['_BATCHING']._serialized_start=963
-  _globals['_BATCHING']._serialized_end=1069
-  _globals['_DENOISERLOAD']._serialized_start=1072
-  _globals['_DENOISERLOAD']._serialized_end=1236
-  _globals['_GATEWAYSTAGES']._serialized_start=1238
-  _globals['_GATEWAYSTAGES']._serialized_end=1354
-  _globals['_COMPILEDSHAPE']._serialized_start=1356
-  _globals['_COMPILEDSHAPE']._serialized_end=1434
+  _globals['_PROGRESS']._serialized_end=114
+  _globals['_MODELINFOREQUEST']._serialized_start=116
+  _globals['_MODELINFOREQUEST']._serialized_end=134
+  _globals['_MODELINFO']._serialized_start=137
+  _globals['_MODELINFO']._serialized_end=626
+  _globals['_MODELINFO_MESHENTRY']._serialized_start=577
+  _globals['_MODELINFO_MESHENTRY']._serialized_end=620
+  _globals['_LATENTPREVIEW']._serialized_start=628
+  _globals['_LATENTPREVIEW']._serialized_end=674
+  _globals['_MODELFACTS']._serialized_start=677
+  _globals['_MODELFACTS']._serialized_end=1076
+  _globals['_BATCHING']._serialized_start=1078
+  _globals['_BATCHING']._serialized_end=1184
+  _globals['_DENOISERLOAD']._serialized_start=1187
+  _globals['_DENOISERLOAD']._serialized_end=1351
+  _globals['_GATEWAYSTAGES']._serialized_start=1353
+  _globals['_GATEWAYSTAGES']._serialized_end=1469
+  _globals['_COMPILEDSHAPE']._serialized_start=1471
+  _globals['_COMPILEDSHAPE']._serialized_end=1549
 # @@protoc_insertion_point(module_scope)

@@ -7,21 +7,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Progress(_message.Message):
-    __slots__ = ("stage", "step", "total_steps")
+    __slots__ = ("stage", "step", "total_steps", "preview")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     stage: str
     step: int
     total_steps: int
-    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
+    preview: bytes
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., preview: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("service", "model", "weights_dtype", "activations_dtype", "devices", "mesh", "compiled_shapes", "model_facts", "batching", "denoiser_load", "gateway_stages")
+    __slots__ = ("service", "model", "weights_dtype", "activations_dtype", "devices", "mesh", "compiled_shapes", "model_facts", "batching", "denoiser_load", "gateway_stages", "latent_preview")
     class MeshEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class ModelInfo(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     DENOISER_LOAD_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_STAGES_FIELD_NUMBER: _ClassVar[int]
+    LATENT_PREVIEW_FIELD_NUMBER: _ClassVar[int]
     service: str
     model: str
     weights_dtype: str
@@ -51,7 +54,16 @@ class ModelInfo(_message.Message):
     batching: Batching
     denoiser_load: DenoiserLoad
     gateway_stages: GatewayStages
-    def __init__(self, service: _Optional[str] = ..., model: _Optional[str] = ..., weights_dtype: _Optional[str] = ..., activations_dtype: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh: _Optional[_Mapping[str, int]] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., model_facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., denoiser_load: _Optional[_Union[DenoiserLoad, _Mapping]] = ..., gateway_stages: _Optional[_Union[GatewayStages, _Mapping]] = ...) -> None: ...
+    latent_preview: LatentPreview
+    def __init__(self, service: _Optional[str] = ..., model: _Optional[str] = ..., weights_dtype: _Optional[str] = ..., activations_dtype: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh: _Optional[_Mapping[str, int]] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., model_facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., denoiser_load: _Optional[_Union[DenoiserLoad, _Mapping]] = ..., gateway_stages: _Optional[_Union[GatewayStages, _Mapping]] = ..., latent_preview: _Optional[_Union[LatentPreview, _Mapping]] = ...) -> None: ...
+
+class LatentPreview(_message.Message):
+    __slots__ = ("weights", "bias")
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    bias: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, weights: _Optional[_Iterable[float]] = ..., bias: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelFacts(_message.Message):
     __slots__ = ("kind", "vae_scale_factor", "latent_channels", "default_height", "default_width", "max_steps", "samplers", "default_sampler", "hidden_size", "max_length", "prediction_type", "extra_channels", "has_class_labels", "class_labels_shape", "max_noise_level", "max_images", "scaling_factor")

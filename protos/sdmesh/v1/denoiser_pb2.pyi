@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed", "sampler", "priority", "init_latents", "strength", "extra", "blend_mask", "class_labels", "tenant")
+    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed", "sampler", "priority", "init_latents", "strength", "extra", "blend_mask", "class_labels", "tenant", "preview_every", "preview_projection")
     COND_FIELD_NUMBER: _ClassVar[int]
     UNCOND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class DenoiseRequest(_message.Message):
     BLEND_MASK_FIELD_NUMBER: _ClassVar[int]
     CLASS_LABELS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_PROJECTION_FIELD_NUMBER: _ClassVar[int]
     cond: _tensor_pb2.Tensor
     uncond: _tensor_pb2.Tensor
     seed: int
@@ -47,7 +49,9 @@ class DenoiseRequest(_message.Message):
     blend_mask: _tensor_pb2.Tensor
     class_labels: _tensor_pb2.Tensor
     tenant: str
-    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., extra: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., blend_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., class_labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    preview_every: int
+    preview_projection: _common_pb2.LatentPreview
+    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., extra: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., blend_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., class_labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tenant: _Optional[str] = ..., preview_every: _Optional[int] = ..., preview_projection: _Optional[_Union[_common_pb2.LatentPreview, _Mapping]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "latents")
