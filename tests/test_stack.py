@@ -366,7 +366,8 @@ def test_openai_and_webuiapi_get_the_gateways_images_pixel_for_pixel(up):
     init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     mask = Image.fromarray(np.tile(np.uint8([0, 255]), (32, 16)))
     with Client(up.address, timeout=60) as client:
-        grpc_txt = client.generate("a red fox", steps=STEPS, seed=5, sampler="euler-ancestral", guidance_scale=6.0)
+        grpc_txt = client.generate("a red fox", steps=STEPS, seed=5, sampler="euler-ancestral", guidance_scale=6.0,
+                                   width=32, height=32)  # fmt: skip
         grpc_edit = client.generate("a red fox", steps=STEPS, seed=6, init_image=init, strength=0.6)
         grpc_inpaint = client.generate("a red fox", steps=STEPS, seed=7, init_image=init, mask_image=mask,
                                        strength=0.75)  # fmt: skip
