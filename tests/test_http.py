@@ -8,6 +8,7 @@ can be compared with `Gateway.Generate`'s for the same request. With the real mo
 import base64
 import io
 import json
+import ssl
 import threading
 
 import grpc
@@ -361,3 +362,34 @@ def test_http_and_grpc_share_the_gateways_metrics(front):
 
     text = generate_latest(front.stack.service.metrics.registry).decode()
     assert 'code="INVALID_ARGUMENT"' in text
+
+
+def test_openai_lists_the_served_model(front):
+    models = front.openai().models.list()
+    assert [m.id for m in models.data] == ["fake"]
+
+
+def test_an_edit_sent_as_a_list_of_one_image_works(front):
+    result = front.openai().images.edit(image=[("in.png", init_image(), "image/png")], prompt="a cat",
+                                        extra_body={"steps": 2, "seed": 3})  # fmt: skip
+    assert len(result.data) == 1
+
+
+def test_the_front_serves_https_with_the_gateways_certificate(tmp_path):
+    from sdmesh.services.serving import tls
+
+    certificates = tls.make_local_certificates(tmp_path)
+    own = tls.server_tls(certificates.server_cert, certificates.server_key)
+    stack = Stack([FakeDenoiser()])
+    http = serve(Front(stack.service), "127.0.0.1", 0, tls=own)
+    try:
+        url = f"https://127.0.0.1:{http.port}"
+        trusting = ssl.create_default_context(cafile=str(certificates.ca))
+        answer = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 2}, verify=trusting,
+                            timeout=30)  # fmt: skip
+        assert answer.status_code == 200 and answer.json()["data"][0]["b64_json"]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)  # not trusting the CA: the handshake fails
+    finally:
+        http.stop(2)
+        stack.close()

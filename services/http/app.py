@@ -283,10 +283,10 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def jsonable(errors: Any) -> Any:
-    from fastapi.encoders import jsonable_encoder
-
-    return jsonable_encoder(errors)
+def jsonable(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI's validation errors without their inputs (which may be bytes that are not text, or huge)."""
+    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors]  # fmt: skip
 
 
 def error_response(request: Request, code: grpc.StatusCode, message: str, *, param: str | None = None,

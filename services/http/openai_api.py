@@ -9,6 +9,7 @@ moderation, output_format, ...) are ignored.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from typing import Annotated, Any, Literal
@@ -57,9 +58,26 @@ class ImagesResponse(BaseModel):
     expires_at: int | None = Field(default=None, description="sdmesh: when `url` links stop working (Unix time).")
 
 
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "sdmesh"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
 def router(front: Front) -> APIRouter:
     """The OpenAI routes."""
     api = APIRouter(tags=["OpenAI Images"])
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def list_models(who: Caller) -> ModelList:
+        """The one model the gateway serves, as OpenAI's model list (clients list models before they ask)."""
+        return ModelList(data=[Model(id=await asyncio.to_thread(front.model_name))])
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
     async def create_image(body: ImageGenerationRequest, request: Request, who: Caller) -> ImagesResponse:

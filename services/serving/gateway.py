@@ -832,9 +832,10 @@ def main(args: argparse.Namespace) -> int:
     service = GatewayService(*pools, max_inflight=args.max_inflight, tenants=tenants,
                              max_work=args.max_work, max_side=args.max_side)  # fmt: skip
     if tenants.required:
-        log.warning("sdmesh.v1.Gateway requires API keys: %d tenants (%s)", len(tenants.tenants), args.api_keys)
+        log.warning("sdmesh.v1.Gateway requires API keys (gRPC and HTTP): %d tenants (%s)", len(tenants.tenants),
+                    args.api_keys)  # fmt: skip
     else:
-        log.warning("sdmesh.v1.Gateway is open: no --api-keys, every caller is served")
+        log.warning("sdmesh.v1.Gateway is open: no --api-keys, every caller is served (gRPC and HTTP)")
     server, port = build_server(
         service, f"{args.host}:{args.port}", credentials=own_tls.credentials() if own_tls else None
     )
