@@ -67,7 +67,8 @@ def test_the_gateway_addresses_agree_with_the_stage_ports(services):
     for name in STAGES:
         host_port = option(gateway, f"--{name}").removeprefix("dns:///")
         assert host_port == f"{name}:{option(services[name]['command'], '--port')}"
-    assert services["gateway"]["ports"] == [f"{option(gateway, '--port')}:{option(gateway, '--port')}"]
+    grpc_port, http_port = option(gateway, "--port"), option(gateway, "--http-port")
+    assert services["gateway"]["ports"] == [f"{grpc_port}:{grpc_port}", f"{http_port}:{http_port}"]  # and the page
     assert set(services["gateway"]["depends_on"]) == set(STAGES)
     assert all(c == {"condition": "service_healthy"} for c in services["gateway"]["depends_on"].values())
 
