@@ -23,6 +23,7 @@ import zlib
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -321,7 +322,7 @@ def near_valid(draw, cls, fields: dict[str, Field], *, most_broken: int = 2):
         value = draw(field.bad if name in broken else field.valid)
         if value is None:
             continue
-        if isinstance(value, tensor_pb2.Tensor):
+        if isinstance(value, Message):  # a Tensor, or any message field added since
             getattr(message, name).CopyFrom(value)
         elif isinstance(value, list):
             getattr(message, name).extend(value)
