@@ -90,6 +90,8 @@ def test_the_request_layer_and_the_gateways_path_load_no_jax():
         "services/chain.py",
         "services/engine/errors.py",
         "services/checkpoints/weights.py",
+        "services/checkpoints/lora.py",  # adapters are read where they are served, the gateway's path included
+        "services/checkpoints/embeddings.py",
         "services/http/*.py",  # the HTTP front runs in the gateway's process
     ) + [
         ROOT / "services" / "serving" / f"{name}.py"
