@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -68,6 +69,24 @@ def _resolution(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _lora(text: str) -> tuple[Any, ...]:
+    """NAME, NAME:WEIGHT or NAME:WEIGHT:UNET_WEIGHT (trailing numbers are weights; a name may hold colons)."""
+    parts, weights = text.split(":"), []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            weight = float(parts[-1])
+        except ValueError:
+            break
+        if not math.isfinite(weight):
+            raise argparse.ArgumentTypeError(f"--lora {text!r}: weights must be finite numbers")
+        weights.insert(0, weight)
+        parts.pop()
+    name = ":".join(parts)
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME, NAME:WEIGHT or NAME:WEIGHT:UNET_WEIGHT, got {text!r}")
+    return (name, *weights)
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -82,6 +101,26 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--allow-pickle",
         action="store_true",
         help="allow .bin (PyTorch pickle) weights, read with torch.load(weights_only=True)",
+    )
+    a = p.add_argument_group("adapters", "per-request LoRAs and textual-inversion embeddings, found by name")
+    a.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="LoRA files (.safetensors; .pt/.ckpt with --allow-pickle) requests name by file stem "
+        "(--lora NAME:WEIGHT, <lora:NAME:WEIGHT> in a prompt); loaded on first use",
+    )
+    a.add_argument(
+        "--max-adapters",
+        type=_positive_int,
+        default=8,
+        help="LoRAs held on the device at once; the least recently used leaves (default: %(default)s)",
+    )
+    a.add_argument(
+        "--embeddings-dir",
+        type=Path,
+        metavar="DIR",
+        help="textual-inversion embeddings (.safetensors, .pt/.bin with --allow-pickle): a prompt naming one uses it",
     )
     r = p.add_argument_group("runtime")
     r.add_argument("--weights-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -180,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--priority", type=int, default=0, help="with --server: higher is served first when the denoiser is busy"
+    )
+    gen.add_argument(
+        "--lora",
+        type=_lora,
+        action="append",
+        default=[],
+        metavar="NAME[:WEIGHT[:UNET_WEIGHT]]",
+        help="apply the LoRA file NAME (its stem, in --lora-dir or the server's) at WEIGHT (default 1); "
+        "a third number sets the UNet's weight apart from the text encoder's; repeatable",
     )
     img = gen.add_argument_group(
         "image-conditioned generation",
@@ -700,6 +748,9 @@ def _load(args: argparse.Namespace) -> Any:
         variant=args.variant,
         unet_checkpoint=args.unet_checkpoint,
         allow_pickle=args.allow_pickle,
+        lora_dir=args.lora_dir,
+        max_adapters=args.max_adapters,
+        embeddings_dir=args.embeddings_dir,
         options=options,
     )
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -830,6 +881,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 sampler=args.sampler,
                 priority=args.priority,
+                loras=args.lora,
                 **_image_inputs(args),
             ):
                 if isinstance(event, GenerateResult):
@@ -865,6 +917,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         latents=latents,
         sampler=args.sampler,
+        loras=args.lora,
         **_decoded_image_inputs(args),
     )
     pipe.validate(request)  # fail before compiling anything

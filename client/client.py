@@ -84,6 +84,7 @@ def generate_request(
     depth_map: Any = None,
     noise_level: int | None = None,
     preview_every: int = 0,
+    loras: Sequence[tuple[str, float] | tuple[str, float, float] | str] = (),
 ) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (None means the gateway's default: 1 image, 50 steps, guidance 7.5,
     the native size, a random seed, the checkpoint's own sampler). preview_every k > 0: denoise progress carries a
@@ -91,6 +92,9 @@ def generate_request(
 
     Images (init_image, mask_image, depth_map) may be PNG/JPEG bytes, a PIL image, or a uint8 array; a float
     depth map array is sent as .npy.
+
+    loras: LoRA files the stages hold in their --lora-dir, by stem: `("name", weight)`, `("name", weight,
+    unet_weight)` or just `"name"` (weight 1); `<lora:name:weight>` in the prompt works too.
     """
     request = gateway_pb2.GenerateRequest(
         prompt=prompt,
@@ -116,6 +120,13 @@ def generate_request(
         request.strength = strength
     if noise_level is not None:
         request.noise_level = noise_level
+    for lora in loras:
+        name, *weights = (lora,) if isinstance(lora, str) else lora
+        message = request.loras.add(name=name)
+        if weights:
+            message.weight = weights[0]
+        if len(weights) > 1:
+            message.unet_weight = weights[1]
     return request
 
 

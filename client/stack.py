@@ -315,6 +315,9 @@ def serve_args(args: argparse.Namespace) -> list[str]:
         "drain_seconds",
         "max_work",
         "max_side",
+        "lora_dir",
+        "max_adapters",
+        "embeddings_dir",
     ):
         value = getattr(args, flag, None)
         if value is not None:

@@ -14,7 +14,7 @@ noise from the seed unless latents are given. JAX-free: arrays cross it as numpy
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -53,8 +53,10 @@ class Generated:
 class Stages(Protocol):
     """The four calls the chain makes; arrays are numpy, latents NHWC."""
 
-    def encode(self, prompts: list[str], negative_prompts: list[str] | None) -> Encoded:
-        """Prompts (and, when given, their negatives) in one encoder call."""
+    def encode(
+        self, prompts: list[str], negative_prompts: list[str] | None, loras: Sequence[tuple[str, float]] = ()
+    ) -> Encoded:
+        """Prompts (and, when given, their negatives) in one encoder call, under `loras` (name, text-encoder weight)."""
         ...
 
     def encode_image(self, images: np.ndarray, seed: int, stream: int) -> np.ndarray:
@@ -75,7 +77,7 @@ class Stages(Protocol):
 def generate(stages: Stages, job: Job, facts: ModelFacts) -> Iterator[Progress | Generated]:
     """Run a validated job through the stages: progress events, then the Generated result."""
     negatives = list(job.negative_prompts) if job.guided else None
-    encoded = stages.encode(list(job.prompts), negatives)
+    encoded = stages.encode(list(job.prompts), negatives, [(c.name, c.text_encoder_scale) for c in job.loras])
     yield Progress("encode", 1, 1)
     n = job.num_images
     cond = np.repeat(encoded.cond, n, axis=0)  # each prompt's row num_images times: (P·n, L, D)
@@ -91,6 +93,7 @@ def generate(stages: Stages, job: Job, facts: ModelFacts) -> Iterator[Progress |
         guidance_rescale=job.guidance_rescale, eta=job.eta, height=job.height, width=job.width, sampler=job.sampler,
         priority=job.priority, init_latents=image.init_latents, strength=image.strength, extra=image.extra,
         blend_mask=image.blend_mask, class_labels=image.class_labels, preview_every=job.preview_every,
+        loras=tuple((c.name, c.unet_scale) for c in job.loras),
     )  # fmt: skip
     final = yield from stages.denoise(denoise_job)
     images = stages.decode(final)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -71,12 +72,21 @@ class StableDiffusion:
         variant: str | None = None,
         unet_checkpoint: str | None = None,
         allow_pickle: bool = False,
+        lora_dir: str | Path | None = None,
+        max_adapters: int = LoadOptions.max_adapters,
+        embeddings_dir: str | Path | None = None,
         options: RuntimeOptions = RuntimeOptions(),
     ) -> StableDiffusion:
+        """`lora_dir`: LoRA files requests name by stem (`GenerationRequest.loras`, `<lora:NAME:W>`), at most
+        `max_adapters` on the device at once; `embeddings_dir`: textual-inversion embeddings prompts name."""
         if options.jax_cache_dir:
             enable_compilation_cache(options.jax_cache_dir)
         folder = checkpoint.resolve(model, revision=revision, variant=variant)
-        load = LoadOptions(variant=variant, allow_pickle=allow_pickle, unet_checkpoint=unet_checkpoint)
+        load = LoadOptions(
+            variant=variant, allow_pickle=allow_pickle, unet_checkpoint=unet_checkpoint,
+            lora_dir=None if lora_dir is None else Path(lora_dir), max_adapters=max_adapters,
+            embeddings_dir=None if embeddings_dir is None else Path(embeddings_dir),
+        )  # fmt: skip
         return cls(
             TextEncoderStage.load(folder, options, load),
             DenoiserStage.load(folder, options, load),
@@ -157,7 +167,9 @@ class InProcessStages:
         self.seconds[stage] += time.perf_counter() - t0
         self.compile_seconds[stage] += compile_s
 
-    def encode(self, prompts: list[str], negative_prompts: list[str] | None) -> chain.Encoded:
+    def encode(
+        self, prompts: list[str], negative_prompts: list[str] | None, loras: Sequence[tuple[str, float]] = ()
+    ) -> chain.Encoded:
         t0 = time.perf_counter()
         hidden, removed, compile_s = self.pipe.text_encoder.encode(prompts + (negative_prompts or []))
         hidden = np.asarray(hidden, np.float32)

@@ -152,7 +152,7 @@ class Recording:
     def __init__(self):
         self.calls: list[tuple] = []
 
-    def encode(self, prompts, negative_prompts):
+    def encode(self, prompts, negative_prompts, loras=()):
         self.calls.append(("encode", prompts, negative_prompts))
         p = len(prompts)
         rows = np.arange(p, dtype=np.float32)[:, None, None] * np.ones((p, 77, 16), np.float32)

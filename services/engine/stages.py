@@ -233,6 +233,11 @@ class LoadOptions:
     variant: str | None = None
     allow_pickle: bool = False
     unet_checkpoint: str | None = None  # a UNet folder or .safetensors file replacing the checkpoint's UNet
+    # Per-request adapters: LoRA files found by stem in `lora_dir`, loaded on first use, at most `max_adapters`
+    # on the device (least recently used leave); textual-inversion embeddings from `embeddings_dir`.
+    lora_dir: Path | None = None
+    max_adapters: int = 8
+    embeddings_dir: Path | None = None
 
     def files(self, folder: Path, component: str) -> list[Path]:
         stem = checkpoint.WEIGHT_STEMS[component]

@@ -7,7 +7,7 @@ the tools built on A1111's API) work unchanged with their address pointing here.
                                     inpainting_mask_invert
     GET  /sdapi/v1/progress         the caller's call in progress: progress 0–1, eta_relative, state, current_image
     POST /sdapi/v1/interrupt|skip   stop the caller's generations
-    GET  /sdapi/v1/samplers|schedulers|sd-models|options|scripts;  POST /sdapi/v1/options (accepted, ignored)
+    GET  /sdapi/v1/samplers|schedulers|sd-models|loras|embeddings|options|scripts;  POST /sdapi/v1/options (ignored)
 
 How A1111's meaning maps onto the gateway's:
 
@@ -328,6 +328,13 @@ class ProgressResponse(BaseModel):
     current_image: str | None = Field(default=None, description="Base64 PNG of the image being made (a live preview).")
     textinfo: str | None = None
     current_task: str | None = None
+
+
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
 
 
 class SDModelItem(BaseModel):
@@ -758,6 +765,21 @@ def router(front: Front) -> APIRouter:
         """The one model the gateway serves."""
         name = await model()
         return [SDModelItem(title=name, model_name=name.rstrip("/").rsplit("/", 1)[-1], filename=name)]
+
+    @api.get("/sdapi/v1/loras", response_model=list[LoraItem])
+    async def loras(who: A1111Caller) -> list[LoraItem]:
+        """The LoRA files the stages hold, as A1111's Lora extension lists them: `<lora:NAME:W>` uses one."""
+        found = await asyncio.to_thread(front.adapters)
+        return [LoraItem(name=a.name, alias=a.name, path=a.name, metadata={}) for a in found if a.kind == "lora"]
+
+    @api.get("/sdapi/v1/embeddings")
+    async def embeddings(who: A1111Caller) -> dict[str, Any]:
+        """Textual-inversion embeddings: those a prompt can name, and those skipped (made for another model)."""
+        found = [a for a in await asyncio.to_thread(front.adapters) if a.kind == "embedding"]
+        item = lambda a: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                          "vectors": a.rank}  # fmt: skip
+        return {"loaded": {a.name: item(a) for a in found if not a.error},
+                "skipped": {a.name: item(a) for a in found if a.error}}  # fmt: skip
 
     @api.get("/sdapi/v1/options")
     async def get_options(who: A1111Caller) -> dict[str, Any]:

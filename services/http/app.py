@@ -45,6 +45,7 @@ from sdmesh.services.http import a1111_api, openai_api
 from sdmesh.services.http.common import (
     Caller,
     Front,
+    LoraBody,
     decode_base64,
     error_body,
     generate_request,
@@ -87,6 +88,7 @@ class GenerationBody(BaseModel):
     depth_map: str | None = None
     priority: int = 0
     preview_every: int | None = Field(None, description="Steps between previews; none: the front's default, 0: off.")
+    loras: list[LoraBody] = Field(default_factory=list, description="LoRAs for every image (or <lora:NAME:W>).")
 
     def to_request(self, default_preview_every: int) -> Any:
         seed = None if self.seed is None or self.seed == -1 else self.seed
@@ -98,6 +100,7 @@ class GenerationBody(BaseModel):
             strength=self.strength, noise_level=self.noise_level,
             init_image=decode_base64(self.init_image, "init_image"), mask_image=decode_base64(self.mask, "mask"),
             depth_map=decode_base64(self.depth_map, "depth_map"), priority=self.priority, preview_every=preview,
+            loras=self.loras,
         )  # fmt: skip
 
 
@@ -131,6 +134,14 @@ class JobStatus(BaseModel):
     expires_at: float | None = Field(None, description="When a finished job and its images are dropped.")
 
 
+class AdapterItem(BaseModel):
+    name: str
+    kind: Literal["lora", "embedding"]
+    resident: bool = Field(description="A LoRA held on the device now (others load on first use).")
+    rank: int = Field(description="A LoRA's rank once read; an embedding's vectors.")
+    error: str | None = Field(None, description="Why it cannot be used, if it cannot.")
+
+
 class Info(BaseModel):
     model: str
     kind: str
@@ -143,6 +154,9 @@ class Info(BaseModel):
     default_sampler: str
     api_key_required: bool
     preview_every: int
+    adapters: list[AdapterItem] = Field(
+        default_factory=list, description="LoRAs (by file stem) and textual-inversion embeddings (by token)."
+    )
 
 
 def job_status(job: Job, *, images: bool = True) -> JobStatus:
@@ -201,6 +215,7 @@ def create_app(front: Front) -> FastAPI:
         """What requests are checked against: the model's sizes, steps, samplers and image limit."""
         facts = await asyncio.to_thread(front.facts)
         model = await asyncio.to_thread(front.model_name)
+        adapters = await asyncio.to_thread(front.adapters)
         height, width = facts.default_size or (0, 0)
         return Info(
             model=model, kind=facts.kind, default_width=width, default_height=height,
@@ -208,6 +223,8 @@ def create_app(front: Front) -> FastAPI:
             samplers=list(facts.samplers),
             default_sampler=facts.default_sampler, api_key_required=not front.open,
             preview_every=front.preview_every,
+            adapters=[AdapterItem(name=a.name, kind=a.kind, resident=a.resident, rank=a.rank, error=a.error or None)
+                      for a in adapters if a.kind in ("lora", "embedding")],
         )  # fmt: skip
 
     @app.post("/v1/jobs", response_model=JobStatus, response_model_exclude_none=True, status_code=202,

@@ -19,13 +19,14 @@ from typing import Annotated, Any
 
 import grpc
 from fastapi import Depends
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 
 from sdmesh.services.http.jobs import Job, Jobs
 from sdmesh.services.inputs.contract import ModelFacts
 from sdmesh.services.serving.gateway import Downstream, GatewayService, LocalCall, Refused, refusals
 from sdmesh.services.serving.tenants import Tenant
-from sdmesh.v1 import gateway_pb2
+from sdmesh.v1 import common_pb2, gateway_pb2
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -72,6 +73,14 @@ def decode_base64(text: str | None, field: str) -> bytes:
         raise invalid(f"{field}: not valid base64; send the PNG or JPEG file's bytes in base64") from None
 
 
+class LoraBody(BaseModel):
+    """A LoRA for every image of the request: a file the stages hold, by stem; `<lora:NAME:W>` in the prompt too."""
+
+    name: str = Field(description="The file's stem in the stages' --lora-dir (see /v1/info's adapters).")
+    weight: float = Field(1.0, description="Scales the LoRA in the text encoder and the UNet.")
+    unet_weight: float | None = Field(None, description="The UNet's weight instead of `weight`.")
+
+
 def generate_request(
     *,
     prompt: str,
@@ -92,6 +101,7 @@ def generate_request(
     depth_map: bytes = b"",
     priority: int = 0,
     preview_every: int = 0,
+    loras: list[LoraBody] | None = None,
 ) -> gateway_pb2.GenerateRequest:
     """The gateway's request from any API's fields; None leaves a field to the gateway's default. Numbers outside
     what the message can carry are refused here, the rest by the gateway's contract."""
@@ -110,6 +120,10 @@ def generate_request(
     )  # fmt: skip
     if preview_every:
         request.preview_every = preview_every
+    for lora in loras or ():
+        message = request.loras.add(name=lora.name, weight=lora.weight)
+        if lora.unet_weight is not None:
+            message.unet_weight = lora.unet_weight
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
     if seed is not None:
@@ -203,6 +217,11 @@ class Front:
         """The checkpoint the denoiser serves (its ModelInfo.model, asked once); as `facts`."""
         with refusals():
             return self.service.denoiser_info(Downstream(LocalCall(timeout=30.0))).model
+
+    def adapters(self) -> list[common_pb2.Adapter]:
+        """The LoRAs and embeddings the stages can apply (asked each time: which are resident changes); as `facts`."""
+        with refusals():
+            return self.service.adapters(Downstream(LocalCall(timeout=30.0)))
 
     async def submit(self, request: gateway_pb2.GenerateRequest, tenant: Tenant) -> Job:
         """Admit and start a job (Refused when the gateway refuses it)."""

@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdmesh.services.http.common import Caller, Front, generate_request, invalid, parse_size
+from sdmesh.services.http.common import Caller, Front, LoraBody, generate_request, invalid, parse_size
 from sdmesh.services.http.jobs import Job
 
 ResponseFormat = Literal["b64_json", "url"]
@@ -43,6 +43,7 @@ class ImageGenerationRequest(BaseModel):
     guidance_rescale: float = 0.0
     seed: int | None = Field(None, description="The same seed and request give the same images; none: random.")
     sampler: str | None = Field(None, description="ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras, plms.")
+    loras: list[LoraBody] = Field(default_factory=list, description="sdmesh: LoRAs (or <lora:NAME:W> in the prompt).")
 
 
 class ImageData(BaseModel):
@@ -95,6 +96,7 @@ def router(front: Front) -> APIRouter:
                 guidance_rescale=body.guidance_rescale,
                 sampler=body.sampler,
                 seed=body.seed,
+                loras=body.loras,
             ),
             who,
             request,

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,6 +34,9 @@ MAX_ETA = 1000.0
 MAX_PRIORITY = 2**31 - 1  # int32 on the wire
 MAX_PREVIEW_EVERY = 2**32 - 1  # uint32 on the wire; past the step count it just means no preview before the end
 UPSCALE_FACTOR = 4  # the x4 upscaler's
+MAX_LORAS = 8  # LoRAs per request (a stage may take fewer: its --max-loras)
+MAX_LORA_WEIGHT = 100.0  # |weight|; real use stays within ±2
+MAX_ADAPTER_NAME = 200  # characters: a file's stem
 
 # --- Request defaults (diffusers' pipelines' own) ------------------------------------------------
 DEFAULT_NUM_IMAGES = 1
@@ -103,6 +107,26 @@ class ModelFacts:
             raise ValueError(f"default sampler {self.default_sampler!r} is not among {self.samplers}")
 
 
+class LoraChoice(NamedTuple):
+    """A LoRA a request applies: the file's stem in the stages' --lora-dir and its weights.
+
+    `weight` scales both parts of the file (text encoder and UNet), as A1111's `<lora:name:weight>` and diffusers'
+    `set_adapters` do; `unet_weight`, when set, replaces it for the UNet (A1111's `<lora:name:te:unet>`).
+    """
+
+    name: str
+    weight: float = 1.0
+    unet_weight: float | None = None
+
+    @property
+    def text_encoder_scale(self) -> float:
+        return self.weight
+
+    @property
+    def unet_scale(self) -> float:
+        return self.weight if self.unet_weight is None else self.unet_weight
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """What a caller asks for; `validate` checks it against a model and fills the defaults."""
@@ -129,6 +153,9 @@ class GenerationRequest:
     depth_map: np.ndarray | None = None  # (H, W) float: depth checkpoints
     noise_level: int | None = None  # x4 upscaler; None: DEFAULT_NOISE_LEVEL
     preview_every: int = 0  # k > 0: denoise progress carries a preview of the first image about every k steps
+    # LoRAs for every image of the request: LoraChoice, or (name, weight) pairs. `<lora:name:weight>` in a prompt
+    # adds one too (removed from the text the encoder sees).
+    loras: Sequence[LoraChoice | tuple[str, float]] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +183,7 @@ class Job:
     strength: float | None = None  # set in img2img, inpainting and depth
     noise_level: int | None = None  # set in upscaling
     preview_every: int = 0  # 0: no previews
+    loras: tuple[LoraChoice, ...] = ()  # the request's and its prompts' `<lora:…>` tags, one per name
 
     @property
     def images(self) -> int:
@@ -219,6 +247,7 @@ class DenoiseJob:
     tenant: str = ""  # who asked (the gateway's API-key tenant): the denoiser shares its batch fairly between them
     preview_every: int = 0  # k > 0: a preview after each chunk that passes a multiple of k steps (`preview_due`)
     preview_projection: LatentPreview | None = None  # the latent → RGB map; None: LatentPreview.fallback
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA name, UNet weight) for every image of the call
 
     @property
     def images(self) -> int:
@@ -289,6 +318,73 @@ def check_prompts(prompts: Sequence[Any], negatives: Sequence[Any]) -> None:
                     f"{what} {i} is {len(text)} characters; at most {MAX_PROMPT_CHARS} "
                     "(the model reads only its first 77 tokens)"
                 )
+
+
+# A1111's extra-network tags: <lora:NAME>, <lora:NAME:W>, <lora:NAME:TE:UNET>, <lora:NAME:te=W:unet=W>
+# (<lyco:…> is A1111's older spelling of the same). The name runs to the next colon or '>'.
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*)*)>", re.IGNORECASE)
+
+
+def split_lora_tags(text: str) -> tuple[str, list[LoraChoice]]:
+    """A prompt without its `<lora:…>` tags, and the LoRAs they name (A1111's meaning of each argument)."""
+    found: list[LoraChoice] = []
+
+    def take(match: re.Match[str]) -> str:
+        name, args = match.group(1).strip(), [a.strip() for a in match.group(2).split(":")[1:]]
+        positional = [a for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        unknown = set(named) - {"te", "unet", "dyn"}
+        if unknown:
+            raise InvalidRequest(
+                f"{match.group(0)!r}: unknown argument {sorted(unknown)[0]!r}; a LoRA tag reads "
+                "<lora:NAME:WEIGHT> or <lora:NAME:te=W:unet=W>"
+            )
+
+        def number(text: str) -> float:
+            try:
+                return float(text)
+            except ValueError:
+                raise InvalidRequest(
+                    f"{match.group(0)!r}: {text!r} is not a number; a LoRA tag reads <lora:NAME:WEIGHT>"
+                ) from None
+
+        weight = number(named.get("te", positional[0] if positional else "1"))
+        unet = named.get("unet", positional[1] if len(positional) > 1 else None)
+        found.append(LoraChoice(name, weight, None if unet is None else number(unet)))
+        return ""
+
+    return LORA_TAG.sub(take, text), found
+
+
+def check_loras(loras: Sequence[Any], limit: int = MAX_LORAS) -> tuple[LoraChoice, ...]:
+    """LoRA choices: at most `limit`, each a file stem once, with finite weights within ±MAX_LORA_WEIGHT."""
+    if isinstance(loras, (str, bytes)) or not isinstance(loras, Sequence):
+        raise InvalidRequest("loras must be a list of (name, weight) pairs")
+    if len(loras) > limit:
+        raise InvalidRequest(f"{len(loras)} LoRAs in one request; at most {limit}")
+    checked: list[LoraChoice] = []
+    for item in loras:
+        if isinstance(item, str):
+            item = (item,)
+        if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
+            raise InvalidRequest(f"each LoRA is (name, weight), got {shown(repr(item))}")
+        choice = LoraChoice(*item)
+        name = choice.name
+        if not isinstance(name, str) or not name or len(name) > MAX_ADAPTER_NAME or name != name.strip():
+            raise InvalidRequest(f"LoRA name {shown(repr(name))}: give the file's stem (1 to {MAX_ADAPTER_NAME} chars)")
+        if any(c in name for c in "/\\\0") or name in (".", ".."):
+            raise InvalidRequest(
+                f"LoRA name {shown(name)!r} names a path; give the file's stem in the stage's --lora-dir"
+            )
+        weights = [choice.weight] + ([] if choice.unet_weight is None else [choice.unet_weight])
+        for w in weights:
+            check_number(f"LoRA {shown(name)!r} weight", w, -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)
+        if any(c.name == name for c in checked):
+            raise InvalidRequest(f"LoRA {shown(name)!r} is named twice; give it once, with the weight you want")
+        checked.append(
+            LoraChoice(name, float(choice.weight), None if choice.unet_weight is None else float(choice.unet_weight))
+        )
+    return tuple(checked)
 
 
 def check_steps(steps: Any, max_steps: int) -> int:
@@ -424,6 +520,14 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
     neg = request.negative_prompt
     negatives = [neg or ""] * len(prompts) if neg is None or isinstance(neg, str) else list(neg)
     check_prompts(prompts, negatives)
+    # <lora:…> tags, in any prompt or negative, apply to the whole request, as A1111 activates a batch's tags
+    tagged: list[LoraChoice] = []
+    for texts in (prompts, negatives):
+        for i, text in enumerate(texts):
+            texts[i], found = split_lora_tags(text)
+            tagged += [c for c in found if all(c.name != t.name for t in tagged)]
+    given = check_loras(request.loras)
+    loras = check_loras([*given, *(t for t in tagged if all(t.name != c.name for c in given))])
     n = request.num_images
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n * len(prompts) <= MAX_IMAGES:
         raise InvalidRequest(f"num_images must be at least 1 and at most {MAX_IMAGES} in all, got {n!r} per prompt")
@@ -453,7 +557,7 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler,
         priority=priority, latents=request.latents, init_image=request.init_image, mask_image=request.mask_image,
         depth_map=None if request.depth_map is None else np.asarray(request.depth_map, np.float32),
-        preview_every=preview_every, **mode,
+        preview_every=preview_every, loras=loras, **mode,
     )  # fmt: skip
 
 
@@ -551,6 +655,7 @@ def _mode(request: GenerationRequest, facts: ModelFacts, steps: int) -> dict[str
 def check_denoise_job(job: DenoiseJob, facts: ModelFacts) -> None:
     """Check a denoiser call's arrays and numbers against the model; raises InvalidRequest saying what to fix."""
     n, f, c, e = job.images, facts.vae_scale_factor, facts.latent_channels, facts.extra_channels
+    check_loras(job.loras)
     if job.cond.ndim != 3 or not 1 <= n <= MAX_IMAGES:
         raise InvalidRequest(
             f"cond has shape {list(job.cond.shape)}: one row per image; give 1 to {MAX_IMAGES} rows (N, L, D)"

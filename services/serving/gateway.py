@@ -424,7 +424,7 @@ def request_from_proto(request: gateway_pb2.GenerateRequest) -> GenerationReques
         depth_map=decoded("depth_map", images.decode_depth),
         strength=request.strength if request.HasField("strength") else None,
         noise_level=request.noise_level if request.HasField("noise_level") else None,
-        preview_every=request.preview_every,
+        preview_every=request.preview_every, loras=[wire.lora_choice(lora) for lora in request.loras],
     )  # fmt: skip
 
 
@@ -457,9 +457,13 @@ class PooledStages:
 
         return call_stage(pool, self.down, run, method)
 
-    def encode(self, prompts: list[str], negative_prompts: list[str] | None) -> chain.Encoded:
-        message = text_encoder_pb2.EncodeRequest(prompts=prompts, negative_prompts=negative_prompts or [],
-                                                 unconditional=negative_prompts is not None)  # fmt: skip
+    def encode(
+        self, prompts: list[str], negative_prompts: list[str] | None, loras: Sequence[tuple[str, float]] = ()
+    ) -> chain.Encoded:
+        message = text_encoder_pb2.EncodeRequest(
+            prompts=prompts, negative_prompts=negative_prompts or [], unconditional=negative_prompts is not None,
+            loras=[common_pb2.Lora(name=name, weight=weight) for name, weight in loras],
+        )  # fmt: skip
         reply = self._unary(self.encoders, "Encode", message)
         cond = from_proto(reply.cond, name="cond", dtype="float32", ndim=3)
         uncond = (
@@ -564,6 +568,20 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
             self._denoiser_info = call_stage(self.denoisers, down, run, "Denoiser.ModelInfo")
         return self._denoiser_info
+
+    def adapters(self, down: Downstream) -> list[common_pb2.Adapter]:
+        """The LoRAs and embeddings the stages can apply, asked now (residency changes): the denoiser's LoRAs, then
+        the encoder's embeddings and any LoRA only the encoder has (a file with text-encoder layers alone)."""
+
+        def ask(pool: ReplicaPool, what: str) -> list[common_pb2.Adapter]:
+            def run(replica: Replica, timeout: float | None) -> common_pb2.ModelInfo:
+                return replica.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=min(timeout or 10.0, 10.0))
+
+            return list(call_stage(pool, down, run, what).adapters)
+
+        listed = ask(self.denoisers, "Denoiser.ModelInfo")
+        names = {(a.kind, a.name) for a in listed}
+        return listed + [a for a in ask(self.encoders, "TextEncoder.ModelInfo") if (a.kind, a.name) not in names]
 
     # -- the previews' latent → RGB map, asked of the decoder once (it has the VAE), when a request first wants one --
 
@@ -677,6 +695,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         try:
             facts = self.facts(down)
             denoiser = self.denoiser_info(down)
+            adapters = self.adapters(down)
         except StageError as e:
             context.abort(e.code, e.message)
         replicas = {f"{pool.stage}_replicas": [r.address for r in pool.replicas]
@@ -689,6 +708,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             compiled_shapes=denoiser.compiled_shapes,
             model_facts=wire.facts_to_proto(facts),
             gateway_stages=common_pb2.GatewayStages(max_inflight=self.max_inflight, **replicas),
+            adapters=adapters,
         )
 
 

@@ -557,8 +557,9 @@ def load_setup(args: Any) -> tuple[Any, Any, Any]:
         stages.enable_compilation_cache(options.jax_cache_dir)
     folder = checkpoint.resolve(args.model, revision=args.revision, variant=args.variant)
     load = stages.LoadOptions(
-        variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint
-    )
+        variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint,
+        lora_dir=args.lora_dir, max_adapters=args.max_adapters, embeddings_dir=args.embeddings_dir,
+    )  # fmt: skip
     return folder, options, load
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdmesh.services.inputs import contract
-from sdmesh.services.inputs.contract import DenoiseJob, LatentPreview, ModelFacts
+from sdmesh.services.inputs.contract import DenoiseJob, LatentPreview, LoraChoice, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.v1 import common_pb2, denoiser_pb2
 from sdmesh.v1.tensors import from_proto, to_proto
@@ -77,7 +77,7 @@ def denoise_job_to_proto(job: DenoiseJob) -> denoiser_pb2.DenoiseRequest:
         cond=to_proto(np.asarray(job.cond, np.float32)), num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale, guidance_rescale=job.guidance_rescale, eta=job.eta, height=job.height,
         width=job.width, sampler=job.sampler or "", priority=job.priority, tenant=job.tenant,
-        preview_every=job.preview_every,
+        preview_every=job.preview_every, loras=[common_pb2.Lora(name=n, weight=w) for n, w in job.loras],
     )  # fmt: skip
     if job.preview_projection is not None:
         request.preview_projection.CopyFrom(latent_preview_to_proto(job.preview_projection))
@@ -150,4 +150,28 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFac
         tenant=request.tenant, preview_every=request.preview_every,
         preview_projection=(latent_preview_from_proto(request.preview_projection)
                             if request.HasField("preview_projection") else None),
+        loras=tuple((lora.name, unet_weight(lora)) for lora in request.loras),
     )  # fmt: skip
+
+
+def lora_choice(lora: common_pb2.Lora) -> LoraChoice:
+    """A Lora message as the contract's choice (weight unset → 1)."""
+    return LoraChoice(
+        lora.name, lora.weight if lora.HasField("weight") else 1.0,
+        lora.unet_weight if lora.HasField("unet_weight") else None,
+    )  # fmt: skip
+
+
+def lora_to_proto(choice: LoraChoice) -> common_pb2.Lora:
+    message = common_pb2.Lora(name=choice.name, weight=choice.weight)
+    if choice.unet_weight is not None:
+        message.unet_weight = choice.unet_weight
+    return message
+
+
+def unet_weight(lora: common_pb2.Lora) -> float:
+    return lora_choice(lora).unet_scale
+
+
+def text_encoder_weight(lora: common_pb2.Lora) -> float:
+    return lora_choice(lora).text_encoder_scale

@@ -23,7 +23,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("service", "model", "weights_dtype", "activations_dtype", "devices", "mesh", "compiled_shapes", "model_facts", "batching", "denoiser_load", "gateway_stages", "latent_preview")
+    __slots__ = ("service", "model", "weights_dtype", "activations_dtype", "devices", "mesh", "compiled_shapes", "model_facts", "batching", "denoiser_load", "gateway_stages", "latent_preview", "adapters")
     class MeshEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class ModelInfo(_message.Message):
     DENOISER_LOAD_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_STAGES_FIELD_NUMBER: _ClassVar[int]
     LATENT_PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     service: str
     model: str
     weights_dtype: str
@@ -55,7 +56,32 @@ class ModelInfo(_message.Message):
     denoiser_load: DenoiserLoad
     gateway_stages: GatewayStages
     latent_preview: LatentPreview
-    def __init__(self, service: _Optional[str] = ..., model: _Optional[str] = ..., weights_dtype: _Optional[str] = ..., activations_dtype: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh: _Optional[_Mapping[str, int]] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., model_facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., denoiser_load: _Optional[_Union[DenoiserLoad, _Mapping]] = ..., gateway_stages: _Optional[_Union[GatewayStages, _Mapping]] = ..., latent_preview: _Optional[_Union[LatentPreview, _Mapping]] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
+    def __init__(self, service: _Optional[str] = ..., model: _Optional[str] = ..., weights_dtype: _Optional[str] = ..., activations_dtype: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh: _Optional[_Mapping[str, int]] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., model_facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., denoiser_load: _Optional[_Union[DenoiserLoad, _Mapping]] = ..., gateway_stages: _Optional[_Union[GatewayStages, _Mapping]] = ..., latent_preview: _Optional[_Union[LatentPreview, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
+
+class Lora(_message.Message):
+    __slots__ = ("name", "weight", "unet_weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNET_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    unet_weight: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., unet_weight: _Optional[float] = ...) -> None: ...
+
+class Adapter(_message.Message):
+    __slots__ = ("name", "kind", "resident", "rank", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    resident: bool
+    rank: int
+    error: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., resident: _Optional[bool] = ..., rank: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LatentPreview(_message.Message):
     __slots__ = ("weights", "bias")

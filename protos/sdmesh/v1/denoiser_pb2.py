@@ -26,7 +26,7 @@ from sdmesh.v1 import common_pb2 as sdmesh_dot_v1_dot_common__pb2
 from sdmesh.v1 import tensor_pb2 as sdmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sdmesh/v1/denoiser.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\x1a\x16sdmesh/v1/tensor.proto\"\xe0\x04\n\x0e\x44\x65noiseRequest\x12\x1f\n\x04\x63ond\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12!\n\x06uncond\x18\x02 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x0e\n\x04seed\x18\x03 \x01(\x04H\x00\x12$\n\x07latents\x18\x04 \x01(\x0b\x32\x11.sdmesh.v1.TensorH\x00\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x18\n\x10guidance_rescale\x18\x07 \x01(\x02\x12\x0b\n\x03\x65ta\x18\x08 \x01(\x02\x12\x0e\n\x06height\x18\t \x01(\r\x12\r\n\x05width\x18\n \x01(\r\x12\x12\n\nnoise_seed\x18\x0b \x01(\x04\x12\x0f\n\x07sampler\x18\x0c \x01(\t\x12\x10\n\x08priority\x18\r \x01(\x05\x12\'\n\x0cinit_latents\x18\x0e \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x15\n\x08strength\x18\x0f \x01(\x02H\x01\x88\x01\x01\x12 \n\x05\x65xtra\x18\x10 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12%\n\nblend_mask\x18\x11 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\'\n\x0c\x63lass_labels\x18\x12 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x0e\n\x06tenant\x18\x13 \x01(\t\x12\x15\n\rpreview_every\x18\x14 \x01(\r\x12\x34\n\x12preview_projection\x18\x15 \x01(\x0b\x32\x18.sdmesh.v1.LatentPreviewB\x06\n\x04initB\x0b\n\t_strength\"f\n\x0c\x44\x65noiseEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x11.sdmesh.v1.TensorH\x00\x42\x07\n\x05\x65vent2\x8b\x01\n\x08\x44\x65noiser\x12?\n\x07\x44\x65noise\x12\x19.sdmesh.v1.DenoiseRequest\x1a\x17.sdmesh.v1.DenoiseEvent0\x01\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sdmesh/v1/denoiser.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\x1a\x16sdmesh/v1/tensor.proto\"\x80\x05\n\x0e\x44\x65noiseRequest\x12\x1f\n\x04\x63ond\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12!\n\x06uncond\x18\x02 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x0e\n\x04seed\x18\x03 \x01(\x04H\x00\x12$\n\x07latents\x18\x04 \x01(\x0b\x32\x11.sdmesh.v1.TensorH\x00\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x18\n\x10guidance_rescale\x18\x07 \x01(\x02\x12\x0b\n\x03\x65ta\x18\x08 \x01(\x02\x12\x0e\n\x06height\x18\t \x01(\r\x12\r\n\x05width\x18\n \x01(\r\x12\x12\n\nnoise_seed\x18\x0b \x01(\x04\x12\x0f\n\x07sampler\x18\x0c \x01(\t\x12\x10\n\x08priority\x18\r \x01(\x05\x12\'\n\x0cinit_latents\x18\x0e \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x15\n\x08strength\x18\x0f \x01(\x02H\x01\x88\x01\x01\x12 \n\x05\x65xtra\x18\x10 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12%\n\nblend_mask\x18\x11 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\'\n\x0c\x63lass_labels\x18\x12 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12\x0e\n\x06tenant\x18\x13 \x01(\t\x12\x15\n\rpreview_every\x18\x14 \x01(\r\x12\x34\n\x12preview_projection\x18\x15 \x01(\x0b\x32\x18.sdmesh.v1.LatentPreview\x12\x1e\n\x05loras\x18\x16 \x03(\x0b\x32\x0f.sdmesh.v1.LoraB\x06\n\x04initB\x0b\n\t_strength\"f\n\x0c\x44\x65noiseEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x11.sdmesh.v1.TensorH\x00\x42\x07\n\x05\x65vent2\x8b\x01\n\x08\x44\x65noiser\x12?\n\x07\x44\x65noise\x12\x19.sdmesh.v1.DenoiseRequest\x1a\x17.sdmesh.v1.DenoiseEvent0\x01\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sdmesh.v1.denoiser_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=88
-  _globals['_DENOISEREQUEST']._serialized_end=696
-  _globals['_DENOISEEVENT']._serialized_start=698
-  _globals['_DENOISEEVENT']._serialized_end=800
-  _globals['_DENOISER']._serialized_start=803
-  _globals['_DENOISER']._serialized_end=942
+  _globals['_DENOISEREQUEST']._serialized_end=728
+  _globals['_DENOISEEVENT']._serialized_start=730
+  _globals['_DENOISEEVENT']._serialized_end=832
+  _globals['_DENOISER']._serialized_start=835
+  _globals['_DENOISER']._serialized_end=974
 # @@protoc_insertion_point(module_scope)

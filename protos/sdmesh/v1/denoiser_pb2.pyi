@@ -1,14 +1,15 @@
 from sdmesh.v1 import common_pb2 as _common_pb2
 from sdmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed", "sampler", "priority", "init_latents", "strength", "extra", "blend_mask", "class_labels", "tenant", "preview_every", "preview_projection")
+    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed", "sampler", "priority", "init_latents", "strength", "extra", "blend_mask", "class_labels", "tenant", "preview_every", "preview_projection", "loras")
     COND_FIELD_NUMBER: _ClassVar[int]
     UNCOND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +31,7 @@ class DenoiseRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     cond: _tensor_pb2.Tensor
     uncond: _tensor_pb2.Tensor
     seed: int
@@ -51,7 +53,8 @@ class DenoiseRequest(_message.Message):
     tenant: str
     preview_every: int
     preview_projection: _common_pb2.LatentPreview
-    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., extra: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., blend_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., class_labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tenant: _Optional[str] = ..., preview_every: _Optional[int] = ..., preview_projection: _Optional[_Union[_common_pb2.LatentPreview, _Mapping]] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.Lora]
+    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., extra: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., blend_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., class_labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tenant: _Optional[str] = ..., preview_every: _Optional[int] = ..., preview_projection: _Optional[_Union[_common_pb2.LatentPreview, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "latents")

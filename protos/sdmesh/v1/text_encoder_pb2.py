@@ -26,7 +26,7 @@ from sdmesh.v1 import common_pb2 as sdmesh_dot_v1_dot_common__pb2
 from sdmesh.v1 import tensor_pb2 as sdmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csdmesh/v1/text_encoder.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\x1a\x16sdmesh/v1/tensor.proto\"Q\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x18\n\x10negative_prompts\x18\x02 \x03(\t\x12\x15\n\runconditional\x18\x03 \x01(\x08\"~\n\x0e\x45ncodeResponse\x12\x1f\n\x04\x63ond\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12!\n\x06uncond\x18\x02 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12(\n\ttruncated\x18\x03 \x03(\x0b\x32\x15.sdmesh.v1.Truncation\"J\n\nTruncation\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0cremoved_text\x18\x02 \x01(\t\x12\x10\n\x08negative\x18\x03 \x01(\x08\x32\x8c\x01\n\x0bTextEncoder\x12=\n\x06\x45ncode\x12\x18.sdmesh.v1.EncodeRequest\x1a\x19.sdmesh.v1.EncodeResponse\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csdmesh/v1/text_encoder.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\x1a\x16sdmesh/v1/tensor.proto\"q\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x18\n\x10negative_prompts\x18\x02 \x03(\t\x12\x15\n\runconditional\x18\x03 \x01(\x08\x12\x1e\n\x05loras\x18\x04 \x03(\x0b\x32\x0f.sdmesh.v1.Lora\"~\n\x0e\x45ncodeResponse\x12\x1f\n\x04\x63ond\x18\x01 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12!\n\x06uncond\x18\x02 \x01(\x0b\x32\x11.sdmesh.v1.Tensor\x12(\n\ttruncated\x18\x03 \x03(\x0b\x32\x15.sdmesh.v1.Truncation\"J\n\nTruncation\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0cremoved_text\x18\x02 \x01(\t\x12\x10\n\x08negative\x18\x03 \x01(\x08\x32\x8c\x01\n\x0bTextEncoder\x12=\n\x06\x45ncode\x12\x18.sdmesh.v1.EncodeRequest\x1a\x19.sdmesh.v1.EncodeResponse\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sdmesh.v1.text_encoder_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODEREQUEST']._serialized_start=91
-  _globals['_ENCODEREQUEST']._serialized_end=172
-  _globals['_ENCODERESPONSE']._serialized_start=174
-  _globals['_ENCODERESPONSE']._serialized_end=300
-  _globals['_TRUNCATION']._serialized_start=302
-  _globals['_TRUNCATION']._serialized_end=376
-  _globals['_TEXTENCODER']._serialized_start=379
-  _globals['_TEXTENCODER']._serialized_end=519
+  _globals['_ENCODEREQUEST']._serialized_end=204
+  _globals['_ENCODERESPONSE']._serialized_start=206
+  _globals['_ENCODERESPONSE']._serialized_end=332
+  _globals['_TRUNCATION']._serialized_start=334
+  _globals['_TRUNCATION']._serialized_end=408
+  _globals['_TEXTENCODER']._serialized_start=411
+  _globals['_TEXTENCODER']._serialized_end=551
 # @@protoc_insertion_point(module_scope)

@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("prompts", "negative_prompts", "unconditional")
+    __slots__ = ("prompts", "negative_prompts", "unconditional", "loras")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     UNCONDITIONAL_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     negative_prompts: _containers.RepeatedScalarFieldContainer[str]
     unconditional: bool
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., unconditional: _Optional[bool] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.Lora]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., unconditional: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("cond", "uncond", "truncated")
