@@ -254,7 +254,8 @@ def test_the_keyboard_alone_generates_reuses_a_seed_and_cancels(browser, site):
     tab_to(browser, "steps", back=True)
     replace_value(browser, "400")  # 20 s at the fake's pace: it is cancelled long before
     ctrl_enter(browser)
-    wait_for(lambda: progress(browser) > 0, what="the long job to start")
+    # its denoising, not only its encoding: the cancellation must reach a denoiser that is working
+    wait_for(lambda: progress(browser) > 0 and "Denoising" in text(browser, "status"), what="the long job to denoise")
     keys(browser, Keys.ESCAPE)
     wait_for(lambda: text(browser, "status") == "Cancelled.", what="the cancellation")
     job = browser.find_element(By.ID, "status").get_attribute("data-job")
