@@ -362,3 +362,54 @@ def _pipeline(spec: dict[str, Any], **components: Any) -> Any:
             max_noise_level=spec["max_noise_level"],
         )
     raise ValueError(f"unknown pipeline kind {kind!r} in reference spec")
+
+
+# --- ControlNets ----------------------------------------------------------------------------------------------
+
+# The tiny VAEs shrink images by 2, so a tiny ControlNet's conditioning embedding downsamples by 2 too
+# (SD's (16, 32, 96, 256) downsamples by 8, as SD's VAE does).
+TINY_CONTROLNET_EMBEDDING = (8, 16)
+
+
+def make_tiny_controlnet(
+    folder: str | Path,
+    unet_config: dict[str, Any] | str | Path,
+    *,
+    seed: int = 0,
+    conditioning_embedding_out_channels: tuple[int, ...] = TINY_CONTROLNET_EMBEDDING,
+    controlnet_conditioning_channel_order: str = "rgb",
+    zero_conv_std: float = 0.1,
+) -> Path:
+    """Save a random-weight diffusers ControlNet (config.json + diffusion_pytorch_model.safetensors) to `folder`.
+
+    `unet_config` is UNet2DConditionModel kwargs (e.g. `TINY["sd2"]["unet"]`, weights drawn from `seed`) or a
+    checkpoint folder whose UNet the ControlNet is copied from, as diffusers' `ControlNetModel.from_unet` does
+    when training starts. Training starts with zero convs; here they are drawn N(0, zero_conv_std²), so the
+    residuals are not trivially zero.
+    """
+    try:
+        import torch
+        from diffusers import ControlNetModel, UNet2DConditionModel
+    except ImportError as e:
+        raise RuntimeError(
+            "building reference checkpoints needs the dev extra (torch, diffusers): "
+            "pip install torch==2.13.0 && pip install -e '.[dev]'"
+        ) from e
+    torch.manual_seed(seed)
+    if isinstance(unet_config, dict):
+        unet = UNet2DConditionModel(**copy.deepcopy(unet_config))
+    else:
+        unet = UNet2DConditionModel.from_pretrained(Path(unet_config) / "unet")
+    controlnet = ControlNetModel.from_unet(
+        unet,
+        conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+        controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
+    )
+    zero_convs = ("controlnet_cond_embedding.conv_out.", "controlnet_down_blocks.", "controlnet_mid_block.")
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(zero_convs):
+                p.copy_(torch.randn_like(p) * zero_conv_std)
+    folder = Path(folder)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
