@@ -47,7 +47,7 @@ class Encoded:
 class Generated:
     images: np.ndarray  # (N, H, W, 3) uint8
     seed: int
-    truncation_notes: list[str]  # one line per prompt cut at the tokenizer's limit
+    truncation_notes: list[str]  # one line per prompt cut at the text encoder's limit
 
 
 class Stages(Protocol):
@@ -104,6 +104,6 @@ def generate(stages: Stages, job: Job, facts: ModelFacts) -> Iterator[Progress |
 def truncation_notes(truncations: list[Truncation]) -> list[str]:
     return [
         f"the {'negative ' if t.negative else ''}prompt{f' {t.prompt_index}' if t.prompt_index else ''} was cut at "
-        f"the tokenizer's limit; dropped: {t.removed_text!r}"
+        f"the text encoder's limit (13 chunks of 75 tokens); dropped: {t.removed_text!r}"
         for t in truncations
     ]

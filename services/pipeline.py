@@ -171,7 +171,7 @@ class InProcessStages:
         self, prompts: list[str], negative_prompts: list[str] | None, loras: Sequence[tuple[str, float]] = ()
     ) -> chain.Encoded:
         t0 = time.perf_counter()
-        hidden, removed, compile_s = self.pipe.text_encoder.encode(prompts + (negative_prompts or []))
+        hidden, removed, compile_s = self.pipe.text_encoder.encode(prompts + (negative_prompts or []), loras)
         hidden = np.asarray(hidden, np.float32)
         self._took("encode", t0, compile_s)
         p = len(prompts)

@@ -354,8 +354,8 @@ def test_concurrent_encodes_share_a_device_call_and_each_equals_its_encode_alone
     try:
         requests = [  # (prompts, negatives, unconditional): 2 + 2 + 3 + 1 = 8 rows, one full batch
             (["a red cube"], [], True),
-            (["word " * 100], ["blurry"], True),
-            (["a", "b", "a dog " * 40], [], False),
+            (["word " * 250], ["blurry"], True),  # 1000 tokens: 13 chunks, the last 25 tokens cut
+            (["a", "b", "a dog " * 500], [], False),  # 1000 tokens; "a" and "b" padded to its 13 chunks
             (["an empty room"], [], False),
         ]
         client = stages.TextEncoderClient(running.address)

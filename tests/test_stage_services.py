@@ -92,14 +92,14 @@ def conditioning(stack, prompts=("a red cube",), negatives=("",)):
 
 
 def test_encoder_equals_the_stage_and_reports_truncation(stack):
-    prompts, negatives = ["a red cube", "word " * 100], ["", "blurry"]
+    prompts, negatives = ["a red cube", "word " * 250], ["", "blurry"]  # 1000 tokens: 13 chunks, and 25 cut
     cond, uncond, truncations = stages.TextEncoderClient(stack.channel["encoder"]).encode(
         prompts, negatives, unconditional=True
     )
     hidden, removed, _ = stack.encoder.encode(prompts + negatives)
     np.testing.assert_array_equal(cond, np.asarray(hidden)[:2])
     np.testing.assert_array_equal(uncond, np.asarray(hidden)[2:])
-    assert cond.dtype == np.float32 and cond.shape == (2, 77, stack.encoder.hidden_size)
+    assert cond.dtype == np.float32 and cond.shape == (2, 13 * 77, stack.encoder.hidden_size)
     assert truncations == [stages.Truncation(1, removed[1], False)] and "word" in removed[1]
 
 
@@ -125,6 +125,20 @@ def test_denoiser_from_a_seed_equals_the_stage_and_streams_progress(stack):
         noise, jnp.asarray(cond), jnp.asarray(uncond), steps=5, guidance_scale=7.5, guidance_rescale=0.3, seed=7
     )
     np.testing.assert_array_equal(stream.latents, np.asarray(expected).transpose(0, 3, 1, 2))  # NCHW on the wire
+
+
+def test_a_two_chunk_prompt_runs_through_the_denoiser_service(stack):
+    cond, uncond = conditioning(stack, prompts=("a (red:1.2) cube " * 10,))  # 80 tokens: L = 154 for both
+    assert cond.shape[1] == uncond.shape[1] == 154
+    latents = (
+        stages.DenoiserClient(stack.channel["denoiser"])
+        .denoise(cond, uncond, seed=3, steps=2, guidance_scale=7.5, height=SIZE, width=SIZE)
+        .result()
+    )
+    f = SIZE // 2
+    noise = stack.denoiser.noise(3, (1, f, f, stack.denoiser.latent_channels))
+    *_, (_, expected, _) = stack.denoiser.run(noise, cond, uncond, steps=2, guidance_scale=7.5, seed=3)
+    np.testing.assert_array_equal(latents, np.asarray(expected).transpose(0, 3, 1, 2))
 
 
 def test_denoiser_from_given_latents_uses_noise_seed_for_eta(stack):
@@ -155,9 +169,11 @@ def test_decoder_equals_the_stage(stack):
     np.testing.assert_array_equal(images, expected)
 
 
-def test_chaining_the_three_services_gives_the_pipelines_images(stack):
+# a long weighted prompt (several chunks) with a one-chunk negative: the negative is padded to the prompt's L
+@pytest.mark.parametrize("prompt", ["a red cube", "a (red:1.2) cube, [on a table], " * 12])
+def test_chaining_the_three_services_gives_the_pipelines_images(stack, prompt):
     request = GenerationRequest(
-        prompt="a red cube",
+        prompt=prompt,
         negative_prompt="blurry",
         num_images=2,
         steps=3,
@@ -171,8 +187,9 @@ def test_chaining_the_three_services_gives_the_pipelines_images(stack):
     # what a gateway does: encode prompt + negative once, repeat each row num_images times,
     # denoise from the seed, decode
     cond, uncond, _ = stages.TextEncoderClient(stack.channel["encoder"]).encode(
-        ["a red cube"], ["blurry"], unconditional=True
+        [prompt], ["blurry"], unconditional=True
     )
+    assert cond.shape == uncond.shape and (cond.shape[1] > 77) == (prompt != "a red cube")
     cond, uncond = np.repeat(cond, 2, axis=0), np.repeat(uncond, 2, axis=0)
     latents = (
         stages.DenoiserClient(stack.channel["denoiser"])

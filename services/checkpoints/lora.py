@@ -129,12 +129,13 @@ def _torch_load(path: Path, error: type[CheckpointError]) -> Any:
 
 def load_lora(
     path: str | Path,
-    unet_shapes: Mapping[str, Any],
-    text_encoder_shapes: Mapping[str, Any],
+    unet_shapes: Mapping[str, Any] | None,
+    text_encoder_shapes: Mapping[str, Any] | None,
     *,
     allow_pickle: bool = False,
 ) -> LoraFile:
-    """Read a LoRA file and map it onto our models, given their param-shape trees (`init_shapes`)."""
+    """Read a LoRA file and map it onto our models, given their param-shape trees (`init_shapes`); a component
+    given as None is not checked and comes back empty (a stage that holds only the other model)."""
     path = Path(path).expanduser()
     contents, metadata = read_tensor_file(path, allow_pickle=allow_pickle, what="LoRA")
     if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict):  # a Lightning-style wrapper
@@ -396,8 +397,8 @@ def _base(width: int, bases: Mapping[int, str], what: str) -> str:
 
 def lora_from_tensors(
     tensors: Mapping[str, np.ndarray],
-    unet_shapes: Mapping[str, Any],
-    text_encoder_shapes: Mapping[str, Any],
+    unet_shapes: Mapping[str, Any] | None,
+    text_encoder_shapes: Mapping[str, Any] | None,
     *,
     name: str,
     adapter_configs: Mapping[str, Mapping[str, Any]] | None = None,
@@ -405,15 +406,16 @@ def lora_from_tensors(
 ) -> LoraFile:
     """Map a LoRA's tensors (torch names and layouts) onto our models; `adapter_configs` per component is
     PEFT's LoraConfig as a dict (lora_alpha, alpha_pattern, use_rslora, ...), where the file carries one."""
-    models = {
-        "unet": _Model.of(unet_shapes, ldm_names=True),
-        "text_encoder": _Model.of(text_encoder_shapes, ldm_names=False),
-    }
+    models = {}
+    if unet_shapes is not None:
+        models["unet"] = _Model.of(unet_shapes, ldm_names=True)
+    if text_encoder_shapes is not None:
+        models["text_encoder"] = _Model.of(text_encoder_shapes, ldm_names=False)
     configs = adapter_configs or {}
     for component, config in configs.items():
         if config.get("use_dora"):
             raise LoraError(f"{source}: its {component} adapter config says use_dora; sdmesh does not apply DoRA")
-    modules = _group(tensors, source)
+    modules = [module for module in _group(tensors, source) if module.component in models]
     resolved = [(module, models[module.component].resolve(module)) for module in modules]
 
     # Another base first: its keys may also match no layer, and "wrong base" is the useful message.
@@ -422,6 +424,8 @@ def lora_from_tensors(
         ("text_encoder", _HIDDEN_LAYERS, _TEXT_ENCODER_BASES, "text encoder", "text-encoder layers are"),
     )
     for component, width_layers, bases, what, reads in checks:
+        if component not in models:
+            continue
         model_width = models[component].width(*width_layers)
         for module, path in resolved:
             if module.component != component or "down" not in module.tensors:
@@ -521,3 +525,45 @@ def _pattern(patterns: Mapping[str, Any], names: Iterable[str], default: Any) ->
         if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
             return value
     return default
+
+
+LORA_SUFFIXES = (".safetensors",)
+
+
+class LoraDirectory:
+    """The LoRA files of a --lora-dir, named by their stem (subfolders searched too, as A1111 does), read on
+    first use and mapped onto this stage's model (`load_lora`'s shapes: None for the model it does not hold)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        unet_shapes: Mapping[str, Any] | None,
+        text_encoder_shapes: Mapping[str, Any] | None,
+        *,
+        allow_pickle: bool = False,
+    ):
+        self.directory = Path(directory).expanduser()
+        if not self.directory.is_dir():
+            raise LoraError(f"--lora-dir {self.directory} is not a folder")
+        self.unet_shapes, self.text_encoder_shapes, self.allow_pickle = unet_shapes, text_encoder_shapes, allow_pickle
+
+    def files(self) -> dict[str, Path]:
+        """Name → file, for every LoRA file there now (a file added while serving is found on its first use)."""
+        suffixes = LORA_SUFFIXES + (PICKLE_SUFFIXES if self.allow_pickle else ())
+        found: dict[str, Path] = {}
+        for path in sorted(self.directory.rglob("*")):
+            if path.suffix in suffixes and path.is_file():
+                found.setdefault(path.stem, path)
+        return found
+
+    def load(self, name: str) -> LoraFile:
+        """The named LoRA, read now; LoraError naming the problem when it is missing or does not fit."""
+        files = self.files()
+        if name not in files:
+            raise LoraError(self.missing(name, files))
+        return load_lora(files[name], self.unet_shapes, self.text_encoder_shapes, allow_pickle=self.allow_pickle)
+
+    def missing(self, name: str, files: Mapping[str, Path]) -> str:
+        known = ", ".join(sorted(files)[:20]) or "none"
+        pickles = "" if self.allow_pickle else " (.pt/.ckpt files are read only with --allow-pickle)"
+        return f"no LoRA named {name!r} in --lora-dir {self.directory}; it has: {known}{pickles}"

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdmesh.services.engine import lora_bank
 from sdmesh.services.inputs.contract import MAX_STEPS
 from sdmesh.services.models import unet as un
 from sdmesh.services.samplers import table
@@ -50,6 +51,8 @@ class SlotInputs(NamedTuple):
     blend_mask: jax.Array  # (B, h, w, 1): 1 keeps the sample; < 1 blends towards the noised blend_latents (inpainting)
     blend_latents: jax.Array  # (B, h, w, C)
     blend_noise: jax.Array  # (B, h, w, C)
+    lora_index: jax.Array  # (B, M) int32: the slot's LoRA bank rows (0: none); M is 0 when no slot has LoRAs
+    lora_weight: jax.Array  # (B, M) float32
 
 
 class Cursor(NamedTuple):
@@ -68,20 +71,25 @@ def guided_output(
     guidance_rescale: jax.Array,
     class_labels: jax.Array | None = None,
     guided: jax.Array | None = None,
+    lora: Any = None,
 ) -> jax.Array:
     """The UNet's output under classifier-free guidance (Ho & Salimans 2022), in one batched call.
 
     guidance_scale/guidance_rescale are (B,) so each sample may carry its own; `guided` (B,)
-    marks the samples that use guidance (the others get the conditional output as is).
+    marks the samples that use guidance (the others get the conditional output as is). `lora`: each
+    sample's LoRA factors (`lora_bank.gather`), applied to both halves as diffusers does.
     """
     dtype = unet.dtype
     kw = {} if class_labels is None else {"class_labels": class_labels}
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     if uncond is None:
-        return unet.apply({"params": params}, x.astype(dtype), t, cond, **kw).astype(jnp.float32)
+        return unet.apply(variables, x.astype(dtype), t, cond, **kw).astype(jnp.float32)
     if class_labels is not None:
         kw = {"class_labels": jnp.concatenate([class_labels, class_labels])}
+    if lora is not None:
+        variables = {"params": params, "lora": lora_bank.repeat_rows(lora, 2)}
     both = unet.apply(
-        {"params": params},
+        variables,
         jnp.concatenate([x, x]).astype(dtype),
         jnp.concatenate([t, t]),
         jnp.concatenate([uncond, cond]),
@@ -110,13 +118,16 @@ def denoise_chunk(
     state: table.SlotState,
     cursor: Cursor,
     iterations: jax.Array,
+    lora_arrays: Any = None,
 ) -> tuple[table.SlotState, Cursor]:
     """`iterations` UNet evaluations for every active slot, each at its own row: one lax.fori_loop.
 
     `iterations` is traced, so one compiled program runs any chunk; `with_uncond` (static) says
-    whether any slot needs the unconditional pass.
+    whether any slot needs the unconditional pass. `lora_arrays`: the LoRA bank (`LoraBank.arrays`),
+    when some slot has adapters; each slot's factors are gathered once per chunk.
     """
     labels = inputs.class_labels if unet.config.class_labels_shape is not None else None
+    lora = None if lora_arrays is None else lora_bank.gather(lora_arrays, inputs.lora_index, inputs.lora_weight)
     rows_per_slot = inputs.rows.shape[1]
 
     def body(_: jax.Array, carry: tuple[table.SlotState, Cursor]) -> tuple[table.SlotState, Cursor]:
@@ -137,6 +148,7 @@ def denoise_chunk(
             inputs.rescale,
             labels,
             inputs.guided,
+            lora,
         )
         keys = jax.random.wrap_key_data(inputs.keys)
         wants_noise = active & ((row[:, table.COL["next_noise"]] != 0) | (inputs.blend_mask.min(axis=(1, 2, 3)) < 1))
@@ -174,6 +186,8 @@ class Slot:
     class_label: np.ndarray | None = None  # per-sample class label (the upscaler's noise level)
     blend: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (mask (h,w,1), latents, noise (h,w,C))
     owner: Any = None  # who the result goes to; the batch never looks inside
+    loras: tuple[tuple[int, float], ...] = ()  # (LoRA bank row, weight) per adapter
+    lease: Any = None  # holds those bank rows while the slot exists (`lora_bank.Lease`)
     step: int = 0  # rows done
     steps: int = 0  # sampler steps this image runs, as progress counts them (PLMS evaluates once more)
 
@@ -232,6 +246,12 @@ class RunningBatch:
     def device_state(self) -> table.SlotState | None:
         """The slots' state as the last chunk left it on the device (None before a chunk, or after a repack)."""
         return None if self._device is None else self._device[1]
+
+    @property
+    def lora_width(self) -> int:
+        """Adapters per slot the program is compiled for: 0 when no slot has any (the program without LoRA)."""
+        most = max((len(s.loras) for s in self.slots), default=0)
+        return 0 if most == 0 else lora_bank.bucket(most, lora_bank.ADAPTER_BUCKETS)
 
     @property
     def with_uncond(self) -> bool:
@@ -336,9 +356,13 @@ class RunningBatch:
             ).astype(np.float32),
             blend_latents=stack([s.blend[1] if s.blend else np.zeros((h, w, c), np.float32) for s in slots]),
             blend_noise=stack([s.blend[2] if s.blend else np.zeros((h, w, c), np.float32) for s in slots]),
+            lora_index=np.zeros((cap, 0), np.int32),
+            lora_weight=np.zeros((cap, 0), np.float32),
         )
         if label_shape is None:
             inputs = inputs._replace(class_labels=np.zeros((cap, 0), np.float32))
+        index, weight = lora_bank.slot_columns([s.loras for s in slots] + [()] * pad, self.lora_width)
+        inputs = inputs._replace(lora_index=index, lora_weight=weight)
         state = jax.tree_util.tree_map(lambda *a: np.stack(list(a) + [np.zeros_like(a[0])] * pad), *self._host_state)
         return inputs, state
 

@@ -1,6 +1,7 @@
 """The three stages, each a pure function of (params, inputs), and the objects that load and compile them.
 
-    encode_text(encoder, params, ids)              → conditioning (B, 77, D)
+    encode_text(encoder, params, ids)              → conditioning (B, 77, D), one 77-token chunk per row
+    apply_emphasis(hidden, weights)                → A1111's prompt weights on a prompt's chunks
     denoise.denoise_chunk(unet, …, params, …)      → latents, a lax.fori_loop over a running batch of slots
     decode(vae, params, latents)                   → uint8 images (B, H, W, 3)
     fit_latent_preview(decode, shape, f)           → the latent → RGB map of live previews (a few decodes, once)
@@ -31,14 +32,15 @@ import numpy as np
 
 from sdmesh.services import samplers
 from sdmesh.services.checkpoints import checkpoint
+from sdmesh.services.checkpoints.lora import LoraDirectory
 from sdmesh.services.checkpoints.weights import CheckpointError, convert
 from sdmesh.services.engine import denoise as dn
-from sdmesh.services.engine import sharding
+from sdmesh.services.engine import lora_bank, sharding
 from sdmesh.services.engine.programs import Programs
 from sdmesh.services.inputs import conditioning, contract, modes
 from sdmesh.services.inputs.contract import DenoiseJob, LatentPreview, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
-from sdmesh.services.inputs.tokenizer import PromptTokenizer, load_tokenizer
+from sdmesh.services.inputs.tokenizer import PromptTokenizer, PromptTokens, Trigger, load_tokenizer
 from sdmesh.services.models import text_encoder as te
 from sdmesh.services.models import unet as un
 from sdmesh.services.models import vae as va
@@ -83,6 +85,86 @@ class RuntimeOptions:
 def encode_text(encoder: te.CLIPTextEncoder, params: Any, ids: jax.Array) -> jax.Array:
     """Token ids (B, L) → last hidden state after the final layer norm (B, L, D): the SD conditioning."""
     return encoder.apply({"params": params}, ids)
+
+
+def encode_text_with_embeddings(
+    encoder: te.CLIPTextEncoder, params: Any, ids: jax.Array, override: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """`encode_text` with input embeddings `override` (B, L, D) in place of the tokens' where `mask` (B, L) is set:
+    textual inversion. A program of its own, so calls without embeddings run exactly as before."""
+    return encoder.apply({"params": params}, ids, override, mask)
+
+
+def encode_text_with_loras(
+    encoder: te.CLIPTextEncoder,
+    params: Any,
+    ids: jax.Array,
+    override: jax.Array,
+    mask: jax.Array,
+    lora_index: jax.Array,
+    lora_weight: jax.Array,
+    lora_arrays: Any,
+) -> jax.Array:
+    """`encode_text_with_embeddings` with each row's LoRAs: `lora_index`/`lora_weight` (B, M) name rows of the
+    bank `lora_arrays` (`lora_bank.LoraBank.arrays`). Rows without LoRAs point at its zero row."""
+    lora = lora_bank.gather(lora_arrays, lora_index, lora_weight)
+    return encoder.apply({"params": params, "lora": lora}, ids, override, mask)
+
+
+def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A1111's "Original" emphasis (modules/sd_emphasis.py) on one prompt's chunks: hidden (C, L, D), weights (C, L).
+
+    Each token's hidden state is scaled by its weight, then each chunk by (its mean before) / (its mean after), so
+    a chunk's mean stays what the encoder gave. A1111 takes that mean over a chunk of its whole batch; here over
+    the prompt's own chunk, so a prompt's conditioning never depends on what it is batched with.
+    """
+    original = hidden.mean(axis=(1, 2), dtype=np.float64)
+    scaled = hidden * weights[..., None].astype(np.float32)
+    after = scaled.mean(axis=(1, 2), dtype=np.float64)
+    # a chunk whose weighted mean is 0 (weights of 0 or of both signs) keeps its scale: A1111 would divide by 0
+    restore = np.where(after == 0, 1.0, original / np.where(after == 0, 1.0, after)).astype(np.float32)
+    return scaled * restore[:, None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedEmbedding:
+    """A textual-inversion file of --embeddings-dir, as prompts name it; `error` when it cannot be used."""
+
+    name: str  # what prompts write: the file's stem (A1111), or for diffusers' learned_embeds.* its token
+    path: Path
+    vectors: np.ndarray | None  # (n, D) float32
+    error: str = ""
+
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def load_embeddings(
+    directory: Path, hidden_size: int, chunk_size: int, *, allow_pickle: bool = False
+) -> list[LoadedEmbedding]:
+    """Every embedding file under `directory` (A1111 scans its embeddings folder recursively too). A file that does
+    not load, or does not fit this text encoder, is kept with its error: only prompts naming it fail."""
+    from sdmesh.services.checkpoints.embeddings import load_embedding
+
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise CheckpointError(f"--embeddings-dir {directory} is not a folder")
+    found: list[LoadedEmbedding] = []
+    for path in sorted(p for p in directory.rglob("*") if p.suffix in EMBEDDING_SUFFIXES and p.is_file()):
+        try:
+            emb = load_embedding(path, hidden_size, allow_pickle=allow_pickle)
+        except CheckpointError as e:
+            found.append(LoadedEmbedding(path.stem, path, None, str(e)))
+            continue
+        # diffusers saves every concept as learned_embeds.*: there the token the file names is its name
+        name = emb.token if path.stem == "learned_embeds" and emb.token else emb.name
+        error = ""
+        if len(emb.vectors) > chunk_size:
+            error = f"{path}: {len(emb.vectors)} vectors; a prompt chunk holds at most {chunk_size}"
+        elif any(f.name == name for f in found):
+            error = f"{path}: another embedding file is already named {name!r}; rename one of them"
+        found.append(LoadedEmbedding(name, path, None if error else emb.vectors, error))
+    return found
 
 
 def decode(vae: va.AutoencoderKL, params: Any, latents: jax.Array) -> jax.Array:
@@ -245,14 +327,33 @@ class LoadOptions:
 
 
 class TextEncoderStage:
-    """Prompts → conditioning: the tokenizer and the CLIP text encoder."""
+    """Prompts → conditioning: the tokenizer and the CLIP text encoder, with A1111's prompt syntax.
 
-    def __init__(self, tokenizer: PromptTokenizer, encoder: te.CLIPTextEncoder, params: Any, options: RuntimeOptions):
+    A prompt is encoded as A1111 does (`tokenizer.tokenize_chunks`): each 77-token chunk a row of one device call,
+    its tokens' weights applied (`apply_emphasis`), its chunks concatenated along L. Prompts encoded together
+    are padded with empty chunks to one L. Since weights now count, "(a cat)" means "a cat" at weight 1.1, as in
+    A1111; a prompt without that syntax that fits 75 tokens gets the ids and hidden states diffusers would.
+    Textual-inversion embeddings (`embeddings`) stand where prompts name them, per prompt.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        encoder: te.CLIPTextEncoder,
+        params: Any,
+        options: RuntimeOptions,
+        embeddings: Sequence[LoadedEmbedding] = (),
+    ):
         self.tokenizer, self.encoder, self.options = tokenizer, encoder, options
         self.mesh = stage_mesh(options)
         self.params = params if self.mesh is None else sharding.shard_params(params, self.mesh)
         self.programs = Programs(options.precision, self.mesh)
         self._encode = functools.partial(encode_text, encoder)
+        self._encode_with_embeddings = functools.partial(encode_text_with_embeddings, encoder)
+        self._encode_with_loras = functools.partial(encode_text_with_loras, encoder)
+        self.loras: lora_bank.Adapters | None = None  # --lora-dir's LoRAs, applied per prompt
+        self.embeddings = list(embeddings)
+        self.triggers: list[Trigger] = [tokenizer.trigger(e.name, e.vectors, e.error) for e in self.embeddings]
 
     @classmethod
     def load(
@@ -268,18 +369,142 @@ class TextEncoderStage:
             source=f"{folder}/text_encoder",
             mesh=stage_mesh(options),
         )
-        return cls(load_tokenizer(folder / "tokenizer"), encoder, params, options)
+        tokenizer = load_tokenizer(folder / "tokenizer")
+        embeddings = []
+        if load.embeddings_dir is not None:
+            embeddings = load_embeddings(
+                load.embeddings_dir, config.hidden_size, tokenizer.max_length - 2, allow_pickle=load.allow_pickle
+            )
+        stage = cls(tokenizer, encoder, params, options, embeddings)
+        if load.lora_dir is not None:
+            stage.use_loras(load.lora_dir, load.max_adapters, allow_pickle=load.allow_pickle)
+        return stage
 
     @property
     def hidden_size(self) -> int:
         return self.encoder.config.hidden_size
 
-    def encode(self, prompts: list[str]) -> tuple[jax.Array, list[str], float]:
-        """(hidden states (P, L, D), per prompt the text truncation dropped ("" if none), compile seconds)."""
-        tokens = self.tokenizer.tokenize(prompts)
-        ids = jnp.asarray(tokens.input_ids, jnp.int32)
-        run, compile_s = self.programs.get("encode", self._encode, self.params, ids, batched=(1,))
-        return run(self.params, ids), list(tokens.removed_text), compile_s
+    def use_loras(self, directory: Path | str, max_adapters: int, *, allow_pickle: bool = False) -> None:
+        """Apply the text-encoder parts of the LoRA files in `directory` to the prompts of requests that name
+        them, at most `max_adapters` on the device at once."""
+        shapes = te.init_shapes(self.encoder.config)
+        self.loras = lora_bank.Adapters(
+            LoraDirectory(directory, None, shapes, allow_pickle=allow_pickle),
+            lora_bank.LoraBank(
+                lora_bank.kernel_shapes(shapes), capacity=max_adapters, targets=lora_bank.TEXT_ENCODER_TARGETS,
+                dtype=DTYPES[self.options.weights_dtype],
+            ),
+            "text_encoder",
+        )  # fmt: skip
+
+    def lease_loras(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Lease | None:
+        """Bank rows for a call's (name, text-encoder weight) LoRAs (None without any); the caller holds the
+        lease until its prompts are encoded (`with_loras`)."""
+        if not loras:
+            return None
+        if self.loras is None:
+            raise InvalidRequest(
+                f"the request names LoRA {loras[0][0]!r}, but this text encoder has no LoRAs: "
+                "start it with --lora-dir DIR"
+            )
+        return self.loras.lease(loras)
+
+    @staticmethod
+    def with_loras(tokens: list[PromptTokens], lease: lora_bank.Lease | None) -> list[PromptTokens]:
+        """The prompts, each to be encoded with the lease's LoRA rows."""
+        if lease is None or not lease.rows:
+            return tokens
+        return [dataclasses.replace(t, loras=lease.rows) for t in tokens]
+
+    def tokenize(self, prompts: list[str], *, chunks: int = 0) -> list[PromptTokens]:
+        """Each prompt's chunks, all padded to the same count (at least `chunks`) with empty chunks; raises
+        InvalidRequest for a prompt naming an embedding that cannot be used."""
+        tokens = self.tokenizer.tokenize_chunks(prompts, self.triggers)
+        n = max([chunks, *(t.chunks for t in tokens)])
+        return [t.padded_to(n, self.tokenizer.empty_chunk) for t in tokens]
+
+    def encode(
+        self, prompts: list[str], loras: Sequence[tuple[str, float]] = ()
+    ) -> tuple[np.ndarray, list[str], float]:
+        """(hidden states (P, L, D) float32 with L a multiple of 77, per prompt the text dropped past the chunk
+        limit ("" if none), compile seconds). `loras`: (name, text-encoder weight) applied to every prompt."""
+        lease = self.lease_loras(loras)
+        tokens = self.with_loras(self.tokenize(prompts), lease)
+        rows, compile_s = self.encode_tokens(tokens)
+        length = tokens[0].chunks * self.tokenizer.max_length if tokens else self.tokenizer.max_length
+        hidden = np.stack(rows) if rows else np.zeros((0, length, self.hidden_size), np.float32)
+        return hidden, [t.removed_text for t in tokens], compile_s
+
+    def encode_tokens(
+        self, prompts: Sequence[PromptTokens], buckets: Sequence[int] = ()
+    ) -> tuple[list[np.ndarray], float]:
+        """(per prompt its conditioning (C·77, D) float32, compile seconds): every chunk of every prompt a row.
+
+        Rows run in calls of at most max(buckets) rows, each padded up to the smallest bucket that holds it (no
+        buckets: one call at its own size). Prompts with embeddings run in a call of their own program, and
+        prompts with LoRAs in one more (embeddings or not: each row carries its own LoRA rows and weights).
+        """
+        # a batch is padded with copies of its last prompt (batching.join): each prompt object is encoded once
+        unique = list({id(p): p for p in prompts}.values())
+        hidden: dict[int, np.ndarray] = {}
+        compile_s = 0.0
+        plain = [p for p in unique if not p.embeddings and not p.loras]
+        embedded = [p for p in unique if p.embeddings and not p.loras]
+        for group in (plain, embedded, [p for p in unique if p.loras]):
+            if not group:
+                continue
+            out, seconds = self._run_rows(group, buckets)
+            compile_s += seconds
+            bounds = np.cumsum([0, *(p.chunks for p in group)])
+            for p, a, b in zip(group, bounds[:-1], bounds[1:]):
+                hidden[id(p)] = out[a:b]
+        rows = []
+        for p in prompts:
+            h = hidden[id(p)]  # (C, 77, D)
+            if p.weighted:  # all weights 1: nothing to do, and the plain prompt's numbers stay exact
+                h = apply_emphasis(h, p.weights)
+            rows.append(h.reshape(-1, h.shape[-1]))
+        return rows, compile_s
+
+    def _run_rows(self, group: list[PromptTokens], buckets: Sequence[int]) -> tuple[np.ndarray, float]:
+        """The chunks of `group` encoded: (Σ chunks, 77, D) float32."""
+        ids = np.concatenate([p.ids for p in group])  # (R, 77)
+        with_loras = bool(group[0].loras)
+        with_embeddings = with_loras or bool(group[0].embeddings)
+        constant: tuple[Any, ...] = ()  # inputs not split by row
+        if with_embeddings:
+            length, width = ids.shape[1], self.hidden_size
+            override = np.zeros((len(ids), length, width), np.float32)
+            mask = np.zeros((len(ids), length), bool)
+            first = np.cumsum([0, *(p.chunks for p in group)])
+            for p, row in zip(group, first):
+                for slot in p.embeddings:
+                    n = len(slot.vectors)
+                    override[row + slot.chunk, slot.offset : slot.offset + n] = slot.vectors
+                    mask[row + slot.chunk, slot.offset : slot.offset + n] = True
+            inputs: tuple[np.ndarray, ...] = (ids, override, mask)
+            name, fn = "encode-embeddings", self._encode_with_embeddings
+            if with_loras and self.loras is not None:
+                width = lora_bank.bucket(max(len(p.loras) for p in group), lora_bank.ADAPTER_BUCKETS)
+                index, weight = lora_bank.slot_columns([p.loras for p in group for _ in range(p.chunks)], width)
+                inputs, constant = (*inputs, index, weight), (self.loras.bank.arrays(),)
+                name, fn = "encode-lora", self._encode_with_loras
+        else:
+            inputs, name, fn = (ids,), "encode", self._encode
+        step = max(buckets) if buckets else len(ids)
+        outs, compile_s = [], 0.0
+        for start in range(0, len(ids), step):
+            piece = [a[start : start + step] for a in inputs]
+            real = len(piece[0])
+            size = min((b for b in buckets if b >= real), default=real)
+            piece = [np.concatenate([a, np.repeat(a[-1:], size - real, axis=0)]) for a in piece]
+            args = [jnp.asarray(a) for a in piece]
+            batched = tuple(range(1, len(args) + 1))
+            args += constant
+            run, seconds = self.programs.get(name, fn, self.params, *args, batched=batched)
+            compile_s += seconds
+            outs.append(np.asarray(run(self.params, *args), np.float32)[:real])
+        return np.concatenate(outs), compile_s
 
 
 class DenoiserStage:
@@ -303,6 +528,7 @@ class DenoiserStage:
         self._keys = jax.jit(_image_keys, static_argnums=1)
         self.low_res_alphas: np.ndarray | None = None  # the x4 upscaler's low-res noise schedule
         self.max_noise_level = 0  # the x4 upscaler's
+        self.loras: lora_bank.Adapters | None = None  # --lora-dir's LoRAs, applied per slot
 
     @property
     def kind(self) -> str:
@@ -329,12 +555,38 @@ class DenoiserStage:
         )
         scheduler_json = fix_old_scheduler_config(checkpoint.read_config(folder, "scheduler", "scheduler_config.json"))
         stage = cls(unet, scheduler_json, params, options)
+        if load.lora_dir is not None:
+            stage.use_loras(load.lora_dir, load.max_adapters, allow_pickle=load.allow_pickle)
         if is_upscaler(folder):
             stage.low_res_alphas = conditioning.low_res_alphas_cumprod(
                 checkpoint.read_config(folder, "low_res_scheduler", "scheduler_config.json")
             )
             stage.max_noise_level = int(model_index(folder).get("max_noise_level", contract.DEFAULT_MAX_NOISE_LEVEL))
         return stage
+
+    def use_loras(self, directory: Path | str, max_adapters: int, *, allow_pickle: bool = False) -> None:
+        """Apply the UNet parts of the LoRA files in `directory` to the requests that name them, at most
+        `max_adapters` on the device at once."""
+        shapes = un.init_shapes(self.unet.config)
+        self.loras = lora_bank.Adapters(
+            LoraDirectory(directory, shapes, None, allow_pickle=allow_pickle),
+            lora_bank.LoraBank(
+                lora_bank.kernel_shapes(shapes), capacity=max_adapters, targets=lora_bank.UNET_TARGETS,
+                dtype=DTYPES[self.options.weights_dtype],
+            ),
+            "unet",
+        )  # fmt: skip
+
+    def lease_loras(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Lease | None:
+        """Bank rows for a call's (name, UNet weight) LoRAs (None without any)."""
+        return self._adapters(loras).lease(loras) if loras else None
+
+    def _adapters(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Adapters:
+        if self.loras is None:
+            raise InvalidRequest(
+                f"the request names LoRA {loras[0][0]!r}, but this denoiser has no LoRAs: start it with --lora-dir DIR"
+            )
+        return self.loras
 
     @property
     def latent_channels(self) -> int:
@@ -391,6 +643,8 @@ class DenoiserStage:
     def check(self, job: DenoiseJob, facts: ModelFacts) -> None:
         """Refuse a call before it joins a batch: the contract's checks, then the sampler's plan for it."""
         contract.check_denoise_job(job, facts)
+        if job.loras:
+            self._adapters(job.loras).check([name for name, _ in job.loras])
         self.check_plan(job.steps, sampler=job.sampler, eta=job.eta,
                         strength=None if job.init_latents is None else job.strength)  # fmt: skip
 
@@ -428,6 +682,7 @@ class DenoiserStage:
             extra=extra,
             class_labels=job.class_labels,
             blend_mask=job.blend_mask,
+            lease=self.lease_loras(job.loras),
         )
 
     def slots(
@@ -448,6 +703,7 @@ class DenoiserStage:
         extra: Any | None = None,
         class_labels: Any | None = None,
         blend_mask: Any | None = None,
+        lease: lora_bank.Lease | None = None,
     ) -> list[dn.Slot]:
         """One slot per image. `noise` (N, h, w, C) is unit Gaussian (`noise()` or given latents); each image's
         η/ancestral noise comes from its own stream of `seed`, so batching never changes it.
@@ -455,7 +711,8 @@ class DenoiserStage:
         Image-conditioned runs (all (N, h, w, ·) NHWC): `init_latents` start the run part-way, at `strength`
         (StableDiffusionImg2ImgPipeline's get_timesteps; inpainting at strength 1 starts from pure noise, as the
         inpainting pipeline does); `extra` channels join the UNet input; `class_labels` feed a class embedding;
-        `blend_mask` (1 repaints) blends towards the noised `init_latents` after every step.
+        `blend_mask` (1 repaints) blends towards the noised `init_latents` after every step. `lease`: the
+        LoRA bank rows every image applies (`lease_loras`); the slots hold it while they exist.
         """
         noise, cond = np.asarray(noise, np.float32), np.asarray(cond, np.float32)
         uncond = None if uncond is None else np.asarray(uncond, np.float32)
@@ -492,6 +749,8 @@ class DenoiserStage:
                 class_label=row(class_labels, k),
                 blend=None if blend_mask is None else (row(blend_mask, k), init_latents[k], noise[k]),
                 steps=steps_run,
+                loras=() if lease is None else lease.rows,
+                lease=lease,
             )
             for k in range(noise.shape[0])
         ]
@@ -506,8 +765,11 @@ class DenoiserStage:
         fn = functools.partial(dn.denoise_chunk, self.unet, with_uncond)
         name = "denoise" if with_uncond else "denoise-unguided"
         n = jnp.int32(iterations)
-        program, compile_s = self.programs.get(name, fn, self.params, inputs, state, cursor, n, batched=(1, 2, 3))
-        state, cursor = program(self.params, inputs, state, cursor, n)
+        args: tuple[Any, ...] = (self.params, inputs, state, cursor, n)
+        if inputs.lora_index.shape[1] and self.loras is not None:  # some slot has LoRAs: the bank is an input
+            name, args = f"{name}-lora", (*args, self.loras.bank.arrays())
+        program, compile_s = self.programs.get(name, fn, *args, batched=(1, 2, 3))
+        state, cursor = program(*args)
         jax.block_until_ready(state)
         return state, cursor, compile_s
 

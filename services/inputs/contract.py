@@ -34,7 +34,7 @@ MAX_ETA = 1000.0
 MAX_PRIORITY = 2**31 - 1  # int32 on the wire
 MAX_PREVIEW_EVERY = 2**32 - 1  # uint32 on the wire; past the step count it just means no preview before the end
 UPSCALE_FACTOR = 4  # the x4 upscaler's
-MAX_LORAS = 8  # LoRAs per request (a stage may take fewer: its --max-loras)
+MAX_LORAS = 8  # LoRAs per request
 MAX_LORA_WEIGHT = 100.0  # |weight|; real use stays within ±2
 MAX_ADAPTER_NAME = 200  # characters: a file's stem
 
@@ -316,7 +316,7 @@ def check_prompts(prompts: Sequence[Any], negatives: Sequence[Any]) -> None:
             if len(text) > MAX_PROMPT_CHARS:
                 raise InvalidRequest(
                     f"{what} {i} is {len(text)} characters; at most {MAX_PROMPT_CHARS} "
-                    "(the model reads only its first 77 tokens)"
+                    "(the model reads at most 13 chunks of 75 tokens)"
                 )
 
 

@@ -1,4 +1,9 @@
-"""Layers shared by the UNet and the VAE."""
+"""Layers shared by the UNet, the text encoder and the VAE.
+
+`Dense` and `Conv2d` take per-row LoRA updates from the "lora" variable collection when it holds theirs
+(`engine.lora_bank`): each batch row n adds (x_n @ down_n) @ up_n, its adapters' stacked low-rank factors,
+weights folded in. Without that collection they are the plain layers, bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +76,39 @@ def upsample_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(b, 2 * h, 2 * w, y.shape[-1])
 
 
+def lora_dense_delta(x: jax.Array, down: jax.Array, up: jax.Array) -> jax.Array:
+    """Per-row low-rank update: x (N, ..., in), down (N, in, K), up (N, K, out) → (N, ..., out)."""
+    h = jnp.einsum("n...i,nik->n...k", x, down.astype(x.dtype))
+    return jnp.einsum("n...k,nko->n...o", h, up.astype(x.dtype))
+
+
+def lora_conv_delta(x: jax.Array, down: jax.Array, up: jax.Array, *, stride: int, padding: Padding) -> jax.Array:
+    """Per-row LoCon update: x (N, H, W, in), down (N, kh, kw, in, K) a convolution like the layer's, then up
+    (N, K, out) as a 1×1 convolution → (N, H', W', out)."""
+    h = jax.vmap(lambda xi, ki: conv2d(xi[None], ki, stride=stride, padding=padding)[0])(x, down.astype(x.dtype))
+    return jnp.einsum("nhwk,nko->nhwo", h, up.astype(x.dtype))
+
+
+class Dense(nn.Module):
+    """flax.linen.Dense (params `kernel` (in, out) and `bias`, the same computation), plus per-row LoRA."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        if self.has_variable("lora", "down"):
+            y = y + lora_dense_delta(x, self.get_variable("lora", "down"), self.get_variable("lora", "up"))
+        return y
+
+
 class Conv2d(nn.Module):
     """torch.nn.Conv2d in NHWC: params `kernel` (kh, kw, in, out) and `bias`, symmetric padding (k−1)//2 by default.
 
@@ -91,16 +129,25 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        p = (k - 1) // 2
+        padding = self.padding if self.padding is not None else ((p, p), (p, p))
         if self.upsample:
             if k != 3 or self.stride != 1 or self.padding not in (None, ((1, 1), (1, 1))):
                 raise ValueError("upsample=True needs a 3×3, stride-1, pad-1 convolution")
             if not _small(x):
-                return upsample_conv2d(x, kernel) + bias
+                return self._with_lora(upsample_conv2d(x, kernel) + bias, x, padding, upsampled=False)
             # On a small map the folded kernels cost more to build than the 5/9 of the FLOPs they save.
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # (B, H, W, C) → (B, 2H, 2W, C)
-        p = (k - 1) // 2
-        padding = self.padding if self.padding is not None else ((p, p), (p, p))
-        return conv2d(x, kernel, stride=self.stride, padding=padding) + bias
+        return self._with_lora(conv2d(x, kernel, stride=self.stride, padding=padding) + bias, x, padding)
+
+    def _with_lora(self, y: jax.Array, x: jax.Array, padding: Padding, upsampled: bool = True) -> jax.Array:
+        """`y` plus this layer's per-row LoRA update for input `x`, if the "lora" collection holds one."""
+        if not self.has_variable("lora", "down"):
+            return y
+        if not upsampled:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        down, up = self.get_variable("lora", "down"), self.get_variable("lora", "up")
+        return y + lora_conv_delta(x, down, up, stride=self.stride, padding=padding)
 
 
 class GroupNorm(nn.Module):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax.core import unfreeze
 
 from sdmesh.services.models.attention import attention
+from sdmesh.services.models.layers import Dense
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:
@@ -103,10 +104,17 @@ class CLIPTextEmbeddings(nn.Module):
             cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, dtype=self.dtype
         )
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, override: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """ids (B, L) → (B, L, D); where `mask` (B, L) is set, `override` (B, L, D) replaces the token embedding
+        (textual inversion: an embedding's vectors stand where its name was)."""
         # Positions are always 0..L-1: SD prompts are padded to a fixed length, never packed.
         positions = jnp.arange(input_ids.shape[-1], dtype=jnp.int32)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        tokens = self.token_embedding(input_ids)
+        if override is not None:
+            tokens = jnp.where(mask[..., None], override.astype(tokens.dtype), tokens)
+        return tokens + self.position_embedding(positions)[None]
 
 
 class CLIPAttention(nn.Module):
@@ -118,10 +126,10 @@ class CLIPAttention(nn.Module):
 
     def setup(self) -> None:
         width = self.config.hidden_size
-        self.q_proj = nn.Dense(width, dtype=self.dtype)
-        self.k_proj = nn.Dense(width, dtype=self.dtype)
-        self.v_proj = nn.Dense(width, dtype=self.dtype)
-        self.out_proj = nn.Dense(width, dtype=self.dtype)
+        self.q_proj = Dense(width, dtype=self.dtype)
+        self.k_proj = Dense(width, dtype=self.dtype)
+        self.v_proj = Dense(width, dtype=self.dtype)
+        self.out_proj = Dense(width, dtype=self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, length, width = x.shape
@@ -140,8 +148,8 @@ class CLIPMLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        self.fc1 = nn.Dense(self.config.intermediate_size, dtype=self.dtype)
-        self.fc2 = nn.Dense(self.config.hidden_size, dtype=self.dtype)
+        self.fc1 = Dense(self.config.intermediate_size, dtype=self.dtype)
+        self.fc2 = Dense(self.config.hidden_size, dtype=self.dtype)
         self.activation = ACTIVATIONS[self.config.hidden_act]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -198,14 +206,17 @@ class CLIPTextEncoder(nn.Module):
         self.encoder = CLIPEncoder(self.config, dtype=self.dtype, attention_impl=self.attention_impl)
         self.final_layer_norm = nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, override: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """`override` (B, L, D) and `mask` (B, L): input embeddings in place of some tokens' (CLIPTextEmbeddings)."""
         length = input_ids.shape[-1]
         if length > self.config.max_position_embeddings:
             raise ValueError(
                 f"prompt of {length} tokens is longer than the text encoder's "
                 f"max_position_embeddings {self.config.max_position_embeddings}; tokenize with truncation"
             )
-        hidden = self.embeddings(input_ids.astype(jnp.int32))
+        hidden = self.embeddings(input_ids.astype(jnp.int32), override, mask)
         return self.final_layer_norm(self.encoder(hidden))
 
 

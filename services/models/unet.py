@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sdmesh.services.models.attention import attention
-from sdmesh.services.models.layers import Conv2d, GroupNorm
+from sdmesh.services.models.layers import Conv2d, Dense, GroupNorm
 
 # --------------------------------------------------------------------------- config
 
@@ -344,10 +344,10 @@ class TimestepEmbedding(nn.Module):
             if self.cond_proj_dim is None:
                 raise ValueError("timestep_cond was given but the config has no time_cond_proj_dim")
             # LCM-style guidance embedding, added before the MLP.
-            sample = sample + nn.Dense(sample.shape[-1], use_bias=False, dtype=self.dtype, name="cond_proj")(condition)
-        sample = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(sample)
+            sample = sample + Dense(sample.shape[-1], use_bias=False, dtype=self.dtype, name="cond_proj")(condition)
+        sample = Dense(self.features, dtype=self.dtype, name="linear_1")(sample)
         sample = _activation(self.act_fn)(sample)
-        sample = nn.Dense(self.features, dtype=self.dtype, name="linear_2")(sample)
+        sample = Dense(self.features, dtype=self.dtype, name="linear_2")(sample)
         if self.post_act_fn is not None:
             sample = _activation(self.post_act_fn)(sample)
         return sample
@@ -371,7 +371,7 @@ class ResnetBlock2D(nn.Module):
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
 
         scale_shift = self.time_embedding_norm == "scale_shift"
-        t = nn.Dense(self.out_channels * (2 if scale_shift else 1), dtype=self.dtype, name="time_emb_proj")(act(temb))
+        t = Dense(self.out_channels * (2 if scale_shift else 1), dtype=self.dtype, name="time_emb_proj")(act(temb))
         t = t[:, None, None, :]  # (B, 1, 1, C or 2C): broadcast over H, W
         norm2 = _group_norm(self.groups, self.eps, self.dtype, "norm2")
         if scale_shift:
@@ -401,16 +401,16 @@ class Attention(nn.Module):
         context = x if context is None else context  # self-attention unless given a context
         b, lq, query_dim = x.shape
         lk = context.shape[1]
-        q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
+        k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
+        v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
         q = q.reshape(b, lq, self.heads, self.head_dim)  # (B, Lq, H, D)
         k = k.reshape(b, lk, self.heads, self.head_dim)  # (B, Lk, H, D)
         v = v.reshape(b, lk, self.heads, self.head_dim)
         out = attention(q, k, v, upcast=self.upcast, impl=self.attention_impl)  # (B, Lq, H, D)
         out = out.reshape(b, lq, inner)
         # diffusers' to_out is [Linear, Dropout]; only index 0 holds weights.
-        return nn.Dense(query_dim, dtype=self.dtype, name="to_out_0")(out)
+        return Dense(query_dim, dtype=self.dtype, name="to_out_0")(out)
 
 
 class GEGLU(nn.Module):
@@ -421,7 +421,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x)
+        h = Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x)
         value, gate = jnp.split(h, 2, axis=-1)
         return value * jax.nn.gelu(gate, approximate=False)
 
@@ -435,7 +435,7 @@ class FeedForward(nn.Module):
         dim = x.shape[-1]
         # diffusers' ff.net is [GEGLU, Dropout, Linear]: weights at indices 0 and 2.
         h = GEGLU(dim * self.mult, dtype=self.dtype, name="net_0")(x)
-        return nn.Dense(dim, dtype=self.dtype, name="net_2")(h)
+        return Dense(dim, dtype=self.dtype, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -482,7 +482,7 @@ class Transformer2DModel(nn.Module):
         residual = x
         x = _group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
         if self.use_linear_projection:
-            x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))  # (B, HW, inner)
+            x = Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))  # (B, HW, inner)
         else:
             x = _conv(inner, 1, self.dtype, "proj_in")(x).reshape(b, h * w, inner)  # (B, HW, inner)
         for i in range(self.num_layers):
@@ -496,7 +496,7 @@ class Transformer2DModel(nn.Module):
                 name=f"transformer_blocks_{i}",
             )(x, context)
         if self.use_linear_projection:
-            x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)  # (B, H, W, C)
+            x = Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)  # (B, H, W, C)
         else:
             x = _conv(c, 1, self.dtype, "proj_out")(x.reshape(b, h, w, inner))  # (B, H, W, C)
         return x + residual
@@ -665,7 +665,7 @@ def _class_embedding(cfg: UNetConfig, dtype: Any) -> nn.Module | None:
         # diffusers builds this one with TimestepEmbedding's default act_fn, not the config's
         return TimestepEmbedding(dim, act_fn="silu", dtype=dtype, name="class_embedding")
     if cfg.class_embed_type == "simple_projection":
-        return nn.Dense(dim, dtype=dtype, name="class_embedding")
+        return Dense(dim, dtype=dtype, name="class_embedding")
     return None  # identity: the labels are the embedding
 
 

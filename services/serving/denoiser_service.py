@@ -28,6 +28,7 @@ from sdmesh.services.engine.stages import DenoiserStage, preview_jpeg
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
+from sdmesh.services.inputs.tokenizer import max_chunks
 from sdmesh.services.models.vae import VAEConfig
 from sdmesh.services.serving import server, wire
 from sdmesh.services.serving.continuous_batching import ContinuousBatcher
@@ -130,6 +131,7 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                                          buckets=list(batcher.buckets), chunk_steps=self.chunk),
             denoiser_load=common_pb2.DenoiserLoad(running_slots=batcher.running_slots,
                                                   waiting_requests=batcher.waiting_requests, **batcher.stats),
+            adapters=wire.lora_adapters_to_proto(self.stage.loras.info() if self.stage.loras else []),
         )  # fmt: skip
 
     def warm_up(self, shapes: list[tuple[int, int, int]]) -> None:
@@ -151,9 +153,11 @@ def default_shapes(facts: ModelFacts) -> list[tuple[int, int, int]]:
 
 def message_bytes(facts: ModelFacts, shapes: list[tuple[int, int, int]]) -> int:
     """The largest Denoise request at these sizes: cond + uncond + latents, float32, for the most images any
-    request may carry (MAX_IMAGES), so a valid request is never refused for its size by gRPC."""
+    request may carry (MAX_IMAGES) with the longest prompts (as many 77-token chunks as the contract's context
+    length holds), so a valid request is never refused for its size by gRPC."""
     f, c, e = facts.vae_scale_factor, facts.latent_channels, facts.extra_channels
-    per_image = [2 * facts.max_length * facts.hidden_size + (2 * c + e + 1) * (h // f) * (w // f) for _, h, w in shapes]
+    length = max_chunks(facts.max_length) * facts.max_length
+    per_image = [2 * length * facts.hidden_size + (2 * c + e + 1) * (h // f) * (w // f) for _, h, w in shapes]
     return contract.MAX_IMAGES * max(per_image) * 4
 
 

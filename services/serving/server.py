@@ -13,6 +13,7 @@ chooses status codes, turns them into statuses (`status_for`):
 
     InvalidRequest, TensorError, CheckpointError  → INVALID_ARGUMENT, with their message
     Overloaded (the queue is full, the device OOM) → RESOURCE_EXHAUSTED, at once
+    AdaptersBusy (every LoRA bank row in use)     → RESOURCE_EXHAUSTED
     FollowerLost (a multi-process stage lost one) → UNAVAILABLE
     Draining (the stage is shutting down)         → UNAVAILABLE
     anything else                                 → INTERNAL: a bug of ours, logged with its traceback
@@ -50,7 +51,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sdmesh.services.checkpoints.weights import CheckpointError
-from sdmesh.services.engine.errors import FollowerLost
+from sdmesh.services.engine.errors import AdaptersBusy, FollowerLost
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import DEFAULT_MAX_QUEUE
 from sdmesh.services.inputs.errors import InvalidRequest
@@ -105,7 +106,7 @@ class StageService:
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a handler's exception becomes."""
-    if isinstance(error, Overloaded):
+    if isinstance(error, (Overloaded, AdaptersBusy)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, (FollowerLost, Draining)):
         return grpc.StatusCode.UNAVAILABLE, str(error)

@@ -4,11 +4,15 @@ The prompts and, when asked, the negative prompts are encoded in ONE call of the
 (prompts first), as the in-process stages do for `chain.generate`, so a gateway chaining the services
 gets the in-process pipeline's numbers bit for bit.
 
+Prompts take A1111's syntax (weights, BREAK, embeddings by name; `stages.TextEncoderStage`): each is tokenized
+into 77-token chunks on the calling thread, where a bad prompt fails alone, and a request's texts are padded with
+empty chunks to one length L, so its tensors are (P, L, D).
+
 With --max-batch above 1, concurrent Encode calls share that call (`batching.Batcher`): each
-request's texts are rows of one batch, padded to a compiled bucket, and its rows come back
-to it with its own truncation notes. Every prompt is padded to the tokenizer's 77 tokens, so
-any requests can share a batch. CLIP encodes each row on its own, so a request's tensors do
-not depend on its batch-mates (measured: tests/test_batching.py).
+request's texts are rows of one batch, every chunk of every text a row of one device call, padded
+to a compiled bucket, and its texts come back to it with its own L and truncation notes. CLIP
+encodes each chunk on its own, so a request's tensors do not depend on its batch-mates
+(measured: tests/test_batching.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 from sdmesh.services.engine.stages import TextEncoderStage
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.errors import InvalidRequest
-from sdmesh.services.serving import batching, server
+from sdmesh.services.inputs.tokenizer import PromptTokens, max_chunks
+from sdmesh.services.serving import batching, server, wire
 from sdmesh.services.serving.metrics import StageMetrics
 from sdmesh.v1 import common_pb2, text_encoder_pb2, text_encoder_pb2_grpc
 from sdmesh.v1.tensors import to_proto
@@ -33,6 +38,7 @@ MAX_PROMPTS = contract.MAX_IMAGES  # one row per prompt; the denoiser takes no m
 class EncodeJob:
     prompts: list[str]
     negative_prompts: list[str]  # one per prompt when `unconditional`, else empty
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA name, text-encoder weight) for every text
 
     @property
     def unconditional(self) -> bool:
@@ -47,7 +53,8 @@ def encode_job_from_proto(request: text_encoder_pb2.EncodeRequest) -> EncodeJob:
         raise InvalidRequest("negative_prompts are given but unconditional is false; set unconditional to encode them")
     if request.unconditional and not negatives:
         negatives = [""] * len(prompts)
-    return EncodeJob(prompts, negatives)
+    loras = contract.check_loras([wire.lora_choice(lora) for lora in request.loras])
+    return EncodeJob(prompts, negatives, tuple((c.name, c.weight) for c in loras))
 
 
 def encode_response_to_proto(job: EncodeJob, hidden: np.ndarray, removed: list[str]) -> text_encoder_pb2.EncodeResponse:
@@ -80,9 +87,8 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
     ):
         self.stage, self.model = stage, model
         self.metrics = metrics or StageMetrics("text_encoder")
-        self.compiled: set[int] = set()  # rows per encode call
         self.batcher = batching.Batcher(
-            self.encode_texts,
+            self.encode_rows,
             max_batch=max_batch,
             batch_wait=batch_wait,
             max_queue=max_queue,
@@ -90,17 +96,19 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
             name="encoder",
         )
 
-    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
-        """One device call: (hidden (T, L, D) float32, per text the truncated text)."""
-        hidden, removed, _ = self.stage.encode(texts)
-        self.compiled.add(len(texts))
-        return np.asarray(hidden, np.float32), removed
+    def encode_rows(self, rows: list[PromptTokens]) -> tuple[list[np.ndarray], list[str]]:
+        """One batch: (per text its hidden states (L, D) float32, per text the truncated text)."""
+        hidden, _ = self.stage.encode_tokens(rows, self.batcher.buckets)
+        return hidden, [row.removed_text for row in rows]
 
     def Encode(self, request, context):
         job = encode_job_from_proto(request)  # validated alone, first: a bad request must not fail a batch
-        future = self.batcher.submit(job.prompts + job.negative_prompts, is_active=context.is_active)
+        rows = self.stage.tokenize(job.prompts + job.negative_prompts)  # one L for the request's texts
+        lease = self.stage.lease_loras(job.loras)  # held until the texts are encoded
+        future = self.batcher.submit(self.stage.with_loras(rows, lease), is_active=context.is_active)
         hidden, removed = batching.wait(future, context.is_active)
-        return encode_response_to_proto(job, hidden, list(removed))
+        del lease
+        return encode_response_to_proto(job, np.stack(hidden), list(removed))
 
     def ModelInfo(self, request, context):
         devices, mesh = server.device_facts(self.stage.mesh)
@@ -111,22 +119,35 @@ class TextEncoderService(text_encoder_pb2_grpc.TextEncoderServicer):
             activations_dtype=self.stage.options.activations_dtype,
             devices=devices,
             mesh=mesh,
-            compiled_shapes=[common_pb2.CompiledShape(program="encode", batch=b) for b in sorted(self.compiled)],
+            compiled_shapes=compiled_shapes(self.stage),
             model_facts=common_pb2.ModelFacts(
                 max_length=self.stage.tokenizer.max_length, hidden_size=self.stage.hidden_size, max_images=MAX_PROMPTS
             ),
             batching=batching.info(self.batcher),
+            adapters=[
+                common_pb2.Adapter(
+                    name=e.name, kind="embedding", rank=0 if e.vectors is None else len(e.vectors), error=e.error
+                )
+                for e in self.stage.embeddings
+            ]
+            + wire.lora_adapters_to_proto(self.stage.loras.info() if self.stage.loras else []),
         )
 
     def warm_up(self, batches: list[int]) -> None:
         """Compile encode for each batch of prompts with their negatives (classifier-free guidance), and each
         row count a batch is padded to."""
         for rows in warm_up_rows(batches, self.batcher.buckets):
-            self.encode_texts(["warm-up"] * rows)
+            self.encode_rows(self.stage.tokenize(["warm-up"] * rows))
 
     def close(self) -> None:
         """Finish the calls waiting for the device, then stop batching."""
         self.batcher.stop()
+
+
+def compiled_shapes(stage: TextEncoderStage) -> list[common_pb2.CompiledShape]:
+    """The encoder's compiled programs: name and rows (77-token chunks) per call."""
+    found = {(key[0], key[2][0][0]) for key in stage.programs.shapes}  # (name, treedef, (ids shape, dtype), …)
+    return [common_pb2.CompiledShape(program=name, batch=rows) for name, rows in sorted(found)]
 
 
 def warm_up_rows(batches: list[int], buckets: list[int]) -> list[int]:
@@ -137,11 +158,12 @@ def warm_up_rows(batches: list[int], buckets: list[int]) -> list[int]:
 def stage_service(service: TextEncoderService, shapes: list[tuple[int, int, int]]) -> server.StageService:
     """shapes: (batch, height, width) to expect; the encoder reads only the batch, as prompts per call.
 
-    Messages are sized for the most prompts a call may carry (MAX_PROMPTS, each with a negative): small at any size.
+    Messages are sized for the most prompts a call may carry (MAX_PROMPTS, each with a negative) at the most chunks.
     """
     batches = sorted({b for b, _, _ in shapes})
     rows = 2 * MAX_PROMPTS
-    length, width = service.stage.tokenizer.max_length, service.stage.hidden_size
+    chunk = service.stage.tokenizer.max_length
+    length, width = max_chunks(chunk) * chunk, service.stage.hidden_size
     return server.StageService(
         name="sdmesh.v1.TextEncoder",
         servicer=service,

@@ -10,6 +10,8 @@ Arrays are NHWC inside and NCHW on the wire (as diffusers' latents); tensors are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from sdmesh.services.inputs import contract
@@ -175,3 +177,11 @@ def unet_weight(lora: common_pb2.Lora) -> float:
 
 def text_encoder_weight(lora: common_pb2.Lora) -> float:
     return lora_choice(lora).text_encoder_scale
+
+
+def lora_adapters_to_proto(info: Sequence[tuple[str, bool, int, str]]) -> list[common_pb2.Adapter]:
+    """ModelInfo.adapters for a stage's LoRAs: (name, on the device now, rank, why it cannot be used) each."""
+    return [
+        common_pb2.Adapter(name=name, kind="lora", resident=resident, rank=rank, error=error)
+        for name, resident, rank, error in info
+    ]
