@@ -92,7 +92,25 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="a diffusers-format folder or a Hugging Face Hub id (default: %(default)s; env SDMESH_MODEL)",
+        help="a diffusers-format folder, a Hugging Face Hub id, or a single-file SD 1.x/2.x checkpoint "
+        "(.safetensors; .ckpt with --allow-pickle), converted once into $SDMESH_CACHE "
+        "(default: %(default)s; env SDMESH_MODEL)",
+    )
+    g.add_argument(
+        "--config",
+        metavar="DIR_OR_ID",
+        help="single files: a diffusers folder or Hub id whose configs replace the ones inferred from the weights",
+    )
+    g.add_argument(
+        "--tokenizer",
+        metavar="DIR_OR_ID",
+        help="single files: the tokenizer folder or Hub id (default: --config's, else the family's from the Hub)",
+    )
+    g.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="single files: what the UNet predicts (default: v_prediction for SD 2.x text-to-image files, "
+        "as diffusers guesses; pass epsilon for SD 2 base 512)",
     )
     g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     g.add_argument("--variant", help="weights variant, e.g. fp16 for *.fp16.safetensors")
@@ -748,6 +766,9 @@ def _load(args: argparse.Namespace) -> Any:
         variant=args.variant,
         unet_checkpoint=args.unet_checkpoint,
         allow_pickle=args.allow_pickle,
+        config=args.config,
+        tokenizer=args.tokenizer,
+        prediction_type=args.prediction_type,
         lora_dir=args.lora_dir,
         max_adapters=args.max_adapters,
         embeddings_dir=args.embeddings_dir,

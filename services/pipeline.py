@@ -72,16 +72,24 @@ class StableDiffusion:
         variant: str | None = None,
         unet_checkpoint: str | None = None,
         allow_pickle: bool = False,
+        config: str | None = None,
+        tokenizer: str | None = None,
+        prediction_type: str | None = None,
         lora_dir: str | Path | None = None,
         max_adapters: int = LoadOptions.max_adapters,
         embeddings_dir: str | Path | None = None,
         options: RuntimeOptions = RuntimeOptions(),
     ) -> StableDiffusion:
-        """`lora_dir`: LoRA files requests name by stem (`GenerationRequest.loras`, `<lora:NAME:W>`), at most
+        """`model`: a diffusers folder, a Hub id, or a single-file checkpoint (.safetensors; .ckpt with
+        `allow_pickle`), which `config` (a diffusers folder or Hub id), `tokenizer` and `prediction_type` can pin.
+        `lora_dir`: LoRA files requests name by stem (`GenerationRequest.loras`, `<lora:NAME:W>`), at most
         `max_adapters` on the device at once; `embeddings_dir`: textual-inversion embeddings prompts name."""
         if options.jax_cache_dir:
             enable_compilation_cache(options.jax_cache_dir)
-        folder = checkpoint.resolve(model, revision=revision, variant=variant)
+        folder = checkpoint.resolve(
+            model, revision=revision, variant=variant, config=config, tokenizer=tokenizer,
+            prediction_type=prediction_type, allow_pickle=allow_pickle,
+        )  # fmt: skip
         load = LoadOptions(
             variant=variant, allow_pickle=allow_pickle, unet_checkpoint=unet_checkpoint,
             lora_dir=None if lora_dir is None else Path(lora_dir), max_adapters=max_adapters,

@@ -1,4 +1,5 @@
-"""Finding a diffusers-format checkpoint and its files: a local folder or a Hub id via huggingface_hub's cache.
+"""Finding a diffusers-format checkpoint and its files: a local folder, a Hub id via huggingface_hub's cache, or a
+single-file checkpoint converted once into a cached folder (single_file.py).
 
 Layout (what `StableDiffusionPipeline.save_pretrained` writes and the Hub serves):
   model_index.json, scheduler/scheduler_config.json, tokenizer/…,
@@ -9,9 +10,14 @@ Layout (what `StableDiffusionPipeline.save_pretrained` writes and the Hub serves
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from sdmesh.services.checkpoints.weights import CheckpointError, read_safetensors, read_torch_pickle
+
+logger = logging.getLogger(__name__)
 
 # The file stem each component's weights use.
 WEIGHT_STEMS = {"text_encoder": "model", "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
@@ -32,13 +40,34 @@ class ModelNotFound(CheckpointError):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def resolve(model: str, *, revision: str | None = None, variant: str | None = None) -> Path:
-    """A local diffusers folder, or a Hub id fetched into (or found in) huggingface_hub's cache.
+def resolve(
+    model: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    config: str | None = None,
+    tokenizer: str | None = None,
+    prediction_type: str | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """A local diffusers folder, a Hub id fetched into (or found in) huggingface_hub's cache, or a single-file
+    checkpoint (.safetensors/.ckpt) converted once into a diffusers folder under $SDMESH_CACHE.
 
     Honors HF_HUB_OFFLINE; only the files a pipeline needs are fetched (one weights
-    variant, no .bin when safetensors exist).
+    variant, no .bin when safetensors exist). `config`, `tokenizer` and `prediction_type`
+    are for single files only (see `single_file.convert_single_file`).
     """
     path = Path(model).expanduser()
+    if path.is_file():
+        return _from_single_file(
+            path, config=config, tokenizer=tokenizer, prediction_type=prediction_type, allow_pickle=allow_pickle
+        )
+    given = [f for f, v in (("config", config), ("tokenizer", tokenizer), ("prediction-type", prediction_type)) if v]
+    if given:
+        raise ModelNotFound(
+            f"--{given[0]} is for single-file checkpoints (.safetensors/.ckpt); {model} is a diffusers model, "
+            "whose folder has its own configs, tokenizer/ and scheduler/: drop the flag"
+        )
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise ModelNotFound(
@@ -46,6 +75,8 @@ def resolve(model: str, *, revision: str | None = None, variant: str | None = No
                 "point --model at the folder that holds unet/, vae/, text_encoder/, tokenizer/, scheduler/"
             )
         return path
+    if path.suffix in (".safetensors", ".ckpt") and not path.exists():
+        raise ModelNotFound(f"no checkpoint file at {path}; check the path")
     if path.exists() or not _HUB_ID.match(model):
         raise ModelNotFound(
             f"no model folder at {path}; check the path, or pass a Hub id such as stabilityai/stable-diffusion-2-1"
@@ -53,15 +84,82 @@ def resolve(model: str, *, revision: str | None = None, variant: str | None = No
     return _from_hub(model, revision=revision, variant=variant)
 
 
+def cache_root() -> Path:
+    """Where sdmesh keeps what it derives from checkpoints: $SDMESH_CACHE, else ~/.cache/sdmesh."""
+    return Path(os.environ.get("SDMESH_CACHE") or "~/.cache/sdmesh").expanduser()
+
+
+def single_file_cache(path: Path, **options: Any) -> Path:
+    """The folder a single file converts into: one per file version (path, size, mtime) and conversion options."""
+    stat = path.stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, options], sort_keys=True, default=str)
+    return cache_root() / "single-file" / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _from_single_file(
+    path: Path, *, config: str | None, tokenizer: str | None, prediction_type: str | None, allow_pickle: bool
+) -> Path:
+    """Convert once: concurrent stages wait on one lock; a conversion is written aside and renamed when complete,
+    so a folder in the cache is always a finished one."""
+    from sdmesh.services.checkpoints import single_file  # imported here: it imports this module
+
+    if path.suffix not in single_file.SUFFIXES:
+        raise ModelNotFound(
+            f"{path} is a file but not a checkpoint sdmesh reads ({', '.join(single_file.SUFFIXES)}); "
+            "pass a single-file Stable Diffusion checkpoint or a diffusers folder"
+        )
+    if path.suffix in single_file.PICKLE_SUFFIXES and not allow_pickle:  # the same answer before and after caching
+        single_file.open_single_file(path)  # raises, naming --allow-pickle
+    target = single_file_cache(
+        path, config=_cache_name(config), tokenizer=_cache_name(tokenizer), prediction_type=prediction_type
+    )
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model_index.json").is_file():  # another process converted it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".partial", dir=target.parent))
+        try:
+            logger.warning("converting %s into a diffusers folder (once; cached at %s)", path, target)
+            single_file.convert_single_file(
+                path,
+                tmp,
+                config=config,
+                tokenizer=tokenizer,
+                prediction_type=prediction_type,
+                allow_pickle=allow_pickle,
+            )
+            shutil.rmtree(target, ignore_errors=True)  # an unfinished folder left by an interrupted rename
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _cache_name(name: str | None) -> str | None:
+    """A local folder by its absolute path (one cache entry however it is spelled); a Hub id as given."""
+    if name is None or not Path(name).expanduser().is_dir():
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
 def _from_hub(repo_id: str, *, revision: str | None, variant: str | None) -> Path:
+    suffix = f".{variant}" if variant else ""
+    return hub_snapshot(repo_id, patterns=["*.json", "*.txt", f"*{suffix}.safetensors"], revision=revision)
+
+
+def hub_snapshot(repo_id: str, *, patterns: list[str], revision: str | None = None, flag: str = "--model") -> Path:
+    """The files of `repo_id` matching `patterns`, fetched into (or found in) huggingface_hub's cache."""
     try:
         from huggingface_hub import errors as hf_errors
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - serve extra always has it
         raise ModelNotFound(f"{repo_id!r} is not a local folder and huggingface_hub is not installed") from e
-    suffix = f".{variant}" if variant else ""
-    patterns = ["*.json", "*.txt", f"*{suffix}.safetensors"]
     download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    if flag != "--model":  # a few files, not a whole model
+        download += " --include " + " ".join(f"'{p}'" for p in patterns)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.GatedRepoError) as e:
@@ -72,11 +170,12 @@ def _from_hub(repo_id: str, *, revision: str | None, variant: str | None) -> Pat
             "check the id, or log in with `hf auth login` for gated models"
         ) from e
     except Exception as e:  # offline, no network, or not cached: all mean the same to the user
+        what = "model" if flag == "--model" else f"{flag}"
         raise ModelNotFound(
-            f"model {repo_id!r} is not a local folder and is not in the Hugging Face cache "
+            f"{what} {repo_id!r} is not a local folder and is not in the Hugging Face cache "
             f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
             f"and it could not be downloaded here ({type(e).__name__}). On a machine with network access run "
-            f"`{download}` (or pass --model with a local folder)."
+            f"`{download}` (or pass {flag} with a local folder)."
         ) from e
 
 

@@ -413,3 +413,187 @@ def make_tiny_controlnet(
     folder = Path(folder)
     controlnet.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --- Single-file (CompVis / A1111 layout) checkpoints ---------------------------------------------------------
+# The inverse of services/checkpoints/single_file.py's key maps, written independently from the LDM module names
+# so that diffusers' own converters (diffusers.loaders.single_file_utils) can check it in tests.
+
+_LDM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_LDM_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_unet_key(key: str, config: dict[str, Any]) -> str:
+    """A diffusers UNet key → its name under model.diffusion_model. (config: the UNet's config.json)."""
+    import re
+
+    module, _, leaf = key.rpartition(".")
+    if module in _LDM_UNET_FIXED:
+        return f"{_LDM_UNET_FIXED[module]}.{leaf}"
+    n = config["layers_per_block"] + 1
+    m = re.match(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$", key)
+    if m:
+        side, level, part, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if side == "down":
+            block = 1 + level * n + (n - 1 if part == "downsamplers" else j)
+            prefix = "input_blocks"
+        else:
+            block = level * n + (n - 1 if part == "upsamplers" else j)
+            prefix = "output_blocks"
+        if part == "resnets":
+            inner, _, last = rest.rpartition(".")
+            return f"{prefix}.{block}.0.{_LDM_RESNET[inner]}.{last}"
+        if part == "attentions":
+            return f"{prefix}.{block}.1.{rest}"
+        if part == "downsamplers":  # rest: conv.weight / conv.bias
+            return f"{prefix}.{block}.0.op.{rest.removeprefix('conv.')}"
+        has_attention = config["up_block_types"][level].startswith("CrossAttn")
+        return f"{prefix}.{block}.{2 if has_attention else 1}.{rest}"
+    m = re.match(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", key)
+    if m:
+        if m[1] == "attentions":
+            return f"middle_block.1.{m[3]}"
+        inner, _, last = m[3].rpartition(".")
+        return f"middle_block.{2 * int(m[2])}.{_LDM_RESNET[inner]}.{last}"
+    raise ValueError(f"no LDM name for UNet key {key}")
+
+
+def ldm_vae_key(key: str, levels: int) -> str:
+    """A diffusers AutoencoderKL key → its name under first_stage_model. (decoder levels count bottom-up there)."""
+    import re
+
+    for side in ("encoder", "decoder"):
+        key = key.replace(f"{side}.conv_norm_out.", f"{side}.norm_out.")
+    m = re.match(r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$", key)
+    if m:
+        side, direction, level, part, j, rest = m[1], m[2], int(m[3]), m[4], m[5], m[6]
+        if direction == "up":
+            level = levels - 1 - level
+        if part == "resnets":
+            return f"{side}.{direction}.{level}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{side}.{direction}.{level}.{'downsample' if part == 'downsamplers' else 'upsample'}.{rest}"
+    m = re.match(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", key)
+    if m:
+        if m[2] == "resnets":
+            return f"{m[1]}.mid.block_{int(m[3]) + 1}.{m[4]}"
+        inner, _, last = m[4].rpartition(".")
+        return f"{m[1]}.mid.attn_1.{_LDM_VAE_ATTENTION[inner]}.{last}"
+    return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv keep their names
+
+
+def ldm_state_dict(folder: str | Path, *, family: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """A diffusers SD folder's weights as one LDM state dict (torch tensors), as a CompVis / A1111 file holds them.
+
+    `family` "sd1" writes the text encoder as transformers' CLIP (cond_stage_model.transformer.text_model.*, with
+    the position_ids buffer); "sd2" as OpenCLIP (cond_stage_model.model.*, q;k;v packed into in_proj, plus the
+    last block and text_projection that SD 2 never uses, random from `seed`). Default: from hidden_act.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    configs = {c: json.loads((folder / c / "config.json").read_text()) for c in ("unet", "vae", "text_encoder")}
+    weights = {
+        c: load_file(folder / c / f"{'model' if c == 'text_encoder' else 'diffusion_pytorch_model'}.safetensors")
+        for c in configs
+    }
+    return ldm_tensors(weights, configs, family=family, seed=seed)
+
+
+def ldm_tensors(
+    weights: dict[str, dict[str, Any]], configs: dict[str, dict[str, Any]], *, family: str | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """`ldm_state_dict` from the components' state dicts and configs (by "unet", "vae", "text_encoder"). Tensors
+    on the meta device stay there: a full-size model's LDM names and shapes without its memory."""
+    import torch
+
+    unet_config, vae_config, te_config = configs["unet"], configs["vae"], configs["text_encoder"]
+    if family is None:
+        family = "sd1" if te_config["hidden_act"] == "quick_gelu" else "sd2"
+    out: dict[str, Any] = {}
+    for key, t in weights["unet"].items():
+        out["model.diffusion_model." + ldm_unet_key(key, unet_config)] = t
+    levels = len(vae_config["block_out_channels"])
+    for key, t in weights["vae"].items():
+        name = ldm_vae_key(key, levels)
+        if ".mid.attn_1." in name and name.endswith(".weight") and t.ndim == 2:
+            t = t[:, :, None, None]  # LDM's AttnBlock uses 1×1 convs
+        out["first_stage_model." + name] = t
+    te = {k.removeprefix("text_model."): t for k, t in weights["text_encoder"].items()}
+    te.pop("embeddings.position_ids", None)  # a buffer some transformers versions keep in the state dict
+    if family == "sd1":
+        for key, t in te.items():
+            out["cond_stage_model.transformer.text_model." + key] = t
+        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
+            te_config["max_position_embeddings"]
+        )[None]
+        return out
+    p = "cond_stage_model.model."
+    layers, hidden = te_config["num_hidden_layers"], te_config["hidden_size"]
+    out[p + "token_embedding.weight"] = te["embeddings.token_embedding.weight"]
+    out[p + "positional_embedding"] = te["embeddings.position_embedding.weight"]
+    out[p + "ln_final.weight"] = te["final_layer_norm.weight"]
+    out[p + "ln_final.bias"] = te["final_layer_norm.bias"]
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    names["self_attn.out_proj"] = "attn.out_proj"
+    for n in range(layers):
+        src, dst = f"encoder.layers.{n}.", f"{p}transformer.resblocks.{n}."
+        for ours, theirs in names.items():
+            for leaf in ("weight", "bias"):
+                out[f"{dst}{theirs}.{leaf}"] = te[f"{src}{ours}.{leaf}"]
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat([te[f"{src}self_attn.{q}_proj.{leaf}"] for q in "qkv"])
+    # SD 2 reads the penultimate layer: the file's last block and projection exist but are never used
+    g = torch.Generator().manual_seed(seed)
+    meta = te["final_layer_norm.weight"].is_meta
+
+    def unused(shape: tuple[int, ...]) -> Any:
+        return torch.empty(shape, device="meta") if meta else torch.randn(shape, generator=g)
+
+    last = f"{p}transformer.resblocks.{layers}."
+    for key in [k for k in out if k.startswith(f"{p}transformer.resblocks.0.")]:
+        out[last + key.removeprefix(f"{p}transformer.resblocks.0.")] = unused(tuple(out[key].shape))
+    out[p + "text_projection"] = unused((hidden, hidden))
+    return out
+
+
+def to_single_file(
+    folder: str | Path,
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    nest: bool = False,
+    global_step: int | None = None,
+    family: str | None = None,
+) -> Path:
+    """Write a diffusers SD folder as one CompVis / A1111 checkpoint: .safetensors, or a torch pickle for .ckpt
+    (then `nest` puts it under "state_dict" beside `global_step`, as Lightning saves). `dtype`: cast floats."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = ldm_state_dict(folder, family=family)
+    if dtype is not None:
+        state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+    state = {k: t.contiguous() for k, t in state.items()}
+    if path.suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        payload: dict[str, Any] = {"state_dict": state} if nest else dict(state)
+        if global_step is not None:
+            payload["global_step"] = global_step
+        torch.save(payload, path)
+    return path

@@ -556,7 +556,10 @@ def load_setup(args: Any) -> tuple[Any, Any, Any]:
     )
     if options.jax_cache_dir:
         stages.enable_compilation_cache(options.jax_cache_dir)
-    folder = checkpoint.resolve(args.model, revision=args.revision, variant=args.variant)
+    folder = checkpoint.resolve(
+        args.model, revision=args.revision, variant=args.variant, config=args.config, tokenizer=args.tokenizer,
+        prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
     load = stages.LoadOptions(
         variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint,
         lora_dir=args.lora_dir, max_adapters=args.max_adapters, embeddings_dir=args.embeddings_dir,
