@@ -54,6 +54,7 @@ MAX_STEPS = 999
 SAMPLERS = ("ddim", "euler", "euler-ancestral", "dpm++2m", "dpm++2m-karras", "plms")
 
 BOUND = 5.0  # seconds any answer may take: an accepted request runs a few steps of compiled programs
+COMPILE_BOUND = 30.0  # an accepted request that needs a program for a new conditioning length
 OK, INVALID, EXHAUSTED = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 ALLOWED = {OK, INVALID, EXHAUSTED}  # RESOURCE_EXHAUSTED only as gRPC's refusal of a message past the size limit
 STREAMING = {"Denoise", "Generate"}
@@ -250,7 +251,10 @@ def answered(mesh, stage: str, method: str, request) -> grpc.StatusCode:
     assert code == OK or details, f"{stage}.{method} answered {code.name} without saying why"
     # not, say, a status message too long to reach the caller ("received metadata size exceeds …")
     assert code != EXHAUSTED or "larger than max" in details, f"{stage}.{method} answered {code.name}: {details}"
-    assert took < BOUND, f"{stage}.{method} took {took:.1f}s (> {BOUND}s) to answer {code.name}"
+    # a refusal comes at once; an accepted request may first compile the programs for its conditioning length
+    # (a prompt of k 77-token chunks: one denoise program per k)
+    bound = BOUND if code != OK else COMPILE_BOUND
+    assert took < bound, f"{stage}.{method} took {took:.1f}s (> {bound}s) to answer {code.name}"
     assert serving(mesh, stage), f"{stage} is no longer SERVING"
     event(f"{code.name}: {details[:60]}")  # hypothesis' statistics: what the examples reached
     return code
