@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from sdmesh.services.checkpoints import checkpoint
-from sdmesh.services.checkpoints.weights import CheckpointError
+from sdmesh.services.checkpoints.weights import CheckpointError, safetensors_dtypes
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -98,23 +98,6 @@ class _Source:
         return self._read(key)
 
 
-def _st_dtypes() -> dict[str, Any]:
-    import ml_dtypes  # bfloat16 for numpy; shipped with JAX, imported only when a file has it
-
-    return {
-        "F64": np.float64,
-        "F32": np.float32,
-        "F16": np.float16,
-        "BF16": ml_dtypes.bfloat16,
-        "I64": np.int64,
-        "I32": np.int32,
-        "I16": np.int16,
-        "I8": np.int8,
-        "U8": np.uint8,
-        "BOOL": np.bool_,
-    }
-
-
 def _open_safetensors(path: Path) -> _Source:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -127,7 +110,7 @@ def _open_safetensors(path: Path) -> _Source:
             raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); re-download it") from e
     base = 8 + header_len
     header.pop("__metadata__", None)
-    types = _st_dtypes()
+    types = safetensors_dtypes()
     shapes, dtypes, offsets = {}, {}, {}
     for key, entry in header.items():
         if entry["dtype"] not in types:
@@ -682,7 +665,7 @@ def infer_configs(source: _Source, *, prediction_type: str | None = None) -> dic
 
 
 def _st_name(dtype: np.dtype) -> str:
-    for name, t in _st_dtypes().items():
+    for name, t in safetensors_dtypes().items():
         if np.dtype(t) == dtype:
             return name
     raise CheckpointError(f"cannot write dtype {dtype} to safetensors")

@@ -123,7 +123,7 @@ def convert(
 
 
 # safetensors dtype names → numpy dtypes (bfloat16 via ml_dtypes, which JAX ships).
-def _safetensors_dtypes() -> dict[str, Any]:
+def safetensors_dtypes() -> dict[str, Any]:
     import ml_dtypes
 
     return {
@@ -149,7 +149,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """
     import json
 
-    dtypes = _safetensors_dtypes()
+    dtypes = safetensors_dtypes()
     with open(path, "rb") as f:
         try:
             header_len = int.from_bytes(f.read(8), "little")

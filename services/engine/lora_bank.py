@@ -253,3 +253,28 @@ class Adapters:
         resident = self.bank.resident
         names = sorted(set(self.directory.files()) | set(resident))
         return [(n, n in resident, resident.get(n, 0), self._errors.get(n, "")) for n in names]
+
+
+def adapters_for(
+    component: str, shapes: Mapping[str, Any], directory: Any, max_adapters: int, *, dtype: Any, allow_pickle: bool
+) -> Adapters:
+    """The LoRAs of `directory` for the stage holding `component` ("unet" or "text_encoder"), whose params tree
+    (or its shapes) is `shapes`, at most `max_adapters` on the device at once."""
+    unet = component == "unet"
+    return Adapters(
+        LoraDirectory(directory, shapes if unet else None, None if unet else shapes, allow_pickle=allow_pickle),
+        LoraBank(
+            kernel_shapes(shapes), capacity=max_adapters, targets=UNET_TARGETS if unet else TEXT_ENCODER_TARGETS,
+            dtype=dtype,
+        ),
+        component,
+    )  # fmt: skip
+
+
+def required(adapters: Adapters | None, loras: Sequence[tuple[str, float]], stage: str) -> Adapters:
+    """The stage's adapters, or InvalidRequest when a request names LoRAs and the stage has no --lora-dir."""
+    if adapters is None:
+        raise InvalidRequest(
+            f"the request names LoRA {loras[0][0]!r}, but this {stage} has no LoRAs: start it with --lora-dir DIR"
+        )
+    return adapters

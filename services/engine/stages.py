@@ -32,7 +32,6 @@ import numpy as np
 
 from sdmesh.services import samplers
 from sdmesh.services.checkpoints import checkpoint
-from sdmesh.services.checkpoints.lora import LoraDirectory
 from sdmesh.services.checkpoints.weights import CheckpointError, convert
 from sdmesh.services.engine import denoise as dn
 from sdmesh.services.engine import lora_bank, sharding
@@ -387,27 +386,15 @@ class TextEncoderStage:
     def use_loras(self, directory: Path | str, max_adapters: int, *, allow_pickle: bool = False) -> None:
         """Apply the text-encoder parts of the LoRA files in `directory` to the prompts of requests that name
         them, at most `max_adapters` on the device at once."""
-        shapes = te.init_shapes(self.encoder.config)
-        self.loras = lora_bank.Adapters(
-            LoraDirectory(directory, None, shapes, allow_pickle=allow_pickle),
-            lora_bank.LoraBank(
-                lora_bank.kernel_shapes(shapes), capacity=max_adapters, targets=lora_bank.TEXT_ENCODER_TARGETS,
-                dtype=DTYPES[self.options.weights_dtype],
-            ),
-            "text_encoder",
+        self.loras = lora_bank.adapters_for(
+            "text_encoder", te.init_shapes(self.encoder.config), directory, max_adapters,
+            dtype=DTYPES[self.options.weights_dtype], allow_pickle=allow_pickle,
         )  # fmt: skip
 
     def lease_loras(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Lease | None:
         """Bank rows for a call's (name, text-encoder weight) LoRAs (None without any); the caller holds the
         lease until its prompts are encoded (`with_loras`)."""
-        if not loras:
-            return None
-        if self.loras is None:
-            raise InvalidRequest(
-                f"the request names LoRA {loras[0][0]!r}, but this text encoder has no LoRAs: "
-                "start it with --lora-dir DIR"
-            )
-        return self.loras.lease(loras)
+        return lora_bank.required(self.loras, loras, "text encoder").lease(loras) if loras else None
 
     @staticmethod
     def with_loras(tokens: list[PromptTokens], lease: lora_bank.Lease | None) -> list[PromptTokens]:
@@ -567,26 +554,14 @@ class DenoiserStage:
     def use_loras(self, directory: Path | str, max_adapters: int, *, allow_pickle: bool = False) -> None:
         """Apply the UNet parts of the LoRA files in `directory` to the requests that name them, at most
         `max_adapters` on the device at once."""
-        shapes = un.init_shapes(self.unet.config)
-        self.loras = lora_bank.Adapters(
-            LoraDirectory(directory, shapes, None, allow_pickle=allow_pickle),
-            lora_bank.LoraBank(
-                lora_bank.kernel_shapes(shapes), capacity=max_adapters, targets=lora_bank.UNET_TARGETS,
-                dtype=DTYPES[self.options.weights_dtype],
-            ),
-            "unet",
+        self.loras = lora_bank.adapters_for(
+            "unet", un.init_shapes(self.unet.config), directory, max_adapters,
+            dtype=DTYPES[self.options.weights_dtype], allow_pickle=allow_pickle,
         )  # fmt: skip
 
     def lease_loras(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Lease | None:
         """Bank rows for a call's (name, UNet weight) LoRAs (None without any)."""
-        return self._adapters(loras).lease(loras) if loras else None
-
-    def _adapters(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Adapters:
-        if self.loras is None:
-            raise InvalidRequest(
-                f"the request names LoRA {loras[0][0]!r}, but this denoiser has no LoRAs: start it with --lora-dir DIR"
-            )
-        return self.loras
+        return lora_bank.required(self.loras, loras, "denoiser").lease(loras) if loras else None
 
     @property
     def latent_channels(self) -> int:
@@ -644,7 +619,7 @@ class DenoiserStage:
         """Refuse a call before it joins a batch: the contract's checks, then the sampler's plan for it."""
         contract.check_denoise_job(job, facts)
         if job.loras:
-            self._adapters(job.loras).check([name for name, _ in job.loras])
+            lora_bank.required(self.loras, job.loras, "denoiser").check([name for name, _ in job.loras])
         self.check_plan(job.steps, sampler=job.sampler, eta=job.eta,
                         strength=None if job.init_latents is None else job.strength)  # fmt: skip
 
