@@ -440,3 +440,15 @@ def _wait_until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_a_second_stage_server_on_a_port_in_use_fails_instead_of_sharing_it():
+    stage = HeldDecoder()
+    service = decoder_service.DecoderService(stage, "held", max_batch=1, max_queue=1)
+    first = server.StageServer(decoder_service.stage_service(service, [(1, SIZE, SIZE)])).start()
+    try:
+        with pytest.raises((OSError, RuntimeError), match="127.0.0.1"):
+            server.StageServer(decoder_service.stage_service(service, [(1, SIZE, SIZE)]), port=first.port)
+    finally:
+        first.stop(None)
+        service.close()

@@ -26,6 +26,7 @@ from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving import gateway, wire
+from sdmesh.services.serving.server import NO_SHARED_PORT
 from sdmesh.v1 import (
     common_pb2,
     decoder_pb2,
@@ -157,7 +158,7 @@ class FakeServer:
 
     def __init__(self, servicer, add, status=health_pb2.HealthCheckResponse.SERVING):
         self.servicer = servicer
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[NO_SHARED_PORT])
         add(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -295,7 +295,7 @@ class Decoder(decoder_pb2_grpc.DecoderServicer):
 
 
 def fake_stage(servicer, add) -> tuple[grpc.Server, str]:
-    s = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    s = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[server.NO_SHARED_PORT])
     add(servicer, s)
     checks = health.HealthServicer()
     checks.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -438,7 +438,7 @@ def test_sdmesh_top_names_an_unreachable_address_or_a_grpc_port(capsys):
     assert cli_main(["top", f"127.0.0.1:{port}", "--once"]) == 2
     assert f"cannot reach http://127.0.0.1:{port}/metrics" in capsys.readouterr().err
 
-    grpc_only = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    grpc_only = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=[server.NO_SHARED_PORT])
     grpc_port = grpc_only.add_insecure_port("127.0.0.1:0")
     grpc_only.start()
     try:

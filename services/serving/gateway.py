@@ -48,7 +48,7 @@ from sdmesh.services.inputs.contract import DenoiseJob, GenerationRequest, Model
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.serving import tls, wire
 from sdmesh.services.serving.metrics import StageMetrics
-from sdmesh.services.serving.server import ParseInterceptor, ended_with, short, stop_when_idle
+from sdmesh.services.serving.server import NO_SHARED_PORT, ParseInterceptor, ended_with, short, stop_when_idle
 from sdmesh.services.serving.tenants import QuotaExceeded, Tenant, Tenants, Unauthenticated, retry_after_header
 from sdmesh.v1 import (
     common_pb2,
@@ -780,6 +780,7 @@ def build_server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            NO_SHARED_PORT,
         ],
     )
     gateway_pb2_grpc.add_GatewayServicer_to_server(service, server)

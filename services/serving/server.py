@@ -322,6 +322,11 @@ def ended_with(context: grpc.ServicerContext) -> grpc.StatusCode:
 # --- the server ---------------------------------------------------------------------
 
 
+# gRPC sets SO_REUSEPORT by default: a second server on a taken port (or a port-0 bind racing another
+# server's) would then share it and take part of its connections. Without it, a clash fails at bind.
+NO_SHARED_PORT = ("grpc.so_reuseport", 0)
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     size = max(MIN_MESSAGE_BYTES, max_message_bytes + MESSAGE_MARGIN)
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
@@ -366,7 +371,7 @@ class StageServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_queue + 1 + EXTRA_WORKERS, thread_name_prefix="sdmesh-rpc"),
             interceptors=[ParseInterceptor(), self.interceptor],
-            options=channel_options(service.max_message_bytes),
+            options=[*channel_options(service.max_message_bytes), NO_SHARED_PORT],
         )
         service.add_to_server(service.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
