@@ -447,7 +447,7 @@ def test_a_second_stage_server_on_a_port_in_use_fails_instead_of_sharing_it():
     service = decoder_service.DecoderService(stage, "held", max_batch=1, max_queue=1)
     first = server.StageServer(decoder_service.stage_service(service, [(1, SIZE, SIZE)])).start()
     try:
-        with pytest.raises((OSError, RuntimeError), match="127.0.0.1"):
+        with pytest.raises((OSError, RuntimeError), match=r"127\.0\.0\.1"):
             server.StageServer(decoder_service.stage_service(service, [(1, SIZE, SIZE)]), port=first.port)
     finally:
         first.stop(None)
