@@ -191,6 +191,22 @@ def test_guess_mode_ramps_the_scales_from_a_tenth_at_the_first_skip_to_one_at_th
         np.testing.assert_allclose(a, b * s, rtol=1e-5, atol=1e-6)
 
 
+def test_guess_mode_per_row_gives_each_row_what_guess_mode_per_call_gives_it():
+    plain, _ = outputs("sd2", False)
+    guessed, _ = outputs("sd2", True)
+    model = torch_model("sd2")
+    config = ControlNetConfig.from_json(dict(model.config))
+    params = convert(state_dict_pairs(model), init_shapes(config))
+    x = inputs("sd2")
+    rows = np.array([1.0, 0.0, 1.0], np.float32)  # a batch mixing requests with and without guess mode
+    down, mid = ControlNetModel(config).apply(
+        {"params": params}, x["sample"], TIMESTEPS, x["context"], x["image"], SCALES, rows
+    )
+    for ours, p, g in zip((*down, mid), plain, guessed, strict=True):
+        expected = np.where(rows[:, None, None, None] > 0, g, p)
+        np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_conditioning_image_of_the_wrong_size_is_refused_naming_the_size_it_needs():
     config = ControlNetConfig.from_json(SD2_LIKE)
     shapes = init_shapes(config)

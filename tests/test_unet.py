@@ -262,6 +262,42 @@ def test_matches_diffusers(name):
     assert_rel_close(run_flax(name), reference_output(name))
 
 
+def random_residuals(config: UNetConfig, size: int, rng) -> tuple[list[np.ndarray], np.ndarray]:
+    """Residuals shaped as the UNet's skips (conv_in's, each resnet's, each downsampler's) and its mid block."""
+    shapes = [(size, config.block_out_channels[0])]
+    for i, channels in enumerate(config.block_out_channels):
+        shapes += [(size, channels)] * config.layers_per_block_list[i]
+        if i < config.num_blocks - 1:
+            size = (size + 1) // 2  # a stride-2 3×3 conv with padding 1
+            shapes.append((size, channels))
+    down = [rng.standard_normal((BATCH, s, s, c), dtype=np.float32) for s, c in shapes]
+    return down, rng.standard_normal((BATCH, size, size, config.block_out_channels[-1]), dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", ["sd2", "no_mid"])
+def test_control_residuals_are_added_to_the_skips_and_the_mid_block_as_in_diffusers(name):
+    unet = reference(name)
+    config = UNetConfig.from_json(dict(unet.config))
+    params = convert(state_dict_pairs(unet), init_shapes(config))
+    model = UNet2DConditionModel(config)
+    x = inputs(name)
+    sample = x["sample"].transpose(0, 2, 3, 1)
+    down, mid = random_residuals(config, x["sample"].shape[2], np.random.default_rng(1))
+    t = jnp.asarray(CASES[name][2])
+    ours = model.apply({"params": params}, sample, t, x["context"], down_residuals=down, mid_residual=mid)
+    nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        theirs = unet(
+            torch.from_numpy(x["sample"]),
+            torch.from_numpy(np.asarray(CASES[name][2])),
+            torch.from_numpy(x["context"]),
+            down_block_additional_residuals=[nchw(d) for d in down],
+            mid_block_additional_residual=nchw(mid),
+        ).sample
+    assert_rel_close(np.asarray(ours), to_nhwc(theirs))
+    assert rel_error(np.asarray(ours), run_flax(name)) > 1e-2  # the residuals changed the output
+
+
 def test_bfloat16_activations_stay_close():
     out = run_flax("sd1", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert np.isfinite(out).all()

@@ -288,14 +288,14 @@ class ControlNetModel(nn.Module):
         context: jax.Array,
         cond_image: jax.Array,
         conditioning_scale: jax.Array | float,
-        guess_mode: bool = False,
+        guess_mode: bool | jax.Array = False,
     ) -> tuple[list[jax.Array], jax.Array]:
         """sample (B, h, w, C_in), timesteps (B,) or (), context (B, L, cross_attention_dim),
         cond_image (B, h·f, w·f, conditioning_channels) in [0, 1] (f = config.conditioning_downscale),
         conditioning_scale (B,) or () → (down residuals: one (B, h_i, w_i, c_i) per UNet skip, mid residual).
 
         A row's residuals are multiplied by its scale, so rows of different requests share a batch
-        (scale 0: zeros). `guess_mode` (static) ramps the scales from 0.1 at the first skip to 1 at the
+        (scale 0: zeros). `guess_mode` (a bool, or (B,) per row) ramps the scales from 0.1 at the first skip to 1 at the
         mid block, as diffusers does for ControlNet without prompt guidance; global-pool models ignore it.
         """
         cfg = self.config
@@ -330,12 +330,17 @@ class ControlNetModel(nn.Module):
 
         row_scale = jnp.broadcast_to(jnp.reshape(jnp.asarray(conditioning_scale, self.dtype), (-1,)), (batch,))
         row_scale = row_scale[:, None, None, None]  # (B, 1, 1, 1)
-        if guess_mode and not cfg.global_pool_conditions:
-            ramp = np.logspace(-1, 0, len(down) + 1, dtype=np.float32)  # 0.1 → 1.0; the last is the mid block's
-        else:
-            ramp = np.ones(len(down) + 1, np.float32)
-        down = [r * (row_scale * float(s)) for r, s in zip(down, ramp[:-1])]
-        mid = mid * (row_scale * float(ramp[-1]))
+        ramp = np.logspace(-1, 0, len(down) + 1, dtype=np.float32)  # 0.1 → 1.0; the last is the mid block's
+        if cfg.global_pool_conditions or (isinstance(guess_mode, bool) and not guess_mode):
+            ramp = np.ones_like(ramp)
+        if isinstance(guess_mode, bool):
+            scales = [row_scale * float(r) for r in ramp]
+        else:  # per row: (B,) of 0/1
+            guess = jnp.broadcast_to(jnp.reshape(jnp.asarray(guess_mode, self.dtype), (-1,)), (batch,))
+            guess = guess[:, None, None, None]
+            scales = [row_scale * (1 + guess * (float(r) - 1)) for r in ramp]
+        down = [r * s for r, s in zip(down, scales[:-1], strict=True)]
+        mid = mid * scales[-1]
         if cfg.global_pool_conditions:
             down = [r.mean(axis=(1, 2), keepdims=True) for r in down]  # (B, 1, 1, c_i)
             mid = mid.mean(axis=(1, 2), keepdims=True)

@@ -748,11 +748,15 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: jax.Array,
         timestep_cond: jax.Array | None = None,
         class_labels: jax.Array | None = None,
+        down_residuals: Sequence[jax.Array] | None = None,
+        mid_residual: jax.Array | None = None,
     ) -> jax.Array:
         """sample (B, H, W, C_in), timesteps () or (B,), encoder_hidden_states (B, L, cross_attention_dim)
         → (B, H, W, out_channels). `timestep_cond` (B, time_cond_proj_dim) only for configs with
         `time_cond_proj_dim`; `class_labels` (B, *config.class_labels_shape) only for configs with a
-        class embedding (the x4 upscaler: the integer noise level)."""
+        class embedding (the x4 upscaler: the integer noise level). `down_residuals` (one per skip, as
+        ControlNetModel returns them) are added to the skips and `mid_residual` to the mid block's output
+        (diffusers' down_block_additional_residuals / mid_block_additional_residual)."""
         cfg = self.config
         batch = sample.shape[0]
         if cfg.center_input_sample:
@@ -783,10 +787,16 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, emb, context)
             skips.extend(block_skips)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {len(skips)} skips")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
 
         # 3. mid
         if cfg.mid_block_type is not None:
             x = self.mid_block(x, emb, context)
+        if mid_residual is not None:
+            x = x + mid_residual.astype(x.dtype)
 
         # 4. up: each block takes its skips from the end of the stack; upsampling
         # targets the next skip's size, so odd latent sizes round-trip as in diffusers.
