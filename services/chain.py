@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from sdmesh.services.inputs import modes
+from sdmesh.services.inputs import control, modes
 from sdmesh.services.inputs.contract import DenoiseJob, Job, ModelFacts
 
 
@@ -94,6 +94,7 @@ def generate(stages: Stages, job: Job, facts: ModelFacts) -> Iterator[Progress |
         priority=job.priority, init_latents=image.init_latents, strength=image.strength, extra=image.extra,
         blend_mask=image.blend_mask, class_labels=image.class_labels, preview_every=job.preview_every,
         loras=tuple((c.name, c.unet_scale) for c in job.loras),
+        controls=tuple(control.control_input(c, job.height, job.width) for c in job.controls),
     )  # fmt: skip
     final = yield from stages.denoise(denoise_job)
     images = stages.decode(final)

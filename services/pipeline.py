@@ -78,12 +78,15 @@ class StableDiffusion:
         lora_dir: str | Path | None = None,
         max_adapters: int = LoadOptions.max_adapters,
         embeddings_dir: str | Path | None = None,
+        controlnets: Sequence[tuple[str, str | Path]] = (),
         options: RuntimeOptions = RuntimeOptions(),
     ) -> StableDiffusion:
         """`model`: a diffusers folder, a Hub id, or a single-file checkpoint (.safetensors; .ckpt with
         `allow_pickle`), which `config` (a diffusers folder or Hub id), `tokenizer` and `prediction_type` can pin.
         `lora_dir`: LoRA files requests name by stem (`GenerationRequest.loras`, `<lora:NAME:W>`), at most
-        `max_adapters` on the device at once; `embeddings_dir`: textual-inversion embeddings prompts name."""
+        `max_adapters` on the device at once; `embeddings_dir`: textual-inversion embeddings prompts name;
+        `controlnets`: (name, diffusers ControlNet folder or Hub id) pairs, which requests name in
+        `GenerationRequest.controls`."""
         if options.jax_cache_dir:
             enable_compilation_cache(options.jax_cache_dir)
         folder = checkpoint.resolve(
@@ -94,6 +97,7 @@ class StableDiffusion:
             variant=variant, allow_pickle=allow_pickle, unet_checkpoint=unet_checkpoint,
             lora_dir=None if lora_dir is None else Path(lora_dir), max_adapters=max_adapters,
             embeddings_dir=None if embeddings_dir is None else Path(embeddings_dir),
+            controlnets=tuple((name, Path(path)) for name, path in controlnets),
         )  # fmt: skip
         return cls(
             TextEncoderStage.load(folder, options, load),

@@ -46,12 +46,12 @@ class Slowed:
         batch = self.stage.new_batch(buckets)
         run = batch._run
 
-        def slowed(with_uncond, inputs, *args):
+        def slowed(with_uncond, controls, inputs, *args):
             time.sleep(self.delay)
             error = self.fault(inputs)
             if error is not None:
                 raise error
-            return run(with_uncond, inputs, *args)
+            return run(with_uncond, controls, inputs, *args)
 
         batch._run = slowed
         return batch

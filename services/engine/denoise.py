@@ -25,6 +25,7 @@ import numpy as np
 
 from sdmesh.services.engine import lora_bank
 from sdmesh.services.inputs.contract import MAX_STEPS
+from sdmesh.services.models import controlnet as cn
 from sdmesh.services.models import unet as un
 from sdmesh.services.samplers import table
 
@@ -53,6 +54,15 @@ class SlotInputs(NamedTuple):
     blend_noise: jax.Array  # (B, h, w, C)
     lora_index: jax.Array  # (B, M) int32: the slot's LoRA bank rows (0: none); M is 0 when no slot has LoRAs
     lora_weight: jax.Array  # (B, M) float32
+    controls: tuple[ControlInputs, ...] = ()  # one per ControlNet entry of the batch (`RunningBatch.control_layout`)
+
+
+class ControlInputs(NamedTuple):
+    """One ControlNet entry's per-slot inputs; slots without it have scale 0 (their residuals are zeros)."""
+
+    image: jax.Array  # (B, H, W, channels) float32 in [0, 1]: the control map at the output size
+    scale: jax.Array  # (B, MAX_ROWS) float32: the conditioning scale at each of the slot's rows (0 outside start/end)
+    guess: jax.Array  # (B,) float32: 1 in guess mode (ramped residuals, none for the unconditional half)
 
 
 class Cursor(NamedTuple):
@@ -72,20 +82,24 @@ def guided_output(
     class_labels: jax.Array | None = None,
     guided: jax.Array | None = None,
     lora: Any = None,
+    residuals: tuple[list[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """The UNet's output under classifier-free guidance (Ho & Salimans 2022), in one batched call.
 
     guidance_scale/guidance_rescale are (B,) so each sample may carry its own; `guided` (B,)
     marks the samples that use guidance (the others get the conditional output as is). `lora`: each
-    sample's LoRA factors (`lora_bank.gather`), applied to both halves as diffusers does.
+    sample's LoRA factors (`lora_bank.gather`), applied to both halves as diffusers does. `residuals`:
+    ControlNet residuals (down list, mid) for the batch as the UNet runs it (both halves, unconditional first).
     """
     dtype = unet.dtype
-    kw = {} if class_labels is None else {"class_labels": class_labels}
+    kw: dict[str, Any] = {} if class_labels is None else {"class_labels": class_labels}
+    if residuals is not None:
+        kw.update(down_residuals=residuals[0], mid_residual=residuals[1])
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     if uncond is None:
         return unet.apply(variables, x.astype(dtype), t, cond, **kw).astype(jnp.float32)
     if class_labels is not None:
-        kw = {"class_labels": jnp.concatenate([class_labels, class_labels])}
+        kw["class_labels"] = jnp.concatenate([class_labels, class_labels])
     if lora is not None:
         variables = {"params": params, "lora": lora_bank.repeat_rows(lora, 2)}
     both = unet.apply(
@@ -119,13 +133,18 @@ def denoise_chunk(
     cursor: Cursor,
     iterations: jax.Array,
     lora_arrays: Any = None,
+    controlnets: Sequence[cn.ControlNetModel] = (),
 ) -> tuple[table.SlotState, Cursor]:
     """`iterations` UNet evaluations for every active slot, each at its own row: one lax.fori_loop.
 
     `iterations` is traced, so one compiled program runs any chunk; `with_uncond` (static) says
     whether any slot needs the unconditional pass. `lora_arrays`: the LoRA bank (`LoraBank.arrays`),
-    when some slot has adapters; each slot's factors are gathered once per chunk.
+    when some slot has adapters; each slot's factors are gathered once per chunk. `controlnets` (static):
+    the model of each of `inputs.controls`; then `params` is (UNet params, one params tree per entry).
     """
+    control_params: Sequence[Any] = ()
+    if controlnets:
+        params, control_params = params
     labels = inputs.class_labels if unet.config.class_labels_shape is not None else None
     lora = None if lora_arrays is None else lora_bank.gather(lora_arrays, inputs.lora_index, inputs.lora_weight)
     rows_per_slot = inputs.rows.shape[1]
@@ -137,11 +156,18 @@ def denoise_chunk(
         row = jnp.take_along_axis(inputs.rows, i[:, None, None], axis=1)[:, 0]  # (B, K)
         c = lambda name: row[:, table.COL[name]][:, None, None, None]
         x_in = jnp.concatenate([c("c_in") * state.x, inputs.extra], axis=-1)
+        t = row[:, table.COL["t"]]
+        residuals = None
+        if controlnets:
+            residuals = control_residuals(
+                controlnets, control_params, inputs.controls, i, c("c_in") * state.x, t, inputs.cond,
+                inputs.uncond if with_uncond else None,
+            )  # fmt: skip
         out = guided_output(
             unet,
             params,
             x_in,
-            row[:, table.COL["t"]],
+            t,
             inputs.cond,
             inputs.uncond if with_uncond else None,
             inputs.guidance,
@@ -149,6 +175,7 @@ def denoise_chunk(
             labels,
             inputs.guided,
             lora,
+            residuals,
         )
         keys = jax.random.wrap_key_data(inputs.keys)
         wants_noise = active & ((row[:, table.COL["next_noise"]] != 0) | (inputs.blend_mask.min(axis=(1, 2, 3)) < 1))
@@ -168,7 +195,53 @@ def denoise_chunk(
     return jax.lax.fori_loop(0, iterations, body, (state, cursor))
 
 
+def control_residuals(
+    controlnets: Sequence[cn.ControlNetModel],
+    params: Sequence[Any],
+    controls: Sequence[ControlInputs],
+    i: jax.Array,
+    x: jax.Array,
+    t: jax.Array,
+    cond: jax.Array,
+    uncond: jax.Array | None,
+) -> tuple[list[jax.Array], jax.Array]:
+    """The summed residuals of every ControlNet entry for the UNet's batch (both halves when `uncond` is given,
+    unconditional first), each slot at its row `i`'s scale: diffusers' MultiControlNet, per slot."""
+    total: tuple[list[jax.Array], jax.Array] | None = None
+    for model, p, control in zip(controlnets, params, controls, strict=True):
+        scale = jnp.take_along_axis(control.scale, i[:, None], axis=1)[:, 0]  # (B,)
+        image, guess = control.image, control.guess
+        if uncond is None:
+            args = (x, t, cond, image, scale, guess)
+        else:  # guess mode: the conditional half alone (diffusers gives the unconditional half zeros)
+            both = lambda a: jnp.concatenate([a, a])
+            args = (both(x), both(t), jnp.concatenate([uncond, cond]), both(image),
+                    jnp.concatenate([scale * (1 - guess), scale]), both(guess))  # fmt: skip
+        down, mid = model.apply({"params": p}, *args)
+        total = (down, mid) if total is None else ([a + b for a, b in zip(total[0], down, strict=True)], total[1] + mid)
+    assert total is not None
+    return total
+
+
 # --- host side: slots and the running batch ------------------------------------------
+
+
+class SlotControl(NamedTuple):
+    """One ControlNet applied to a slot."""
+
+    name: str  # the stage's name for the ControlNet
+    image: np.ndarray  # (H, W, channels) float32 in [0, 1]
+    scale: float
+    start: float  # fractions of the slot's rows, as diffusers' control_guidance_start/end
+    end: float
+    guess_mode: bool
+
+    def scales(self, evaluations: int) -> np.ndarray:
+        """(MAX_ROWS,) the scale at each row: diffusers' controlnet_keep (row i of E applies when i/E ≥ start and
+        (i+1)/E ≤ end) times the scale; 0 past the last row."""
+        i = np.arange(MAX_ROWS)
+        keep = (i < evaluations) & (i / evaluations >= self.start) & ((i + 1) / evaluations <= self.end)
+        return np.where(keep, np.float32(self.scale), np.float32(0)).astype(np.float32)
 
 
 @dataclasses.dataclass(eq=False)  # a slot is itself: compared by identity
@@ -188,6 +261,7 @@ class Slot:
     owner: Any = None  # who the result goes to; the batch never looks inside
     loras: tuple[tuple[int, float], ...] = ()  # (LoRA bank row, weight) per adapter
     lease: Any = None  # holds those bank rows while the slot exists (`lora_bank.Lease`)
+    controls: tuple[SlotControl, ...] = ()  # ControlNets steering this image
     step: int = 0  # rows done
     steps: int = 0  # sampler steps this image runs, as progress counts them (PLMS evaluates once more)
 
@@ -254,6 +328,16 @@ class RunningBatch:
         return 0 if most == 0 else lora_bank.bucket(most, lora_bank.ADAPTER_BUCKETS)
 
     @property
+    def control_layout(self) -> tuple[str, ...]:
+        """The ControlNet entries the program runs, by name: each name as often as the slot that uses it most
+        (sorted, so slots in any order give one program); () when no slot has a control."""
+        most: dict[str, int] = {}
+        for s in self.slots:
+            for name in {c.name for c in s.controls}:
+                most[name] = max(most.get(name, 0), sum(c.name == name for c in s.controls))
+        return tuple(name for name in sorted(most) for _ in range(most[name]))
+
+    @property
     def with_uncond(self) -> bool:
         """Whether any slot needs the unconditional pass (else the cheaper program without it runs)."""
         return any(s.guided for s in self.slots)
@@ -292,7 +376,7 @@ class RunningBatch:
             jnp.asarray(self._column(lambda s: s.step), jnp.int32),
             jnp.asarray(self._column(lambda s: s.plan.evaluations), jnp.int32),
         )
-        state, cursor, compile_s = self._run(self.with_uncond, inputs, state, cursor, iterations)
+        state, cursor, compile_s = self._run(self.with_uncond, self.control_layout, inputs, state, cursor, iterations)
         self._device = (inputs, state)
         for s in self.slots:
             s.step = min(s.step + iterations, s.plan.evaluations)
@@ -362,9 +446,34 @@ class RunningBatch:
         if label_shape is None:
             inputs = inputs._replace(class_labels=np.zeros((cap, 0), np.float32))
         index, weight = lora_bank.slot_columns([s.loras for s in slots] + [()] * pad, self.lora_width)
-        inputs = inputs._replace(lora_index=index, lora_weight=weight)
+        inputs = inputs._replace(lora_index=index, lora_weight=weight, controls=self._controls(pad))
         state = jax.tree_util.tree_map(lambda *a: np.stack(list(a) + [np.zeros_like(a[0])] * pad), *self._host_state)
         return inputs, state
+
+    def _controls(self, pad: int) -> tuple[ControlInputs, ...]:
+        """Each entry of `control_layout`: slot k's j-th use of a name fills that name's j-th entry."""
+        layout, slots = self.control_layout, self.slots
+        entries = []
+        for j, name in enumerate(layout):
+            nth = j - layout.index(name)
+            picked = [[c for c in s.controls if c.name == name][nth : nth + 1] for s in slots]
+            shape = next(p[0].image.shape for p in picked if p)
+            image = [p[0].image if p else np.zeros(shape, np.float32) for p in picked] + [
+                np.zeros(shape, np.float32)
+            ] * pad
+            scale = [
+                p[0].scales(s.plan.evaluations) if p else np.zeros(MAX_ROWS, np.float32)
+                for p, s in zip(picked, slots, strict=True)
+            ]
+            guess = [np.float32(p[0].guess_mode) if p else np.float32(0) for p in picked]
+            entries.append(
+                ControlInputs(
+                    image=np.stack(image).astype(np.float32),
+                    scale=np.stack(scale + [np.zeros(MAX_ROWS, np.float32)] * pad),
+                    guess=np.asarray(guess + [np.float32(0)] * pad, np.float32),
+                )
+            )
+        return tuple(entries)
 
 
 def _fresh_state(x: np.ndarray) -> table.SlotState:

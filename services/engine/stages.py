@@ -40,6 +40,7 @@ from sdmesh.services.inputs import conditioning, contract, modes
 from sdmesh.services.inputs.contract import DenoiseJob, LatentPreview, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.services.inputs.tokenizer import PromptTokenizer, PromptTokens, Trigger, load_tokenizer
+from sdmesh.services.models import controlnet as cn
 from sdmesh.services.models import text_encoder as te
 from sdmesh.services.models import unet as un
 from sdmesh.services.models import vae as va
@@ -319,6 +320,7 @@ class LoadOptions:
     lora_dir: Path | None = None
     max_adapters: int = 8
     embeddings_dir: Path | None = None
+    controlnets: tuple[tuple[str, Path], ...] = ()  # (name requests use, diffusers ControlNet folder), the denoiser's
 
     def files(self, folder: Path, component: str) -> list[Path]:
         stem = checkpoint.WEIGHT_STEMS[component]
@@ -390,6 +392,29 @@ class TextEncoderStage:
             "text_encoder", te.init_shapes(self.encoder.config), directory, max_adapters,
             dtype=DTYPES[self.options.weights_dtype], allow_pickle=allow_pickle,
         )  # fmt: skip
+
+    def use_controlnet(self, name: str, folder: Path | str, *, allow_pickle: bool = False) -> None:
+        """Load a diffusers-format ControlNet (config.json and diffusion_pytorch_model weights) for requests that
+        name it; refused, naming both, when it was made for another base model than this UNet."""
+        if name in self.controlnets:
+            raise CheckpointError(f"two ControlNets are named {name!r}; give each --controlnet its own name")
+        folder = Path(folder)
+        if not folder.is_dir() and not folder.is_absolute() and str(folder).count("/") == 1:  # a Hub id
+            folder = checkpoint.hub_snapshot(str(folder), patterns=["*.json", "*.safetensors"], flag="--controlnet")
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(
+                f"ControlNet {name!r}: {folder} has no config.json; give a diffusers ControlNet folder (config.json "
+                "and diffusion_pytorch_model.safetensors) or its Hub id"
+            )
+        config = cn.ControlNetConfig.from_json(json.loads((folder / "config.json").read_text()))
+        cn.check_matches_unet(config, self.unet.config, f"{name!r} ({folder})")
+        files = checkpoint.weight_files(folder, "diffusion_pytorch_model", allow_pickle=allow_pickle)
+        params = load_params(
+            files, cn.init_shapes(config), dtype=DTYPES[self.options.weights_dtype], fix_key=cn.fix_checkpoint_key,
+            source=str(folder), mesh=self.mesh,
+        )  # fmt: skip
+        model = cn.ControlNetModel(config, dtype=DTYPES[self.options.activations_dtype])
+        self.controlnets[name] = (model, params)
 
     def lease_loras(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Lease | None:
         """Bank rows for a call's (name, text-encoder weight) LoRAs (None without any); the caller holds the
@@ -516,6 +541,7 @@ class DenoiserStage:
         self.low_res_alphas: np.ndarray | None = None  # the x4 upscaler's low-res noise schedule
         self.max_noise_level = 0  # the x4 upscaler's
         self.loras: lora_bank.Adapters | None = None  # --lora-dir's LoRAs, applied per slot
+        self.controlnets: dict[str, tuple[cn.ControlNetModel, Any]] = {}  # name → (model, params), per slot
 
     @property
     def kind(self) -> str:
@@ -544,6 +570,8 @@ class DenoiserStage:
         stage = cls(unet, scheduler_json, params, options)
         if load.lora_dir is not None:
             stage.use_loras(load.lora_dir, load.max_adapters, allow_pickle=load.allow_pickle)
+        for name, source in load.controlnets:
+            stage.use_controlnet(name, source, allow_pickle=load.allow_pickle)
         if is_upscaler(folder):
             stage.low_res_alphas = conditioning.low_res_alphas_cumprod(
                 checkpoint.read_config(folder, "low_res_scheduler", "scheduler_config.json")
@@ -558,6 +586,29 @@ class DenoiserStage:
             "unet", un.init_shapes(self.unet.config), directory, max_adapters,
             dtype=DTYPES[self.options.weights_dtype], allow_pickle=allow_pickle,
         )  # fmt: skip
+
+    def use_controlnet(self, name: str, folder: Path | str, *, allow_pickle: bool = False) -> None:
+        """Load a diffusers-format ControlNet (config.json and diffusion_pytorch_model weights) for requests that
+        name it; refused, naming both, when it was made for another base model than this UNet."""
+        if name in self.controlnets:
+            raise CheckpointError(f"two ControlNets are named {name!r}; give each --controlnet its own name")
+        folder = Path(folder)
+        if not folder.is_dir() and not folder.is_absolute() and str(folder).count("/") == 1:  # a Hub id
+            folder = checkpoint.hub_snapshot(str(folder), patterns=["*.json", "*.safetensors"], flag="--controlnet")
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(
+                f"ControlNet {name!r}: {folder} has no config.json; give a diffusers ControlNet folder (config.json "
+                "and diffusion_pytorch_model.safetensors) or its Hub id"
+            )
+        config = cn.ControlNetConfig.from_json(json.loads((folder / "config.json").read_text()))
+        cn.check_matches_unet(config, self.unet.config, f"{name!r} ({folder})")
+        files = checkpoint.weight_files(folder, "diffusion_pytorch_model", allow_pickle=allow_pickle)
+        params = load_params(
+            files, cn.init_shapes(config), dtype=DTYPES[self.options.weights_dtype], fix_key=cn.fix_checkpoint_key,
+            source=str(folder), mesh=self.mesh,
+        )  # fmt: skip
+        model = cn.ControlNetModel(config, dtype=DTYPES[self.options.activations_dtype])
+        self.controlnets[name] = (model, params)
 
     def lease_loras(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Lease | None:
         """Bank rows for a call's (name, UNet weight) LoRAs (None without any)."""
@@ -599,6 +650,7 @@ class DenoiserStage:
             extra_channels=c.in_channels - self.latent_channels,
             class_labels_shape=c.class_labels_shape,
             max_noise_level=self.max_noise_level,
+            controlnets=tuple(self.controlnets),
         )
 
     def noise(self, seed: int, shape: tuple[int, int, int, int]) -> jax.Array:
@@ -658,6 +710,7 @@ class DenoiserStage:
             class_labels=job.class_labels,
             blend_mask=job.blend_mask,
             lease=self.lease_loras(job.loras),
+            controls=job.controls,
         )
 
     def slots(
@@ -679,6 +732,7 @@ class DenoiserStage:
         class_labels: Any | None = None,
         blend_mask: Any | None = None,
         lease: lora_bank.Lease | None = None,
+        controls: Sequence[contract.ControlInput] = (),
     ) -> list[dn.Slot]:
         """One slot per image. `noise` (N, h, w, C) is unit Gaussian (`noise()` or given latents); each image's
         η/ancestral noise comes from its own stream of `seed`, so batching never changes it.
@@ -687,7 +741,8 @@ class DenoiserStage:
         (StableDiffusionImg2ImgPipeline's get_timesteps; inpainting at strength 1 starts from pure noise, as the
         inpainting pipeline does); `extra` channels join the UNet input; `class_labels` feed a class embedding;
         `blend_mask` (1 repaints) blends towards the noised `init_latents` after every step. `lease`: the
-        LoRA bank rows every image applies (`lease_loras`); the slots hold it while they exist.
+        LoRA bank rows every image applies (`lease_loras`); the slots hold it while they exist. `controls`: the
+        ControlNets every image applies (their images one row, or one per image).
         """
         noise, cond = np.asarray(noise, np.float32), np.asarray(cond, np.float32)
         uncond = None if uncond is None else np.asarray(uncond, np.float32)
@@ -710,6 +765,16 @@ class DenoiserStage:
             return None if a is None else np.asarray(a[k], np.float32)
 
         steps_run = min(steps - first, plan.evaluations)
+
+        def slot_controls(k: int) -> tuple[dn.SlotControl, ...]:
+            def image(c: contract.ControlInput) -> np.ndarray:
+                return np.asarray(c.image[k if len(c.image) > 1 else 0], np.float32)
+
+            return tuple(
+                dn.SlotControl(c.name, image(c), float(c.scale), float(c.start), float(c.end), bool(c.guess_mode))
+                for c in controls
+            )
+
         return [
             dn.Slot(
                 plan=plan,
@@ -726,6 +791,7 @@ class DenoiserStage:
                 steps=steps_run,
                 loras=() if lease is None else lease.rows,
                 lease=lease,
+                controls=slot_controls(k),
             )
             for k in range(noise.shape[0])
         ]
@@ -735,12 +801,23 @@ class DenoiserStage:
         return dn.RunningBatch(self._run_chunk, self.unet.config.class_labels_shape, buckets)
 
     def _run_chunk(
-        self, with_uncond: bool, inputs: dn.SlotInputs, state: table.SlotState, cursor: dn.Cursor, iterations: int
+        self,
+        with_uncond: bool,
+        controls: tuple[str, ...],
+        inputs: dn.SlotInputs,
+        state: table.SlotState,
+        cursor: dn.Cursor,
+        iterations: int,
     ) -> tuple[table.SlotState, dn.Cursor, float]:
-        fn = functools.partial(dn.denoise_chunk, self.unet, with_uncond)
+        models = tuple(self.controlnets[name][0] for name in controls)
+        fn = functools.partial(dn.denoise_chunk, self.unet, with_uncond, controlnets=models)
         name = "denoise" if with_uncond else "denoise-unguided"
         n = jnp.int32(iterations)
-        args: tuple[Any, ...] = (self.params, inputs, state, cursor, n)
+        params = self.params
+        if controls:  # the entries' ControlNets join the fixed params (dn.denoise_chunk)
+            name = f"{name}-control-{'+'.join(controls)}"
+            params = (self.params, tuple(self.controlnets[c][1] for c in controls))
+        args: tuple[Any, ...] = (params, inputs, state, cursor, n)
         if inputs.lora_index.shape[1] and self.loras is not None:  # some slot has LoRAs: the bank is an input
             name, args = f"{name}-lora", (*args, self.loras.bank.arrays())
         program, compile_s = self.programs.get(name, fn, *args, batched=(1, 2, 3))

@@ -37,6 +37,10 @@ UPSCALE_FACTOR = 4  # the x4 upscaler's
 MAX_LORAS = 8  # LoRAs per request
 MAX_LORA_WEIGHT = 100.0  # |weight|; real use stays within ±2
 MAX_ADAPTER_NAME = 200  # characters: a file's stem
+MAX_CONTROLS = 4  # ControlNets per request
+MAX_CONTROL_SCALE = 100.0  # real use stays within 0–2
+PREPROCESSORS = ("none", "canny")  # what may turn a control image into its map (services/inputs/control.py)
+DEFAULT_CANNY_THRESHOLDS = (100.0, 200.0)  # diffusers' ControlNet docs' and A1111's canny defaults
 
 # --- Request defaults (diffusers' pipelines' own) ------------------------------------------------
 DEFAULT_NUM_IMAGES = 1
@@ -97,6 +101,7 @@ class ModelFacts:
     extra_channels: int  # UNet input channels beyond the latents (inpainting C + 1, depth 1, upscaling 3)
     class_labels_shape: tuple[int, ...] | None  # per image; None: the UNet takes no class labels
     max_noise_level: int  # the x4 upscaler's largest noise_level (0 for other kinds)
+    controlnets: tuple[str, ...] = ()  # the ControlNets requests may name
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -125,6 +130,36 @@ class LoraChoice(NamedTuple):
     @property
     def unet_scale(self) -> float:
         return self.weight if self.unet_weight is None else self.unet_weight
+
+
+class ControlChoice(NamedTuple):
+    """A ControlNet a request applies: the denoiser's name for it, the control image, and how it steers.
+
+    `start`/`end` are the fractions of the steps it applies between (diffusers' control_guidance_start/end);
+    `guess_mode` lets it act without the prompt's help (on the conditional half only, its residuals ramped);
+    `preprocessor` turns `image` into the map ("none": it is the map; "canny": its edges, at the thresholds).
+    """
+
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB, any size: resized to the output size
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+    preprocessor: str = "none"
+    low_threshold: float = DEFAULT_CANNY_THRESHOLDS[0]
+    high_threshold: float = DEFAULT_CANNY_THRESHOLDS[1]
+
+
+class ControlInput(NamedTuple):
+    """A ControlNet's input to one denoiser call: its map at the output size, ready for the model."""
+
+    name: str
+    image: np.ndarray  # (1 or N, H, W, 3) float32 in [0, 1]; one row: the same map for every image
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +191,7 @@ class GenerationRequest:
     # LoRAs for every image of the request: LoraChoice, or (name, weight) pairs. `<lora:name:weight>` in a prompt
     # adds one too (removed from the text the encoder sees).
     loras: Sequence[LoraChoice | tuple[str, float]] = ()
+    controls: Sequence[ControlChoice] = ()  # ControlNets, by the denoiser's names (ModelFacts.controlnets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +220,7 @@ class Job:
     noise_level: int | None = None  # set in upscaling
     preview_every: int = 0  # 0: no previews
     loras: tuple[LoraChoice, ...] = ()  # the request's and its prompts' `<lora:…>` tags, one per name
+    controls: tuple[ControlChoice, ...] = ()
 
     @property
     def images(self) -> int:
@@ -248,6 +285,7 @@ class DenoiseJob:
     preview_every: int = 0  # k > 0: a preview after each chunk that passes a multiple of k steps (`preview_due`)
     preview_projection: LatentPreview | None = None  # the latent → RGB map; None: LatentPreview.fallback
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA name, UNet weight) for every image of the call
+    controls: tuple[ControlInput, ...] = ()  # ControlNets for every image of the call
 
     @property
     def images(self) -> int:
@@ -384,6 +422,61 @@ def check_loras(loras: Sequence[Any], limit: int = MAX_LORAS) -> tuple[LoraChoic
         checked.append(
             LoraChoice(name, float(choice.weight), None if choice.unet_weight is None else float(choice.unet_weight))
         )
+    return tuple(checked)
+
+
+def check_control_use(name: Any, scale: Any, start: Any, end: Any, guess_mode: Any, facts: ModelFacts) -> None:
+    """What every ControlNet use must be, in a request or a denoiser call."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("each control names a ControlNet: give its name")
+    if name not in facts.controlnets:
+        loaded = ", ".join(facts.controlnets) or "none (start the denoiser with --controlnet NAME=PATH)"
+        raise InvalidRequest(f"ControlNet {shown(name)} is not loaded; the denoiser has: {loaded}")
+    check_number(f"ControlNet {shown(name)} scale", scale, 0.0, MAX_CONTROL_SCALE)
+    check_number(f"ControlNet {shown(name)} start", start, 0.0, 1.0)
+    check_number(f"ControlNet {shown(name)} end", end, 0.0, 1.0)
+    if not start < end:
+        raise InvalidRequest(
+            f"ControlNet {shown(name)}: start ({start:g}) must be before end ({end:g}); both are fractions of the "
+            "steps, 0 ≤ start < end ≤ 1"
+        )
+    if not isinstance(guess_mode, (bool, np.bool_)):
+        raise InvalidRequest(f"ControlNet {shown(name)} guess_mode must be true or false, got {guess_mode!r}")
+
+
+def check_controls(controls: Sequence[Any], facts: ModelFacts) -> tuple[ControlChoice, ...]:
+    """A request's ControlNets: at most MAX_CONTROLS, each loaded, its image an RGB array, its numbers in range."""
+    if isinstance(controls, (str, bytes)) or not isinstance(controls, Sequence):
+        raise InvalidRequest("controls must be a list of ControlChoice")
+    if len(controls) > MAX_CONTROLS:
+        raise InvalidRequest(f"{len(controls)} controls in one request; at most {MAX_CONTROLS}")
+    checked = []
+    for c in controls:
+        if not isinstance(c, ControlChoice):
+            raise InvalidRequest(f"each control is a ControlChoice, got {type(c).__name__}")
+        check_control_use(c.name, c.scale, c.start, c.end, c.guess_mode, facts)
+        image = c.image
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise InvalidRequest(
+                f"ControlNet {shown(c.name)}: the control image must be a (H, W, 3) uint8 RGB array "
+                "(services.inputs.images decodes PNG/JPEG bytes into one)"
+            )
+        if min(image.shape[:2]) < 1 or max(image.shape[:2]) > MAX_SIDE:
+            raise InvalidRequest(
+                f"ControlNet {shown(c.name)}: the control image is {image.shape[1]}×{image.shape[0]}; "
+                f"give one of 1 to {MAX_SIDE} pixels a side"
+            )
+        if c.preprocessor not in PREPROCESSORS:
+            raise InvalidRequest(
+                f"ControlNet {shown(c.name)}: preprocessor {shown(str(c.preprocessor))} is not one of "
+                f'{", ".join(PREPROCESSORS)} (other maps are made by the caller and sent with "none")'
+            )
+        low = check_number("canny low_threshold", c.low_threshold, 0.0, 255.0)
+        high = check_number("canny high_threshold", c.high_threshold, 0.0, 255.0)
+        if low > high:
+            raise InvalidRequest(f"canny low_threshold ({low:g}) must not exceed high_threshold ({high:g})")
+        checked.append(c._replace(scale=float(c.scale), start=float(c.start), end=float(c.end),
+                                  guess_mode=bool(c.guess_mode), low_threshold=low, high_threshold=high))  # fmt: skip
     return tuple(checked)
 
 
@@ -543,6 +636,7 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
     else:  # as diffusers' generator seeds: [0, 2^32)
         seed = draw_seed() if draw_seed else random.SystemRandom().randrange(2**32)
     _check_arrays(request)
+    controls = check_controls(request.controls, facts)
     rows = len(prompts) * int(n)
     mode = _mode(request, facts, steps)
     if request.latents is not None:
@@ -557,7 +651,7 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler,
         priority=priority, latents=request.latents, init_image=request.init_image, mask_image=request.mask_image,
         depth_map=None if request.depth_map is None else np.asarray(request.depth_map, np.float32),
-        preview_every=preview_every, loras=loras, **mode,
+        preview_every=preview_every, loras=loras, controls=controls, **mode,
     )  # fmt: skip
 
 
@@ -718,6 +812,15 @@ def check_denoise_job(job: DenoiseJob, facts: ModelFacts) -> None:
         rows("blend_mask", job.blend_mask, 1, "1 repaints, 0 keeps")
         if job.blend_mask.min() < 0 or job.blend_mask.max() > 1:
             raise InvalidRequest("blend_mask values must lie in [0, 1]")
+    if len(job.controls) > MAX_CONTROLS:
+        raise InvalidRequest(f"{len(job.controls)} controls in one call; at most {MAX_CONTROLS}")
+    for control in job.controls:
+        check_control_use(control.name, control.scale, control.start, control.end, control.guess_mode, facts)
+        image = control.image
+        want = f"(1 or {n}, 3, {job.height}, {job.width}) float32 in [0, 1]: the map at the output size"
+        if image.ndim != 4 or image.shape[0] not in (1, n) or image.shape[1:] != (job.height, job.width, 3):
+            raise InvalidRequest(f"ControlNet {shown(control.name)} image has shape {_nchw(image.shape)}; need {want}")
+        check_finite(f"ControlNet {shown(control.name)} image", image)
     shape = facts.class_labels_shape
     if shape is not None and job.class_labels is None:
         raise InvalidRequest("this UNet has a class embedding (the x4 upscaler: the noise level); send class_labels")

@@ -154,10 +154,14 @@ def default_shapes(facts: ModelFacts) -> list[tuple[int, int, int]]:
 def message_bytes(facts: ModelFacts, shapes: list[tuple[int, int, int]]) -> int:
     """The largest Denoise request at these sizes: cond + uncond + latents, float32, for the most images any
     request may carry (MAX_IMAGES) with the longest prompts (as many 77-token chunks as the contract's context
-    length holds), so a valid request is never refused for its size by gRPC."""
+    length holds) and, when ControlNets are loaded, a control map per image for each of MAX_CONTROLS, so a valid
+    request is never refused for its size by gRPC."""
     f, c, e = facts.vae_scale_factor, facts.latent_channels, facts.extra_channels
     length = max_chunks(facts.max_length) * facts.max_length
-    per_image = [2 * length * facts.hidden_size + (2 * c + e + 1) * (h // f) * (w // f) for _, h, w in shapes]
+    maps = contract.MAX_CONTROLS * 3 if facts.controlnets else 0
+    per_image = [
+        2 * length * facts.hidden_size + (2 * c + e + 1) * (h // f) * (w // f) + maps * h * w for _, h, w in shapes
+    ]
     return contract.MAX_IMAGES * max(per_image) * 4
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sdmesh.services.inputs import contract
-from sdmesh.services.inputs.contract import DenoiseJob, LatentPreview, LoraChoice, ModelFacts
+from sdmesh.services.inputs.contract import ControlInput, DenoiseJob, LatentPreview, LoraChoice, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
 from sdmesh.v1 import common_pb2, denoiser_pb2
 from sdmesh.v1.tensors import from_proto, to_proto
@@ -29,7 +29,7 @@ def facts_to_proto(facts: ModelFacts) -> common_pb2.ModelFacts:
         default_sampler=facts.default_sampler, hidden_size=facts.hidden_size, max_length=facts.max_length,
         prediction_type=facts.prediction_type, extra_channels=facts.extra_channels,
         has_class_labels=facts.class_labels_shape is not None, class_labels_shape=list(facts.class_labels_shape or ()),
-        max_noise_level=facts.max_noise_level, max_images=contract.MAX_IMAGES,
+        max_noise_level=facts.max_noise_level, max_images=contract.MAX_IMAGES, controlnets=list(facts.controlnets),
     )  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def facts_from_proto(message: common_pb2.ModelFacts, *, source: str) -> ModelFac
         default_sampler=message.default_sampler, hidden_size=message.hidden_size, max_length=message.max_length,
         prediction_type=message.prediction_type, extra_channels=message.extra_channels,
         class_labels_shape=tuple(message.class_labels_shape) if message.has_class_labels else None,
-        max_noise_level=message.max_noise_level,
+        max_noise_level=message.max_noise_level, controlnets=tuple(message.controlnets),
     )  # fmt: skip
 
 
@@ -99,7 +99,21 @@ def denoise_job_to_proto(job: DenoiseJob) -> denoiser_pb2.DenoiseRequest:
             getattr(request, name).CopyFrom(to_proto(nchw(value)))
     if job.class_labels is not None:
         request.class_labels.CopyFrom(to_proto(np.asarray(job.class_labels, np.float32)))
+    for control in job.controls:
+        request.controls.add(name=control.name, image=to_proto(nchw(control.image)), scale=control.scale,
+                             start=control.start, end=control.end, guess_mode=control.guess_mode)  # fmt: skip
     return request
+
+
+def control_input_from_proto(message: denoiser_pb2.ControlInput) -> ControlInput:
+    """A ControlInput message as the contract's (scale and end unset → 1); the values are `contract`'s to check."""
+    if not message.HasField("image"):
+        raise InvalidRequest(f"ControlNet {message.name!r}: image is missing; send its map, (1, 3, H, W) float32")
+    image = nhwc(from_proto(message.image, name=f"ControlNet {message.name!r} image", dtype="float32", ndim=4))
+    return ControlInput(
+        name=message.name, image=image, scale=message.scale if message.HasField("scale") else 1.0,
+        start=message.start, end=message.end if message.HasField("end") else 1.0, guess_mode=message.guess_mode,
+    )  # fmt: skip
 
 
 def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFacts) -> DenoiseJob:
@@ -153,6 +167,7 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFac
         preview_projection=(latent_preview_from_proto(request.preview_projection)
                             if request.HasField("preview_projection") else None),
         loras=tuple((lora.name, unet_weight(lora)) for lora in request.loras),
+        controls=tuple(control_input_from_proto(c) for c in request.controls),
     )  # fmt: skip
 
 

@@ -92,7 +92,7 @@ class LatentPreview(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[float]] = ..., bias: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelFacts(_message.Message):
-    __slots__ = ("kind", "vae_scale_factor", "latent_channels", "default_height", "default_width", "max_steps", "samplers", "default_sampler", "hidden_size", "max_length", "prediction_type", "extra_channels", "has_class_labels", "class_labels_shape", "max_noise_level", "max_images", "scaling_factor")
+    __slots__ = ("kind", "vae_scale_factor", "latent_channels", "default_height", "default_width", "max_steps", "samplers", "default_sampler", "hidden_size", "max_length", "prediction_type", "extra_channels", "has_class_labels", "class_labels_shape", "max_noise_level", "max_images", "scaling_factor", "controlnets")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VAE_SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class ModelFacts(_message.Message):
     MAX_NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SCALING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     vae_scale_factor: int
     latent_channels: int
@@ -127,7 +128,8 @@ class ModelFacts(_message.Message):
     max_noise_level: int
     max_images: int
     scaling_factor: float
-    def __init__(self, kind: _Optional[str] = ..., vae_scale_factor: _Optional[int] = ..., latent_channels: _Optional[int] = ..., default_height: _Optional[int] = ..., default_width: _Optional[int] = ..., max_steps: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., default_sampler: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_length: _Optional[int] = ..., prediction_type: _Optional[str] = ..., extra_channels: _Optional[int] = ..., has_class_labels: _Optional[bool] = ..., class_labels_shape: _Optional[_Iterable[int]] = ..., max_noise_level: _Optional[int] = ..., max_images: _Optional[int] = ..., scaling_factor: _Optional[float] = ...) -> None: ...
+    controlnets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., vae_scale_factor: _Optional[int] = ..., latent_channels: _Optional[int] = ..., default_height: _Optional[int] = ..., default_width: _Optional[int] = ..., max_steps: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., default_sampler: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_length: _Optional[int] = ..., prediction_type: _Optional[str] = ..., extra_channels: _Optional[int] = ..., has_class_labels: _Optional[bool] = ..., class_labels_shape: _Optional[_Iterable[int]] = ..., max_noise_level: _Optional[int] = ..., max_images: _Optional[int] = ..., scaling_factor: _Optional[float] = ..., controlnets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Batching(_message.Message):
     __slots__ = ("policy", "max_batch", "buckets", "batch_wait_ms", "chunk_steps")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sdmesh.v1 import common_pb2 as sdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdmesh/v1/gateway.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\"\xe0\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\nnum_images\x18\x03 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10guidance_rescale\x18\x06 \x01(\x02\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\r\n\x05width\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0b\n\x03\x65ta\x18\n \x01(\x02\x12\x0f\n\x07sampler\x18\x0b \x01(\t\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\x12\n\ninit_image\x18\r \x01(\x0c\x12\x12\n\nmask_image\x18\x0e \x01(\x0c\x12\x15\n\x08strength\x18\x0f \x01(\x02H\x02\x88\x01\x01\x12\x11\n\tdepth_map\x18\x10 \x01(\x0c\x12\x18\n\x0bnoise_level\x18\x11 \x01(\rH\x03\x88\x01\x01\x12\x15\n\rpreview_every\x18\x12 \x01(\r\x12\x1e\n\x05loras\x18\x13 \x03(\x0b\x32\x0f.sdmesh.v1.LoraB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strengthB\x0e\n\x0c_noise_level\"n\n\rGenerateEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.sdmesh.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"H\n\x0eGenerateResult\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x18\n\x10truncation_notes\x18\x03 \x03(\t2\x8d\x01\n\x07Gateway\x12\x42\n\x08Generate\x12\x1a.sdmesh.v1.GenerateRequest\x1a\x18.sdmesh.v1.GenerateEvent0\x01\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sdmesh/v1/gateway.proto\x12\tsdmesh.v1\x1a\x16sdmesh/v1/common.proto\"\x86\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\nnum_images\x18\x03 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x10guidance_rescale\x18\x06 \x01(\x02\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\r\n\x05width\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0b\n\x03\x65ta\x18\n \x01(\x02\x12\x0f\n\x07sampler\x18\x0b \x01(\t\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\x12\n\ninit_image\x18\r \x01(\x0c\x12\x12\n\nmask_image\x18\x0e \x01(\x0c\x12\x15\n\x08strength\x18\x0f \x01(\x02H\x02\x88\x01\x01\x12\x11\n\tdepth_map\x18\x10 \x01(\x0c\x12\x18\n\x0bnoise_level\x18\x11 \x01(\rH\x03\x88\x01\x01\x12\x15\n\rpreview_every\x18\x12 \x01(\r\x12\x1e\n\x05loras\x18\x13 \x03(\x0b\x32\x0f.sdmesh.v1.Lora\x12$\n\x08\x63ontrols\x18\x14 \x03(\x0b\x32\x12.sdmesh.v1.ControlB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strengthB\x0e\n\x0c_noise_level\"\xf5\x01\n\x07\x43ontrol\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05start\x18\x04 \x01(\x02\x12\x10\n\x03\x65nd\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nguess_mode\x18\x06 \x01(\x08\x12\x14\n\x0cpreprocessor\x18\x07 \x01(\t\x12\x1a\n\rlow_threshold\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x0ehigh_threshold\x18\t \x01(\x02H\x03\x88\x01\x01\x42\x08\n\x06_scaleB\x06\n\x04_endB\x10\n\x0e_low_thresholdB\x11\n\x0f_high_threshold\"n\n\rGenerateEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.sdmesh.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"H\n\x0eGenerateResult\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x18\n\x10truncation_notes\x18\x03 \x03(\t2\x8d\x01\n\x07Gateway\x12\x42\n\x08Generate\x12\x1a.sdmesh.v1.GenerateRequest\x1a\x18.sdmesh.v1.GenerateEvent0\x01\x12>\n\tModelInfo\x12\x1b.sdmesh.v1.ModelInfoRequest\x1a\x14.sdmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sdmesh.v1.gateway_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=63
-  _globals['_GENERATEREQUEST']._serialized_end=543
-  _globals['_GENERATEEVENT']._serialized_start=545
-  _globals['_GENERATEEVENT']._serialized_end=655
-  _globals['_GENERATERESULT']._serialized_start=657
-  _globals['_GENERATERESULT']._serialized_end=729
-  _globals['_GATEWAY']._serialized_start=732
-  _globals['_GATEWAY']._serialized_end=873
+  _globals['_GENERATEREQUEST']._serialized_end=581
+  _globals['_CONTROL']._serialized_start=584
+  _globals['_CONTROL']._serialized_end=829
+  _globals['_GENERATEEVENT']._serialized_start=831
+  _globals['_GENERATEEVENT']._serialized_end=941
+  _globals['_GENERATERESULT']._serialized_start=943
+  _globals['_GENERATERESULT']._serialized_end=1015
+  _globals['_GATEWAY']._serialized_start=1018
+  _globals['_GATEWAY']._serialized_end=1159
 # @@protoc_insertion_point(module_scope)

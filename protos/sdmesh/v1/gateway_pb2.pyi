@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_images", "num_inference_steps", "guidance_scale", "guidance_rescale", "height", "width", "seed", "eta", "sampler", "priority", "init_image", "mask_image", "strength", "depth_map", "noise_level", "preview_every", "loras")
+    __slots__ = ("prompt", "negative_prompt", "num_images", "num_inference_steps", "guidance_scale", "guidance_rescale", "height", "width", "seed", "eta", "sampler", "priority", "init_image", "mask_image", "strength", "depth_map", "noise_level", "preview_every", "loras", "controls")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class GenerateRequest(_message.Message):
     NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_images: int
@@ -47,7 +48,30 @@ class GenerateRequest(_message.Message):
     noise_level: int
     preview_every: int
     loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.Lora]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., depth_map: _Optional[bytes] = ..., noise_level: _Optional[int] = ..., preview_every: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ...) -> None: ...
+    controls: _containers.RepeatedCompositeFieldContainer[Control]
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., depth_map: _Optional[bytes] = ..., noise_level: _Optional[int] = ..., preview_every: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ...) -> None: ...
+
+class Control(_message.Message):
+    __slots__ = ("name", "image", "scale", "start", "end", "guess_mode", "preprocessor", "low_threshold", "high_threshold")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    GUESS_MODE_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSOR_FIELD_NUMBER: _ClassVar[int]
+    LOW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    HIGH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    image: bytes
+    scale: float
+    start: float
+    end: float
+    guess_mode: bool
+    preprocessor: str
+    low_threshold: float
+    high_threshold: float
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[bytes] = ..., scale: _Optional[float] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., guess_mode: _Optional[bool] = ..., preprocessor: _Optional[str] = ..., low_threshold: _Optional[float] = ..., high_threshold: _Optional[float] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("progress", "result")
