@@ -8,12 +8,13 @@
 call one stage each (numpy in and out).
 """
 
-from sdmesh.client.client import AsyncClient, Client, GatewayError, GenerateResult, Progress
+from sdmesh.client.client import AsyncClient, Client, Control, GatewayError, GenerateResult, Progress
 from sdmesh.client.stages import DecoderClient, DenoiserClient, TextEncoderClient, wait_for_serving
 
 __all__ = [
     "AsyncClient",
     "Client",
+    "Control",
     "DecoderClient",
     "DenoiserClient",
     "GatewayError",

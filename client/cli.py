@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sdmesh.services.inputs import contract  # JAX-free: the limits and defaults requests are held to
 
@@ -87,6 +87,67 @@ def _lora(text: str) -> tuple[Any, ...]:
     return (name, *weights)
 
 
+def _controlnet(text: str) -> tuple[str, str]:
+    """NAME=PATH_OR_HUB_ID: the name requests use, and a diffusers ControlNet folder or Hub id."""
+    name, sep, source = text.partition("=")
+    if not sep or not name.strip() or not source.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PATH_OR_HUB_ID, e.g. canny=lllyasviel/sd-controlnet-canny, got {text!r}"
+        )
+    return name.strip(), source.strip()
+
+
+class ControlFlag(NamedTuple):
+    """One --control: a ControlNet's name, its image file and its numbers."""
+
+    name: str
+    image: Path
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+def _control(text: str) -> ControlFlag:
+    """NAME=IMAGE[:SCALE[:START:END]] (trailing numbers are SCALE, START and END; a path may hold colons)."""
+    usage = "expected NAME=IMAGE, NAME=IMAGE:SCALE or NAME=IMAGE:SCALE:START:END, e.g. canny=edges.png:0.8:0:0.6"
+    name, sep, rest = text.partition("=")
+    parts, numbers = rest.split(":"), []
+    while len(parts) > 1 and len(numbers) < 3:
+        try:
+            number = float(parts[-1])
+        except ValueError:
+            break
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"--control {text!r}: SCALE, START and END must be finite numbers")
+        numbers.insert(0, number)
+        parts.pop()
+    image = ":".join(parts)
+    if not sep or not name.strip() or not image or len(numbers) == 2:
+        raise argparse.ArgumentTypeError(f"{usage}; got {text!r}")
+    flag = ControlFlag(name.strip(), Path(image), *numbers)
+    if not 0 <= flag.scale <= contract.MAX_CONTROL_SCALE:
+        raise argparse.ArgumentTypeError(
+            f"--control {text!r}: SCALE must be from 0 to {contract.MAX_CONTROL_SCALE:g} (1: the ControlNet's own "
+            "strength)"
+        )
+    if not 0 <= flag.start < flag.end <= 1:
+        raise argparse.ArgumentTypeError(
+            f"--control {text!r}: START and END are fractions of the steps, 0 ≤ START < END ≤ 1 (e.g. 0:0.6)"
+        )
+    return flag
+
+
+def _thresholds(text: str) -> tuple[float, float]:
+    """LOW:HIGH, canny's hysteresis thresholds."""
+    try:
+        low, high = (float(p) for p in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH, e.g. 100:200, got {text!r}") from None
+    if not 0 <= low <= high <= 255:
+        raise argparse.ArgumentTypeError(f"canny's thresholds are 0 ≤ LOW ≤ HIGH ≤ 255, got {text!r}")
+    return low, high
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -120,7 +181,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow .bin (PyTorch pickle) weights, read with torch.load(weights_only=True)",
     )
-    a = p.add_argument_group("adapters", "per-request LoRAs and textual-inversion embeddings, found by name")
+    a = p.add_argument_group(
+        "adapters", "per-request LoRAs, textual-inversion embeddings and ControlNets, found by name"
+    )
     a.add_argument(
         "--lora-dir",
         type=Path,
@@ -139,6 +202,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="textual-inversion embeddings (.safetensors, .pt/.bin with --allow-pickle): a prompt naming one uses it",
+    )
+    a.add_argument(
+        "--controlnet",
+        type=_controlnet,
+        action="append",
+        default=[],
+        metavar="NAME=PATH_OR_HUB_ID",
+        help="load a diffusers ControlNet (a folder or Hub id, made for this base model: e.g. "
+        "canny=lllyasviel/sd-controlnet-canny for SD 1.5) that requests name NAME (--control NAME=IMAGE, "
+        "GenerateRequest.controls); the denoiser loads it (serve denoiser, up, generate in this process); repeatable",
     )
     r = p.add_argument_group("runtime")
     r.add_argument("--weights-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -246,6 +319,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:WEIGHT[:UNET_WEIGHT]]",
         help="apply the LoRA file NAME (its stem, in --lora-dir or the server's) at WEIGHT (default 1); "
         "a third number sets the UNet's weight apart from the text encoder's; repeatable",
+    )
+    ctl = gen.add_argument_group(
+        "ControlNet",
+        "steer the composition with a control image, through a ControlNet loaded here (--controlnet) or by the "
+        "server; the image is resized to the output size (Lanczos)",
+    )
+    ctl.add_argument(
+        "--control",
+        type=_control,
+        action="append",
+        default=[],
+        metavar="NAME=IMAGE[:SCALE[:START:END]]",
+        help="apply ControlNet NAME with the control image IMAGE (PNG/JPEG: the map, or with "
+        "--control-preprocessor canny the picture to take its edges from) at SCALE (default 1), between the "
+        "fractions START and END of the steps (default 0:1); repeatable, up to "
+        f"{contract.MAX_CONTROLS} (their effects add up)",
+    )
+    ctl.add_argument(
+        "--control-preprocessor",
+        choices=contract.PREPROCESSORS,
+        default="none",
+        help="what every --control image is: none, the map itself; canny, a picture whose edges are taken "
+        "(OpenCV's Canny, at its own size, before the resize) (default: %(default)s)",
+    )
+    ctl.add_argument(
+        "--canny-thresholds",
+        type=_thresholds,
+        metavar="LOW:HIGH",
+        help="with --control-preprocessor canny: its hysteresis thresholds, 0-255 (default: "
+        f"{contract.DEFAULT_CANNY_THRESHOLDS[0]:g}:{contract.DEFAULT_CANNY_THRESHOLDS[1]:g})",
+    )
+    ctl.add_argument(
+        "--control-guess-mode",
+        action="store_true",
+        help="every --control acts without the prompt's help (on the conditional half only): for an empty "
+        "or unrelated prompt",
     )
     img = gen.add_argument_group(
         "image-conditioned generation",
@@ -772,6 +881,7 @@ def _load(args: argparse.Namespace) -> Any:
         lora_dir=args.lora_dir,
         max_adapters=args.max_adapters,
         embeddings_dir=args.embeddings_dir,
+        controlnets=args.controlnet,
         options=options,
     )
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -848,6 +958,61 @@ def _decoded_image_inputs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _control_flags(args: argparse.Namespace) -> list[tuple[ControlFlag, bytes]]:
+    """The --control flags with their images' bytes; the flags that shape them only alongside some --control."""
+    if not args.control:
+        given = [flag for flag, on in (("--control-preprocessor", args.control_preprocessor != "none"),
+                                       ("--canny-thresholds", args.canny_thresholds is not None),
+                                       ("--control-guess-mode", args.control_guess_mode)) if on]  # fmt: skip
+        if given:
+            raise UsageError(f"{given[0]} shapes the --control images: add --control NAME=IMAGE")
+    if args.canny_thresholds is not None and args.control_preprocessor != "canny":
+        raise UsageError("--canny-thresholds are canny's: add --control-preprocessor canny")
+    return [(flag, _read_file(flag.image, f"--control {flag.name}:") or b"") for flag in args.control]
+
+
+def _controls(args: argparse.Namespace) -> list[Any]:
+    """The --control flags as the client's Controls, for the wire (the gateway decodes the images)."""
+    from sdmesh.client import Control
+
+    low, high = args.canny_thresholds or (None, None)
+    return [
+        Control(
+            flag.name,
+            data,
+            scale=flag.scale,
+            start=flag.start,
+            end=flag.end,
+            guess_mode=args.control_guess_mode,
+            preprocessor=args.control_preprocessor,
+            low_threshold=low,
+            high_threshold=high,
+        )
+        for flag, data in _control_flags(args)
+    ]
+
+
+def _decoded_controls(args: argparse.Namespace) -> list[contract.ControlChoice]:
+    """The --control flags as the contract's choices, their images decoded, for the in-process pipeline."""
+    from sdmesh.services.inputs import images
+
+    low, high = args.canny_thresholds or contract.DEFAULT_CANNY_THRESHOLDS
+    return [
+        contract.ControlChoice(
+            flag.name,
+            images.decode_image(data, what=f"--control {flag.name}={flag.image}"),
+            scale=flag.scale,
+            start=flag.start,
+            end=flag.end,
+            guess_mode=args.control_guess_mode,
+            preprocessor=args.control_preprocessor,
+            low_threshold=low,
+            high_threshold=high,
+        )
+        for flag, data in _control_flags(args)
+    ]
+
+
 def _write_images(images: list[Any], output_dir: Path) -> None:
     """image_{i}.png in output_dir, printing each path."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -881,6 +1046,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     if args.latents is not None:
         raise UsageError("--latents works only in this process; the gateway draws the noise from --seed")
     height, width = _size(args)
+    controls = _controls(args)
     from sdmesh.client import Client, GatewayError, GenerateResult
 
     bar = ProgressBar("denoise", not args.quiet)
@@ -903,6 +1069,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
                 sampler=args.sampler,
                 priority=args.priority,
                 loras=args.lora,
+                controls=controls,
                 **_image_inputs(args),
             ):
                 if isinstance(event, GenerateResult):
@@ -924,6 +1091,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _apply_per_device_batch(args, "num_images")
     height, width = _size(args)
     latents = _read_latents(args.latents) if args.latents else None
+    controls = _decoded_controls(args)  # a bad image fails before the model loads
     pipeline, pipe = _load(args)
     request = pipeline.GenerationRequest(
         prompt=args.prompt,
@@ -939,6 +1107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         latents=latents,
         sampler=args.sampler,
         loras=args.lora,
+        controls=controls,
         **_decoded_image_inputs(args),
     )
     pipe.validate(request)  # fail before compiling anything

@@ -13,6 +13,9 @@ with Client("localhost:50051") as client:
     for event in client.stream("a red fox", steps=30, preview_every=5):   # live previews
         if isinstance(event, Progress) and event.preview:
             Path("preview.jpg").write_bytes(event.preview)   # the first image, at latent resolution
+
+    # a ControlNet the denoiser loaded (--controlnet canny=PATH), steering by the edges of a photo
+    client.generate("a glass house", controls=[Control("canny", "house.jpg", preprocessor="canny")])
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -64,6 +68,41 @@ class GenerateResult:
     truncation_notes: list[str]  # one per prompt cut at the tokenizer's limit
 
 
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """A ControlNet for every image of a request: one the denoiser loaded (`sdmesh serve denoiser --controlnet
+    NAME=PATH`; ModelInfo's model_facts.controlnets lists them) and its control image.
+
+    image: PNG/JPEG bytes, a path to such a file, a PIL image or a uint8 array: the control map (an edge map, a depth
+    map, ...), or with preprocessor "canny" the picture to take its edges from; resized to the output size.
+    scale: how strongly it steers (0 to 100; real use stays within 0–2). start, end: the fractions of the steps
+    between which it applies (0 ≤ start < end ≤ 1). guess_mode: it acts without the prompt's help (on the
+    conditional half only), for a prompt that does not describe the picture. low_threshold, high_threshold:
+    canny's, 0–255 (None: 100 and 200).
+    """
+
+    name: str
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+    preprocessor: str = "none"  # "none": image is the map; "canny": its edges (OpenCV's Canny)
+    low_threshold: float | None = None
+    high_threshold: float | None = None
+
+    def to_proto(self) -> gateway_pb2.Control:
+        message = gateway_pb2.Control(
+            name=self.name, image=control_image_bytes(self.image), scale=self.scale, start=self.start, end=self.end,
+            guess_mode=self.guess_mode, preprocessor=self.preprocessor,
+        )  # fmt: skip
+        if self.low_threshold is not None:
+            message.low_threshold = self.low_threshold
+        if self.high_threshold is not None:
+            message.high_threshold = self.high_threshold
+        return message
+
+
 def generate_request(
     prompt: str,
     *,
@@ -85,6 +124,7 @@ def generate_request(
     noise_level: int | None = None,
     preview_every: int = 0,
     loras: Sequence[tuple[str, float] | tuple[str, float, float] | str] = (),
+    controls: Sequence[Control] = (),
 ) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (None means the gateway's default: 1 image, 50 steps, guidance 7.5,
     the native size, a random seed, the checkpoint's own sampler). preview_every k > 0: denoise progress carries a
@@ -95,6 +135,10 @@ def generate_request(
 
     loras: LoRA files the stages hold in their --lora-dir, by stem: `("name", weight)`, `("name", weight,
     unet_weight)` or just `"name"` (weight 1); `<lora:name:weight>` in the prompt works too.
+
+    controls: ControlNets the denoiser loaded, up to 4 (their effects add up), each a `Control`: its name, its control
+    image, and how strongly and over which steps it steers, e.g. `Control("canny", "edges.png", scale=0.8)` or
+    `Control("canny", "photo.jpg", preprocessor="canny")`.
     """
     request = gateway_pb2.GenerateRequest(
         prompt=prompt,
@@ -127,6 +171,10 @@ def generate_request(
             message.weight = weights[0]
         if len(weights) > 1:
             message.unet_weight = weights[1]
+    for control in controls:
+        if not isinstance(control, Control):
+            raise TypeError(f"controls holds Control values (sdmesh.client.Control), got {type(control).__name__}")
+        request.controls.append(control.to_proto())
     return request
 
 
@@ -148,6 +196,17 @@ def image_bytes(image: Any) -> bytes:
     else:
         (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def control_image_bytes(image: Any) -> bytes:
+    """A control image as the gateway takes it: PNG/JPEG bytes as they are, a path's file, a PIL image or uint8
+    array as PNG."""
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as file:
+            return file.read()
+    if image is None:
+        raise TypeError("a Control needs an image: PNG/JPEG bytes, a path, a PIL image or a uint8 array")
+    return image_bytes(image)
 
 
 def event_from_proto(event: gateway_pb2.GenerateEvent) -> Progress | GenerateResult:
@@ -223,7 +282,7 @@ class Client:
         """Text (and images) → images. `options` are generate_request's: negative_prompt, num_images, steps,
         guidance_scale, guidance_rescale, height, width (None: native size), seed (None: random, returned), eta,
         sampler, priority, init_image, mask_image, strength, depth_map, noise_level, preview_every (previews arrive
-        only through `stream`)."""
+        only through `stream`), loras, controls (a list of `Control`)."""
         result = None
         for event in self.stream(prompt, timeout=timeout, **options):  # to its end: the call finishes OK
             if isinstance(event, GenerateResult):

@@ -325,6 +325,8 @@ def serve_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag, None)
         if value is not None:
             out += [f"--{flag.replace('_', '-')}", str(value)]
+    for name, source in getattr(args, "controlnet", None) or ():  # the denoiser loads them; the others ignore them
+        out += ["--controlnet", f"{name}={source}"]
     if getattr(args, "allow_pickle", False):
         out.append("--allow-pickle")
     return out

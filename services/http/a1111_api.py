@@ -8,6 +8,7 @@ the tools built on A1111's API) work unchanged with their address pointing here.
     GET  /sdapi/v1/progress         the caller's call in progress: progress 0–1, eta_relative, state, current_image
     POST /sdapi/v1/interrupt|skip   stop the caller's generations
     GET  /sdapi/v1/samplers|schedulers|sd-models|loras|embeddings|options|scripts;  POST /sdapi/v1/options (ignored)
+    GET  /controlnet/model_list|module_list|version   the sd-webui-controlnet extension's listings
 
 How A1111's meaning maps onto the gateway's:
 
@@ -32,8 +33,18 @@ How A1111's meaning maps onto the gateway's:
   without API keys every caller is one tenant, as A1111 has one queue): the interrupted txt2img/img2img
   answers 200 with the images that were finished before it (A1111 also gives the partly made ones; the gateway
   has none to give) and `info.sdmesh_notes` saying so.
+- ControlNet. txt2img and img2img take the sd-webui-controlnet extension's units, `alwayson_scripts: {"controlnet":
+  {"args": [unit, ...]}}` as webuiapi's ControlNetUnit sends them (ControlNetUnit here): `model` is a ControlNet the
+  denoiser loaded (A1111's " [hash]" suffix is dropped; /controlnet/model_list lists them), `image` the control
+  image (img2img without one: the init image, as the extension does), `module` "none" or "canny" (threshold_a and
+  threshold_b are canny's low and high; -1: 100 and 200), weight, guidance_start and guidance_end as the
+  extension's; control_mode "ControlNet is more important" is guess mode, the others balanced. The image is sized
+  to the output by `resize_mode` ("Just Resize" by the gateway, with Lanczos; "Crop and Resize", the extension's
+  default, and "Resize and Fill" here, as img2img's modes) and flattened onto white where transparent. Units with
+  enabled false are skipped; the unit mask, pixel_perfect, processor_res, low_vram and hr_option are not used.
 - Ignored, named in `info.sdmesh_notes` when set: hires fix (enable_hr), restore_faces, tiling, styles,
-  override_settings, alwayson_scripts, scripts, subseeds, refiners, mask blur, inpaint "only masked", and the like.
+  override_settings, alwayson_scripts other than controlnet, scripts, subseeds, refiners, mask blur, inpaint "only
+  masked", and the like.
   Unknown fields are ignored; a field of the wrong type is 422 naming it.
 """
 
@@ -46,14 +57,16 @@ import dataclasses
 import io
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import grpc
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdmesh.services.http.common import Front, decode_base64, generate_request, invalid
 from sdmesh.services.http.jobs import Job
@@ -66,6 +79,13 @@ from sdmesh.v1 import gateway_pb2
 DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising_strength
 BACKGROUND = (255, 255, 255)  # A1111's img2img_background_color: what transparent init pixels become
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", "just resize (latent upscale)")
+CONTROLNET_SCRIPT = "controlnet"  # its alwayson_scripts key (A1111 matches script names without case)
+CONTROL_MODULES = ("none", "canny")  # the extension's preprocessors sdmesh runs (contract.PREPROCESSORS)
+CONTROL_MODES = ("balanced", "my prompt is more important", "controlnet is more important")  # the extension's 0, 1, 2
+# The extension's resize modes by name (its older names too) → RESIZE_MODES' index; its default is Crop and Resize.
+CONTROL_RESIZE = {"just resize": 0, "crop and resize": 1, "resize and fill": 2, "scale to fit (inner fit)": 1,
+                  "inner fit (scale to fit)": 1, "envelope (outer fit)": 2, "outer fit (shrink to fit)": 2}  # fmt: skip
+CONTROLNET_API_VERSION = 2  # what the extension's /controlnet/version answers for the unit shape above
 
 
 # --- samplers ---------------------------------------------------------------------------
@@ -228,7 +248,7 @@ class Generation(BaseModel):
         """The fields set here that sdmesh does not do."""
         named = {
             "restore_faces": self.restore_faces, "tiling": self.tiling, "styles": self.styles,
-            "override_settings": sorted(self.override_settings or {}), "alwayson_scripts": self.alwayson_scripts,
+            "override_settings": sorted(self.override_settings or {}), "alwayson_scripts": self.other_scripts(),
             "script_name": self.script_name, "subseed_strength": self.subseed_strength,
             "seed_resize_from_h": (self.seed_resize_from_h or 0) > 0,
             "seed_resize_from_w": (self.seed_resize_from_w or 0) > 0,
@@ -237,6 +257,10 @@ class Generation(BaseModel):
             "refiner_checkpoint": self.refiner_checkpoint, "save_images": self.save_images,
         }  # fmt: skip
         return [name for name, value in named.items() if value]
+
+    def other_scripts(self) -> list[str]:
+        """The alwayson_scripts sent that sdmesh does not run (all but ControlNet)."""
+        return sorted(name for name in self.alwayson_scripts or {} if name.lower() != CONTROLNET_SCRIPT)
 
     def sampler(self) -> str | None:
         return self.sampler_name or self.sampler_index
@@ -489,10 +513,8 @@ def answer(body: Generation, batch: Batch, seeds: list[int], *, sampler: str, si
 
 
 def ignored_note(body: Generation) -> list[str]:
-    names = body.ignored()
-    if body.override_settings:
-        names = [f"override_settings ({', '.join(sorted(body.override_settings))})" if n == "override_settings"
-                 else n for n in names]  # fmt: skip
+    listed = {"override_settings": sorted(body.override_settings or {}), "alwayson_scripts": body.other_scripts()}
+    names = [f"{n} ({', '.join(listed[n])})" if listed.get(n) else n for n in body.ignored()]
     return [f"ignored (sdmesh does not do them): {', '.join(names)}"] if names else []
 
 
@@ -514,6 +536,16 @@ def _opened(data: bytes) -> Image.Image | None:
 
 def _transparent(picture: Image.Image) -> bool:
     return "A" in picture.getbands() or "transparency" in picture.info
+
+
+def _on_white(picture: Image.Image) -> Image.Image:
+    """RGB, transparent pixels flattened onto BACKGROUND."""
+    if _transparent(picture):
+        rgba = picture.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        flat.alpha_composite(rgba)
+        picture = flat
+    return picture.convert("RGB")
 
 
 def _png(picture: Image.Image) -> bytes:
@@ -560,12 +592,7 @@ def init_image(
     target = (size[0] or picture.width, size[1] or picture.height)
     if not _transparent(picture) and picture.size == target:
         return data, target
-    if _transparent(picture):
-        rgba = picture.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        flat.alpha_composite(rgba)
-        picture = flat
-    picture = picture.convert("RGB")
+    picture = _on_white(picture)
     if picture.size != target:
         picture = resize_image(picture, resize_mode, *target)
     return _png(picture), target
@@ -607,6 +634,131 @@ def prepared_images(body: ImageToImageRequest) -> tuple[list[bytes], bytes, tupl
     if mask:
         mask = mask_image(mask, size, body.resize_mode, bool(body.inpainting_mask_invert))
     return inits, mask, size
+
+
+# --- ControlNet units (the sd-webui-controlnet extension's) --------------------------------
+
+
+class ControlNetUnit(BaseModel):
+    """One of the extension's units, as webuiapi's ControlNetUnit.to_dict() sends it (`input_image`: the extension's
+    older name for `image`). Fields sdmesh does not use are accepted."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    enabled: bool = True
+    image: str | dict[str, Any] | None = Field(None, description="Base64 PNG/JPEG, or {image, mask}.")
+    input_image: str | None = None
+    mask: Any = None
+    module: str | None = Field("none", description='The preprocessor: "none" (the image is the map) or "canny".')
+    model: str | None = Field("None", description="A ControlNet the denoiser loaded (/controlnet/model_list).")
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: int | str = Field(0, description='0 Balanced, 1 My prompt is more important, 2 ControlNet is more '
+                                    "important (guess mode).")  # fmt: skip
+    guessmode: bool | int | None = None  # the extension's older spelling of control_mode 2
+    threshold_a: float | None = Field(-1, description="canny's low threshold; -1: 100.")
+    threshold_b: float | None = Field(-1, description="canny's high threshold; -1: 200.")
+    resize_mode: int | str = Field("Crop and Resize", description='"Just Resize", "Crop and Resize" or "Resize and '
+                                   'Fill" (or 0, 1, 2): how the image meets the output size.')  # fmt: skip
+    pixel_perfect: bool = False
+    processor_res: int | None = -1
+
+
+def control_units(body: Generation) -> list[tuple[str, ControlNetUnit]]:
+    """The enabled units of alwayson_scripts' controlnet, each with its field name for messages; a unit of the wrong
+    shape is 422 naming its field, as the body's own fields are."""
+    scripts = {name.lower(): value for name, value in (body.alwayson_scripts or {}).items()}
+    script = scripts.get(CONTROLNET_SCRIPT)
+    if script is None:
+        return []
+    loc = ("body", "alwayson_scripts", CONTROLNET_SCRIPT, "args")
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise RequestValidationError([{"loc": loc, "msg": 'give {"args": [unit, ...]}', "type": "list_type"}])
+    units = []
+    for i, unit in enumerate(args):
+        try:
+            parsed = ControlNetUnit.model_validate(unit)
+        except ValidationError as e:
+            raise RequestValidationError([{**error, "loc": (*loc, i, *error["loc"])} for error in e.errors()]) from None
+        if parsed.enabled:
+            units.append((f"alwayson_scripts.controlnet.args[{i}]", parsed))
+    return units
+
+
+def control_messages(units: list[tuple[str, ControlNetUnit]], size: tuple[int, int] | None, init: bytes | None,
+                     loaded: Sequence[str]) -> tuple[list[gateway_pb2.Control], list[str]]:  # fmt: skip
+    """The units as the gateway's Controls, and notes on what was done otherwise; `size` is the output's (width,
+    height) when known, `init` img2img's init image (a unit without an image uses it). What the gateway checks
+    (names, numbers, image bytes) it refuses in its own words. Blocking (PIL): call from a worker thread."""
+    controls, notes = [], []
+    for field, unit in units:
+        module = (unit.module or "none").strip().lower()
+        if module not in CONTROL_MODULES:
+            raise invalid(f"{field}.module: {unit.module!r} is not a preprocessor sdmesh has; give none (and send the "
+                          "map your preprocessor made) or canny")  # fmt: skip
+        name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", (unit.model or "").strip())  # A1111's "name [hash]"
+        if name in ("", "None"):
+            raise invalid(f"{field}.model: give the ControlNet to use; this server has "
+                          f"{', '.join(loaded) or 'none'} (GET /controlnet/model_list)")  # fmt: skip
+        mode = unit.control_mode
+        index = int(mode) if isinstance(mode, int) or mode.strip().isdigit() else None
+        if index is None and isinstance(mode, str) and mode.strip().lower() in CONTROL_MODES:
+            index = CONTROL_MODES.index(mode.strip().lower())
+        if index is None or not 0 <= index < len(CONTROL_MODES):
+            raise invalid(f"{field}.control_mode: {mode!r}; give 0 (Balanced), 1 (My prompt is more important) or 2 "
+                          "(ControlNet is more important)")  # fmt: skip
+        # The extension's "ControlNet is more important" runs the ControlNet on the conditional pass only, its
+        # residuals ramped up through the blocks: diffusers' guess mode, which sdmesh has. "My prompt is more
+        # important" weakens the residuals layer by layer, which sdmesh does not do: it is Balanced here.
+        guess = index == 2 or bool(unit.guessmode)
+        if index == 1:
+            notes.append(f"{field}: control_mode 'My prompt is more important' is done as Balanced")
+        raw = unit.image.get("image") if isinstance(unit.image, dict) else unit.image
+        data = decode_base64(raw or unit.input_image, f"{field}.image")
+        if not data and init is None:
+            raise invalid(f"{field}.image: give the control image (base64 PNG or JPEG)")
+        resize = control_resize(unit.resize_mode, field)
+        control = gateway_pb2.Control(
+            name=name, image=control_picture(data, size, resize) if data else init, scale=unit.weight,
+            start=unit.guidance_start, end=unit.guidance_end, guess_mode=guess, preprocessor=module,
+        )  # fmt: skip
+        if module == "canny":  # the extension's -1: the preprocessor's own default
+            for threshold, value in (("low_threshold", unit.threshold_a), ("high_threshold", unit.threshold_b)):
+                if value is not None and value >= 0:
+                    setattr(control, threshold, value)
+        if unit.mask or (isinstance(unit.image, dict) and unit.image.get("mask")):
+            notes.append(f"{field}: the unit's mask is not used")
+        controls.append(control)
+    return controls, notes
+
+
+def control_resize(mode: int | str, field: str) -> int:
+    """The extension's resize_mode (a name or 0–2) as RESIZE_MODES' index."""
+    index = mode if isinstance(mode, int) else CONTROL_RESIZE.get(mode.strip().lower())
+    if index is None and isinstance(mode, str) and mode.strip().isdigit():
+        index = int(mode)
+    if index is None or not 0 <= index <= 2:
+        raise invalid(f"{field}.resize_mode: {mode!r}; give Just Resize, Crop and Resize or Resize and Fill (0, 1, 2)")
+    return index
+
+
+def control_picture(data: bytes, size: tuple[int, int] | None, resize_mode: int) -> bytes:
+    """A control image as the gateway takes it: transparent pixels flattened onto white (the extension's reading of
+    alpha), and for crop-and-resize or resize-and-fill, brought to `size` (width, height) by that mode; just resize
+    is the gateway's (Lanczos). Unchanged bytes when nothing changes, and for bytes that are no image (the gateway
+    refuses them)."""
+    picture = _opened(data)
+    if picture is None:
+        return data
+    resize = resize_mode in (1, 2) and size is not None and picture.size != size
+    if not _transparent(picture) and not resize:
+        return data
+    picture = _on_white(picture)
+    if resize and size is not None:
+        picture = resize_image(picture, resize_mode, *size)
+    return _png(picture)
 
 
 # --- the routes -------------------------------------------------------------------------
@@ -654,14 +806,18 @@ def router(front: Front) -> APIRouter:
         served, name = await facts(), await model()
         sampler = our_sampler(body.sampler(), body.scheduler, served.samplers)
         seeds = image_seeds(body.seed, body.batch_size, body.n_iter)
-        requests = [generate_request(width=body.width, height=body.height, **body.image_fields(seed, sampler, every))
+        native = served.default_size or (0, 0)
+        size = (body.width or native[1], body.height or native[0])
+        controls, control_notes = await asyncio.to_thread(
+            control_messages, control_units(body), size if all(size) else None, None, served.controlnets
+        )
+        requests = [generate_request(width=body.width, height=body.height, controls=controls,
+                                     **body.image_fields(seed, sampler, every))
                     for seed in seeds]  # fmt: skip
         batch = Batch(who, "txt2img", len(seeds))
         await generate(batch, requests, request)
-        native = served.default_size or (0, 0)
-        size = (body.width or native[1], body.height or native[0])
         return answer(body, batch, seeds, sampler=sampler or served.default_sampler, size=size, model=name,
-                      notes=ignored_note(body), strength=None)  # fmt: skip
+                      notes=ignored_note(body) + control_notes, strength=None)  # fmt: skip
 
     @api.post("/sdapi/v1/img2img", response_model=GenerationResponse)
     async def img2img(body: ImageToImageRequest, request: Request, who: A1111Caller) -> GenerationResponse:
@@ -681,12 +837,15 @@ def router(front: Front) -> APIRouter:
             per_batch = len(inits)
         seeds = image_seeds(body.seed, per_batch, body.n_iter)
         strength = body.denoising_strength
+        controls, control_notes = await asyncio.to_thread(
+            control_messages, control_units(body), size if all(size) else None, inits[0], served.controlnets
+        )
         requests = [generate_request(init_image=inits[i % len(inits)], mask_image=mask, strength=strength,
-                                     **body.image_fields(seed, sampler, every))
+                                     controls=controls, **body.image_fields(seed, sampler, every))
                     for i, seed in enumerate(seeds)]  # fmt: skip
         batch = Batch(who, "img2img", len(seeds))
         await generate(batch, requests, request)
-        notes = ignored_note(body)
+        notes = ignored_note(body) + control_notes
         if body.resize_mode == 3:
             notes.append("resize_mode 3 (latent upscale): resized in pixels, as resize_mode 0")
         return answer(body, batch, seeds, sampler=sampler or served.default_sampler, size=size, model=name,
@@ -796,6 +955,22 @@ def router(front: Front) -> APIRouter:
         """Accepted and ignored: the gateway's model and settings are its operator's."""
         names = ", ".join(sorted(options)) or "none"
         return {"sdmesh_notes": [f"settings are not changed over this API; ignored: {names}"]}
+
+    @api.get("/controlnet/model_list", tags=["ControlNet"])
+    async def controlnet_models(who: A1111Caller, update: bool = True) -> dict[str, list[str]]:
+        """The ControlNets the denoiser loaded (its --controlnet names), as the sd-webui-controlnet extension lists
+        them: a unit's `model`. `update` is accepted (the list is the denoiser's)."""
+        return {"model_list": list((await facts()).controlnets)}
+
+    @api.get("/controlnet/module_list", tags=["ControlNet"])
+    async def controlnet_modules(who: A1111Caller, alias_names: bool = False) -> dict[str, list[str]]:
+        """The preprocessors a unit's `module` may name: none (the image is the map) and canny."""
+        return {"module_list": list(CONTROL_MODULES)}
+
+    @api.get("/controlnet/version", tags=["ControlNet"])
+    async def controlnet_version(who: A1111Caller) -> dict[str, int]:
+        """The extension's API version whose units this front reads."""
+        return {"version": CONTROLNET_API_VERSION}
 
     @api.get("/sdapi/v1/scripts")
     async def scripts(who: A1111Caller) -> dict[str, list[str]]:

@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 import grpc
@@ -102,6 +102,7 @@ def generate_request(
     priority: int = 0,
     preview_every: int = 0,
     loras: list[LoraBody] | None = None,
+    controls: Sequence[gateway_pb2.Control] = (),
 ) -> gateway_pb2.GenerateRequest:
     """The gateway's request from any API's fields; None leaves a field to the gateway's default. Numbers outside
     what the message can carry are refused here, the rest by the gateway's contract."""
@@ -124,6 +125,7 @@ def generate_request(
         message = request.loras.add(name=lora.name, weight=lora.weight)
         if lora.unet_weight is not None:
             message.unet_weight = lora.unet_weight
+    request.controls.extend(controls)
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
     if seed is not None:

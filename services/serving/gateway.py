@@ -404,8 +404,9 @@ def _map_stage_error(stage: str, replica: Replica, e: grpc.RpcError) -> tuple[gr
 
 
 def request_from_proto(request: gateway_pb2.GenerateRequest) -> GenerationRequest:
-    """A GenerateRequest as the contract's GenerationRequest: unset fields become its defaults, image bytes are
-    decoded (PNG/JPEG; a depth map may be .npy). Raises InvalidRequest for an image that cannot be read."""
+    """A GenerateRequest as the contract's GenerationRequest: unset fields become its defaults, image bytes (init,
+    mask, depth and control images) are decoded (PNG/JPEG; a depth map may be .npy). Raises InvalidRequest for an
+    image that cannot be read."""
 
     def decoded(field: str, decode: Callable[..., np.ndarray]) -> np.ndarray | None:
         data = getattr(request, field)
@@ -425,6 +426,25 @@ def request_from_proto(request: gateway_pb2.GenerateRequest) -> GenerationReques
         strength=request.strength if request.HasField("strength") else None,
         noise_level=request.noise_level if request.HasField("noise_level") else None,
         preview_every=request.preview_every, loras=[wire.lora_choice(lora) for lora in request.loras],
+        controls=[control_choice(control, i) for i, control in enumerate(request.controls)],
+    )  # fmt: skip
+
+
+def control_choice(control: gateway_pb2.Control, index: int) -> contract.ControlChoice:
+    """A Control message as the contract's choice: its image decoded, unset fields the defaults (scale and end 1,
+    preprocessor "none", canny's thresholds). The values are `contract.check_controls`'s to check."""
+    what = f"control {index} ({contract.shown(control.name)}) image"
+    if not control.image:
+        raise InvalidRequest(f"{what} is empty; send the control map (or, with a preprocessor, the picture to make it "
+                             "from) as PNG or JPEG bytes")  # fmt: skip
+    low, high = contract.DEFAULT_CANNY_THRESHOLDS
+    return contract.ControlChoice(
+        name=control.name, image=images.decode_image(control.image, what=what),
+        scale=control.scale if control.HasField("scale") else 1.0, start=control.start,
+        end=control.end if control.HasField("end") else 1.0, guess_mode=control.guess_mode,
+        preprocessor=control.preprocessor or "none",
+        low_threshold=control.low_threshold if control.HasField("low_threshold") else low,
+        high_threshold=control.high_threshold if control.HasField("high_threshold") else high,
     )  # fmt: skip
 
 

@@ -546,6 +546,8 @@ def parse_shapes(text: str | None) -> list[tuple[int, int, int]] | None:
 
 def load_setup(args: Any) -> tuple[Any, Any, Any]:
     """(checkpoint folder, RuntimeOptions, LoadOptions) from `sdmesh serve` arguments; enables the JAX cache."""
+    from pathlib import Path
+
     from sdmesh.services.checkpoints import checkpoint
     from sdmesh.services.engine import distributed, sharding, stages
 
@@ -568,6 +570,7 @@ def load_setup(args: Any) -> tuple[Any, Any, Any]:
     load = stages.LoadOptions(
         variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint,
         lora_dir=args.lora_dir, max_adapters=args.max_adapters, embeddings_dir=args.embeddings_dir,
+        controlnets=tuple((name, Path(source)) for name, source in args.controlnet),
     )  # fmt: skip
     return folder, options, load
 
