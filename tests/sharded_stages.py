@@ -1,12 +1,13 @@
 """Run the stages on several meshes and print what test_sharding checks, as JSON.
 
 JAX fixes its device count at first use, so this runs in its own process:
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_stages.py CHECKPOINT 8,1,1 2,2,2 ...
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_stages.py CHECKPOINT CONTROLNET 8,1,1 ...
 The 1-device result comes from the same process (no mesh: the default device).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from sdmesh.services.engine.sharding import MeshConfig
 from sdmesh.services.engine.stages import RuntimeOptions
-from sdmesh.services.inputs.contract import GenerationRequest
+from sdmesh.services.inputs.contract import ControlChoice, GenerationRequest
 from sdmesh.services.pipeline import StableDiffusion
 
 BATCH, STEPS = 8, 3  # 8 images so every data-axis size here divides the batch
@@ -39,8 +40,8 @@ def per_device_bytes(params) -> int:
     return max(totals.values())
 
 
-def run(folder: Path, mesh: MeshConfig | None) -> dict:
-    pipe = StableDiffusion.load(str(folder), options=RuntimeOptions(mesh=mesh))
+def run(folder: Path, controlnet: Path, mesh: MeshConfig | None) -> dict:
+    pipe = StableDiffusion.load(str(folder), controlnets=[("edges", controlnet)], options=RuntimeOptions(mesh=mesh))
     denoiser, decoder = pipe.denoiser, pipe.decoder
     rng = np.random.default_rng(0)
     cond = rng.standard_normal((BATCH, 77, denoiser.unet.config.context_dim), np.float32)
@@ -57,10 +58,15 @@ def run(folder: Path, mesh: MeshConfig | None) -> dict:
         prompt=["a cat", "a dog"], num_images=BATCH // 2, steps=STEPS, eta=0.5, seed=2, height=16, width=16
     )
     generated = pipe.generate(request).images
+    # and with a ControlNet, its parameters sharded by the UNet's rules
+    edges = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    controlled = pipe.generate(dataclasses.replace(request, controls=[ControlChoice("edges", edges, 0.7)])).images
     return {
         "latents": np.asarray(latents).tolist(),
         "images": images.tolist(),
         "generated": generated.tolist(),
+        "controlled": controlled.tolist(),
+        "controlnet_bytes": per_device_bytes(denoiser.controlnets["edges"][1]),
         "latents_spec": str(batch.device_state.x.sharding.spec) if mesh else None,
         "conv_shard": list(leaf(denoiser.params, CONV).addressable_shards[0].data.shape),
         "dense_shard": list(leaf(denoiser.params, DENSE).addressable_shards[0].data.shape),
@@ -69,11 +75,11 @@ def run(folder: Path, mesh: MeshConfig | None) -> dict:
     }
 
 
-def main(folder: str, *meshes: str) -> None:
-    out = {"devices": len(jax.devices()), "single": run(Path(folder), None)}
+def main(folder: str, controlnet: str, *meshes: str) -> None:
+    out = {"devices": len(jax.devices()), "single": run(Path(folder), Path(controlnet), None)}
     for shape in meshes:
         data, fsdp, tensor = (int(s) for s in shape.split(","))
-        out[shape] = run(Path(folder), MeshConfig(data, fsdp, tensor))
+        out[shape] = run(Path(folder), Path(controlnet), MeshConfig(data, fsdp, tensor))
     json.dump(out, sys.stdout)
 
 

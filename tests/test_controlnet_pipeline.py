@@ -12,10 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_rel_close
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 from PIL import Image
 
+from sdmesh.services.checkpoints.weights import CheckpointError
 from sdmesh.services.dev import reference as ref
+from sdmesh.services.engine.stages import DenoiserStage
 from sdmesh.services.inputs.contract import ControlChoice, GenerationRequest, check_controls
 from sdmesh.services.inputs.control import control_input
 from sdmesh.services.inputs.errors import InvalidRequest
@@ -98,30 +101,30 @@ def test_images_equal_diffusers_controlnet_pipeline(setup, case):
 
 def test_batched_requests_with_different_controls_each_equal_their_solo_run(setup):
     """Four requests in one running batch: one ControlNet, none, two at different scales, a window; each slot at
-    its own rows' scales. Each image equals the request's solo run."""
+    its own rows' scales, the plain one joined first. Each one's latents equal its solo run's (≤ 1e-5 relative)."""
     ours = setup[2]
-    stages = InProcessStages(ours, chunk=None, noise={})
+    encoded = InProcessStages(ours, chunk=None, noise={}).encode([PROMPT], [""])
     cases = [CASES["one"], [], CASES["two-scales"], CASES["window"]]
-    solo = [our_image(ours, latents(10 + k), c) for k, c in enumerate(cases)]
-    encoded = stages.encode([PROMPT], [""])
-    slots = []
-    for k, controls in enumerate(cases):
-        inputs = [control_input(c, SIZE, SIZE) for c in check_controls(controls, ours.facts)]
-        slots += ours.denoiser.slots(
+
+    def slots(k: int) -> list:
+        inputs = [control_input(c, SIZE, SIZE) for c in check_controls(cases[k], ours.facts)]
+        return ours.denoiser.slots(
             latents(10 + k).transpose(0, 2, 3, 1), encoded.cond, encoded.uncond, steps=STEPS, guidance_scale=7.5,
             sampler="ddim", controls=inputs, owner=k,
         )  # fmt: skip
+
+    solo = [list(ours.denoiser.run_slots(slots(k)))[-1][1] for k in range(len(cases))]
     batch = ours.denoiser.new_batch([4])
-    batch.join(slots[1:2])  # the request without control starts alone, the others join after its first chunk
+    together = [s for k in range(len(cases)) for s in slots(k)]
+    batch.join(together[1:2])  # the request without control starts alone, the others join after its first chunk
     batch.run_chunk(2)
-    batch.join([slots[0], *slots[2:]])
+    batch.join([together[0], *together[2:]])
     assert batch.control_layout == ("depth", "edges")  # one entry per ControlNet: no slot uses one twice
-    while not all(s.done for s in slots):
+    while not all(s.done for s in together):
         batch.run_chunk(2)
     finished = {s.owner: x for s, x in batch.leave(lambda s: False)}
     for k, expected in enumerate(solo):
-        image = stages.decode(finished[k][None])
-        assert np.abs(image.astype(int) - expected).max() <= 1, f"request {k}"
+        assert_rel_close(finished[k][None], expected, tol=1e-5)
 
 
 def test_an_unknown_controlnet_is_refused_listing_the_loaded_ones(setup):
@@ -142,3 +145,98 @@ def test_an_unknown_controlnet_is_refused_listing_the_loaded_ones(setup):
 def test_bad_control_values_are_refused_naming_the_fix(setup, change, message):
     with pytest.raises(InvalidRequest, match=message):
         our_image(setup[2], None, [ControlChoice("edges", control_image(1))._replace(**change)])
+
+
+def image_pipeline(setup, cls, controls: list[ControlChoice]):
+    folder, nets, _ = setup
+    pipe = cls.from_pretrained(
+        folder, controlnet=nets[controls[0].name], safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpainting"])
+def test_image_modes_with_control_equal_diffusers_controlnet_image_pipelines(setup, mode):
+    """img2img and inpainting (latent blending on the ordinary checkpoint) with a ControlNet, against diffusers'
+    ControlNet img2img / inpaint pipelines; their draws (the init image's posterior, the noise, the masked image's
+    posterior) are replayed as in tests/test_modes.py."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetInpaintPipeline
+    from test_modes import draws, nhwc
+
+    controls = [ControlChoice("edges", control_image(5), scale=0.9, start=0.0, end=0.8)]
+    pixels = np.random.default_rng(8).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[4:20, 10:30] = 255
+    strength, seed, shape = 0.75, 11, (1, 4, SIZE // 2, SIZE // 2)
+    c = controls[0]
+    kwargs = dict(
+        prompt=PROMPT, image=Image.fromarray(pixels), control_image=Image.fromarray(c.image), strength=strength,
+        num_inference_steps=STEPS, controlnet_conditioning_scale=c.scale, control_guidance_start=c.start,
+        control_guidance_end=c.end, generator=torch.Generator().manual_seed(seed), output_type="np",
+    )  # fmt: skip
+    fields = dict(init_image=pixels, strength=strength)
+    if mode == "img2img":
+        pipe = image_pipeline(setup, StableDiffusionControlNetImg2ImgPipeline, controls)
+        posterior, noise = draws(seed, shape, shape)
+    else:
+        pipe = image_pipeline(setup, StableDiffusionControlNetInpaintPipeline, controls)
+        kwargs.update(mask_image=Image.fromarray(mask), height=SIZE, width=SIZE)
+        fields.update(mask_image=mask)
+        posterior, noise, _ = draws(seed, shape, shape, shape)  # the masked image's posterior goes unused
+    expected = (pipe(**kwargs).images * 255).round().astype(np.uint8)
+    request = GenerationRequest(prompt=PROMPT, steps=STEPS, sampler="ddim", latents=noise, controls=controls, **fields)
+    got = setup[2].generate(request, noise={"image": nhwc(posterior)}).images
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= 2, f"max pixel difference {diff.max()}/255"
+
+
+def test_a_controlnet_for_another_base_model_is_refused_at_start_up_naming_both(setup, tiny_checkpoints, tmp_path):
+    other = ref.make_tiny_controlnet(tmp_path / "sd1", tiny_checkpoints["sd1"])
+    with pytest.raises(CheckpointError, match=r"ControlNet 'sd1-edges' .* was made for another base model: its "):
+        setup[2].denoiser.use_controlnet("sd1-edges", other)
+    assert "sd1-edges" not in setup[2].denoiser.controlnets
+
+
+def test_a_controlnet_whose_maps_do_not_fit_the_vae_is_refused_at_start_up(setup, tmp_path):
+    folder = setup[0]
+    wrong = ref.make_tiny_controlnet(tmp_path / "x4", folder, conditioning_embedding_out_channels=(8, 8, 16))
+    stage = DenoiserStage.load(folder)
+    stage.use_controlnet("x4", wrong)
+    with pytest.raises(CheckpointError, match="takes maps at 4× the latents but this checkpoint's VAE scales by 2"):
+        stage.facts(vae_scale_factor=2, max_length=77)
+
+
+def test_through_the_gateway_concurrent_requests_with_different_controls_each_equal_the_pipeline(setup):
+    """The three stage services on the loaded stages (the denoiser batching up to 2 images), a gateway in front:
+    requests with different ControlNets, maps and scales, and one without, sent at once through the client,
+    each get the in-process image; the gateway's ModelInfo lists the ControlNets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_modes import Served
+
+    from sdmesh.client import Client, Control
+
+    ours = setup[2]
+    cases = [CASES["one"], [], CASES["two-scales"]]
+    expected = [our_image(ours, None, c, seed=40 + k) for k, c in enumerate(cases)]
+    served = Served(ours, setup[0])
+    try:
+        with Client(served.address) as client:
+            assert set(client.model_info().model_facts.controlnets) == {"edges", "depth"}
+
+            def generate(k: int) -> np.ndarray:
+                controls = [Control(c.name, c.image, scale=c.scale, start=c.start, end=c.end) for c in cases[k]]
+                result = client.generate(
+                    PROMPT, steps=STEPS, height=SIZE, width=SIZE, sampler="ddim", seed=40 + k, controls=controls,
+                    timeout=300,
+                )  # fmt: skip
+                return np.stack([np.asarray(im) for im in result.images])
+
+            with ThreadPoolExecutor(len(cases)) as pool:
+                got = list(pool.map(generate, range(len(cases))))
+    finally:
+        served.close()
+    for k, (g, e) in enumerate(zip(got, expected, strict=True)):  # batch-mates may flip a rounding, not more
+        assert np.abs(g.astype(int) - e).max() <= 1, f"request {k}"

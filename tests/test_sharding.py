@@ -103,16 +103,17 @@ def test_shard_params_places_every_leaf_on_the_mesh():
 
 
 @pytest.fixture(scope="module")
-def on_meshes(tiny_checkpoints) -> dict:
+def on_meshes(tiny_checkpoints, tmp_path_factory) -> dict:
     """The denoise loop and VAE decode on 1 device and on each mesh of 8 host devices (one subprocess)."""
+    controlnet = reference.make_tiny_controlnet(tmp_path_factory.mktemp("controlnet"), tiny_checkpoints["sd2"])
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     script = Path(__file__).with_name("sharded_stages.py")
     done = subprocess.run(
-        [sys.executable, str(script), str(tiny_checkpoints["sd2"]), *MESHES],
+        [sys.executable, str(script), str(tiny_checkpoints["sd2"]), str(controlnet), *MESHES],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
@@ -126,7 +127,8 @@ def test_the_result_does_not_depend_on_the_mesh(on_meshes, mesh):
     single, sharded = on_meshes["single"], on_meshes[mesh]
     # fp32 sums in another order: latents agree to ~1e-5; images to one step of 8-bit rounding
     np.testing.assert_allclose(sharded["latents"], single["latents"], atol=1e-4)
-    for images in ("images", "generated"):  # the decode alone; text → image through all three stages
+    # the decode alone; text → image through all three stages; and with a ControlNet
+    for images in ("images", "generated", "controlled"):
         diff = np.abs(np.asarray(sharded[images], np.int32) - np.asarray(single[images], np.int32))
         assert diff.max() <= 1, f"{images} differ by up to {diff.max()}/255"
     assert sharded["latents_spec"] == str(P("data", None, None, None))  # the batch stays split between chunks
@@ -144,7 +146,7 @@ def test_parameters_are_really_split(on_meshes):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("stage", ["unet_bytes", "vae_bytes"])
+@pytest.mark.parametrize("stage", ["unet_bytes", "vae_bytes", "controlnet_bytes"])
 def test_per_device_parameter_bytes_fall_with_fsdp_times_tensor(on_meshes, stage):
     full = on_meshes["single"][stage]
     assert on_meshes["8,1,1"][stage] == full  # data parallelism replicates the parameters

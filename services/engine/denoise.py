@@ -211,6 +211,8 @@ def control_residuals(
     for model, p, control in zip(controlnets, params, controls, strict=True):
         scale = jnp.take_along_axis(control.scale, i[:, None], axis=1)[:, 0]  # (B,)
         image, guess = control.image, control.guess
+        if model.config.global_pool_conditions:  # diffusers' pipelines run these in guess mode always
+            guess = jnp.ones_like(guess)
         if uncond is None:
             args = (x, t, cond, image, scale, guess)
         else:  # guess mode: the conditional half alone (diffusers gives the unconditional half zeros)

@@ -393,29 +393,6 @@ class TextEncoderStage:
             dtype=DTYPES[self.options.weights_dtype], allow_pickle=allow_pickle,
         )  # fmt: skip
 
-    def use_controlnet(self, name: str, folder: Path | str, *, allow_pickle: bool = False) -> None:
-        """Load a diffusers-format ControlNet (config.json and diffusion_pytorch_model weights) for requests that
-        name it; refused, naming both, when it was made for another base model than this UNet."""
-        if name in self.controlnets:
-            raise CheckpointError(f"two ControlNets are named {name!r}; give each --controlnet its own name")
-        folder = Path(folder)
-        if not folder.is_dir() and not folder.is_absolute() and str(folder).count("/") == 1:  # a Hub id
-            folder = checkpoint.hub_snapshot(str(folder), patterns=["*.json", "*.safetensors"], flag="--controlnet")
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(
-                f"ControlNet {name!r}: {folder} has no config.json; give a diffusers ControlNet folder (config.json "
-                "and diffusion_pytorch_model.safetensors) or its Hub id"
-            )
-        config = cn.ControlNetConfig.from_json(json.loads((folder / "config.json").read_text()))
-        cn.check_matches_unet(config, self.unet.config, f"{name!r} ({folder})")
-        files = checkpoint.weight_files(folder, "diffusion_pytorch_model", allow_pickle=allow_pickle)
-        params = load_params(
-            files, cn.init_shapes(config), dtype=DTYPES[self.options.weights_dtype], fix_key=cn.fix_checkpoint_key,
-            source=str(folder), mesh=self.mesh,
-        )  # fmt: skip
-        model = cn.ControlNetModel(config, dtype=DTYPES[self.options.activations_dtype])
-        self.controlnets[name] = (model, params)
-
     def lease_loras(self, loras: Sequence[tuple[str, float]]) -> lora_bank.Lease | None:
         """Bank rows for a call's (name, text-encoder weight) LoRAs (None without any); the caller holds the
         lease until its prompts are encoded (`with_loras`)."""
@@ -634,6 +611,12 @@ class DenoiserStage:
     def facts(self, *, vae_scale_factor: int, max_length: int) -> ModelFacts:
         """What requests to this UNet are checked against; the VAE factor and text length come from their configs."""
         c = self.unet.config
+        for name, (model, _) in self.controlnets.items():
+            if model.config.conditioning_downscale != vae_scale_factor:
+                raise CheckpointError(
+                    f"ControlNet {name!r} takes maps at {model.config.conditioning_downscale}× the latents but this "
+                    f"checkpoint's VAE scales by {vae_scale_factor}: it was made for another base model"
+                )
         sample = c.sample_size
         size = None if sample is None else ((sample, sample) if isinstance(sample, int) else tuple(sample))
         return ModelFacts(
