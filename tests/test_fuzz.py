@@ -225,7 +225,7 @@ def normal_requests(stage: str) -> list[tuple[str, object]]:
 # --- the property --------------------------------------------------------------------------------------------
 
 
-def call(mesh, stage: str, method: str, request, *, timeout: float = 2 * BOUND) -> tuple[grpc.StatusCode, str]:
+def call(mesh, stage: str, method: str, request, *, timeout: float = COMPILE_BOUND) -> tuple[grpc.StatusCode, str]:
     """(status, details) of one call, reading a stream to its end."""
     try:
         reply = getattr(mesh.stubs[stage], method)(request, timeout=timeout)

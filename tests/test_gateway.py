@@ -104,6 +104,9 @@ class FakeDenoiser(denoiser_pb2_grpc.DenoiserServicer):
                 np.full((n, C, h, w), request.seed % 1000, np.float32) + cond.mean(axis=(1, 2))[:, None, None, None]
             )
             yield denoiser_pb2.DenoiseEvent(latents=to_proto(latents))
+        except GeneratorExit:  # gRPC drops a cancelled call's iterator where it yielded, without resuming it
+            self.cancelled.set()
+            raise
         finally:
             with self._lock:
                 self.active -= 1
