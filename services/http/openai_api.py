@@ -5,6 +5,10 @@ Answers in OpenAI's shape (`created`, `data[].b64_json` or `data[].url`) and err
 pointing here. sdmesh's own fields (negative_prompt, steps, guidance_scale, guidance_rescale, seed, sampler,
 strength) are accepted beside OpenAI's; OpenAI fields that have no meaning here (quality, style, background,
 moderation, output_format, ...) are ignored.
+
+`model` names one of the gateway's models (`/v1/models` lists them; A1111's "name [hash]" and the hash work too);
+none, "" and OpenAI's own names (dall-e-2, dall-e-3, gpt-image-*), which clients send by default, are the gateway's
+first model. Any other name that is not served is 400, listing those that are.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from sdmesh.services.http.common import Caller, Front, LoraBody, generate_reques
 from sdmesh.services.http.jobs import Job
 
 ResponseFormat = Literal["b64_json", "url"]
+OPENAI_MODELS = ("dall-e-", "gpt-image-")  # OpenAI's image models, by prefix: clients' defaults, not ours
+
+
+def served_model(model: str | None) -> str:
+    """OpenAI's `model` as the gateway request's: OpenAI's own names (and none) are the gateway's first model."""
+    name = (model or "").strip()
+    return "" if name.lower().startswith(OPENAI_MODELS) else name
 
 
 class ImageGenerationRequest(BaseModel):
@@ -35,7 +46,8 @@ class ImageGenerationRequest(BaseModel):
     response_format: ResponseFormat | None = Field(
         None, description="b64_json (default): the PNGs inline; url: links served by this front for a while."
     )
-    model: str | None = Field(None, description="Accepted; the gateway serves one model.")
+    model: str | None = Field(None, description="One of the gateway's models (GET /v1/models); none or OpenAI's "
+                              "own names (dall-e-2, ...): its first.")  # fmt: skip
     user: str | None = Field(None, description="Accepted; tenants come from API keys.")
     negative_prompt: str = ""
     steps: int | None = Field(None, description="Denoising steps (default 50).")
@@ -77,8 +89,9 @@ def router(front: Front) -> APIRouter:
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(who: Caller) -> ModelList:
-        """The one model the gateway serves, as OpenAI's model list (clients list models before they ask)."""
-        return ModelList(data=[Model(id=await asyncio.to_thread(front.model_name))])
+        """The models the gateway serves, the default first, as OpenAI's model list (clients list models before
+        they ask); an id is what `model` takes."""
+        return ModelList(data=[Model(id=m.name) for m in await asyncio.to_thread(front.models)])
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
     async def create_image(body: ImageGenerationRequest, request: Request, who: Caller) -> ImagesResponse:
@@ -97,6 +110,7 @@ def router(front: Front) -> APIRouter:
                 sampler=body.sampler,
                 seed=body.seed,
                 loras=body.loras,
+                model=served_model(body.model),
             ),
             who,
             request,
@@ -120,6 +134,7 @@ def router(front: Front) -> APIRouter:
         seed: Annotated[int | None, Form()] = None,
         sampler: Annotated[str | None, Form()] = None,
         strength: Annotated[float | None, Form()] = None,
+        model: Annotated[str | None, Form()] = None,
     ) -> ImagesResponse:
         """An image edited by a prompt, as OpenAI's `images.edit`: with a mask (or transparent pixels in the image)
         the masked part is repainted (inpainting); without, the whole image is redrawn from it (img2img)."""
@@ -144,6 +159,7 @@ def router(front: Front) -> APIRouter:
                 strength=strength,
                 init_image=init,
                 mask_image=mask_png,
+                model=served_model(model),
             ),
             who,
             request,

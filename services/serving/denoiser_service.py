@@ -24,7 +24,7 @@ import numpy as np
 
 from sdmesh.services.checkpoints import checkpoint
 from sdmesh.services.checkpoints.weights import CheckpointError
-from sdmesh.services.engine.stages import DenoiserStage, preview_jpeg
+from sdmesh.services.engine.stages import DenoiserStage, LoadOptions, _unet_source, preview_jpeg
 from sdmesh.services.inputs import contract
 from sdmesh.services.inputs.contract import DenoiseJob, ModelFacts
 from sdmesh.services.inputs.errors import InvalidRequest
@@ -47,6 +47,12 @@ def denoiser_facts(stage: DenoiserStage, folder: Path) -> ModelFacts:
     return stage.facts(vae_scale_factor=f, max_length=length)
 
 
+def unet_files(folder: Path, load: LoadOptions) -> list[Path]:
+    """The UNet's weight files as `DenoiserStage.load` reads them (--unet-checkpoint's when given): what
+    ModelInfo.model_hash hashes."""
+    return _unet_source(folder, load.unet_checkpoint, load.variant, load.allow_pickle)[1]
+
+
 def progress_to_proto(done: int, total: int, preview: bytes = b"") -> denoiser_pb2.DenoiseEvent:
     return denoiser_pb2.DenoiseEvent(
         progress=common_pb2.Progress(stage="denoise", step=done, total_steps=total, preview=preview)
@@ -61,10 +67,14 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, stage: DenoiserStage, facts: ModelFacts, model: str, chunk: int | None = None, *,
                  max_batch: int = contract.DEFAULT_MAX_BATCH, max_queue: int = contract.DEFAULT_MAX_QUEUE,
                  buckets: tuple[int, ...] | None = None, metrics: Any = None, policy: str = "continuous",
-                 sizes: set[tuple[int, int]] | None = None, budget: contract.WorkBudget | None = None):  # fmt: skip
+                 sizes: set[tuple[int, int]] | None = None, budget: contract.WorkBudget | None = None,
+                 unet_files: list[Path] | None = None):  # fmt: skip
         """sizes: with --strict-shapes, the only (height, width) served; None compiles any other size on first use.
-        budget: what one request may ask for (--max-work, --max-side); None: the model's defaults."""
+        budget: what one request may ask for (--max-work, --max-side); None: the model's defaults.
+        unet_files: the UNet's weights as loaded (`unet_files`), hashed once here for ModelInfo.model_hash
+        (cached on disk, so a restart does not reread them); None: no hash."""
         self.stage, self.facts, self.model, self.sizes = stage, facts, model, sizes
+        self.model_hash = checkpoint.model_hash(unet_files) if unet_files else ""
         self.budget = budget or contract.WorkBudget.for_model(facts)
         self.chunk = chunk or contract.DEFAULT_CHUNK_STEPS
         powers = {b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch}
@@ -132,15 +142,22 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
             denoiser_load=common_pb2.DenoiserLoad(running_slots=batcher.running_slots,
                                                   waiting_requests=batcher.waiting_requests, **batcher.stats),
             adapters=wire.lora_adapters_to_proto(self.stage.loras.info() if self.stage.loras else []),
+            model_hash=self.model_hash,
         )  # fmt: skip
 
     def warm_up(self, shapes: list[tuple[int, int, int]]) -> None:
         """Compile the guided program at each configured size for that shape's batch and every bucket: one
         request of that many images, one step each (the unguided program compiles when first needed)."""
         sizes = {(h, w) for _, h, w in shapes}
+        facts, f = self.facts, self.facts.vae_scale_factor
         for batch, height, width in sorted(set(shapes) | {(b, h, w) for h, w in sizes for b in self.batcher.buckets}):
-            cond = np.zeros((batch, self.facts.max_length, self.facts.hidden_size), np.float32)
-            job = DenoiseJob(cond, cond, None, 0, 1, 7.5, 0.0, 0.0, height, width)
+            cond = np.zeros((batch, facts.max_length, facts.hidden_size), np.float32)
+            # inpainting, depth and upscaling UNets take more input channels (and the upscaler a noise level)
+            extra = np.zeros((batch, height // f, width // f, facts.extra_channels), np.float32)
+            shape = facts.class_labels_shape
+            labels = None if shape is None else np.zeros((batch, *shape), np.float32)
+            job = DenoiseJob(cond, cond, None, 0, 1, 7.5, 0.0, 0.0, height, width,
+                             extra=extra if facts.extra_channels else None, class_labels=labels)  # fmt: skip
             for _ in self.run(job):
                 pass
 
@@ -188,7 +205,8 @@ def main(args: Any) -> int:
                               max_queue=args.max_queue, buckets=tuple(b for b, _, _ in shapes), metrics=metrics,
                               policy=args.batching,
                               sizes={(h, w) for _, h, w in shapes} if args.strict_shapes else None,
-                              budget=contract.WorkBudget.for_model(facts, args.max_work, args.max_side))  # fmt: skip
+                              budget=contract.WorkBudget.for_model(facts, args.max_work, args.max_side),
+                              unet_files=unet_files(folder, load))  # fmt: skip
     return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port,
                         max_queue=args.max_queue, metrics_port=args.metrics_port,
                         tls=server.tls_from_args(args), grace=args.drain_seconds)  # fmt: skip

