@@ -36,7 +36,9 @@ import grpc
 from sdmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from sdmesh.v1.limits import GATEWAY_MESSAGE_BYTES
 
-DEFAULT_OPTIONS = (("grpc.max_receive_message_length", GATEWAY_MESSAGE_BYTES),)
+# use_local_subchannel_pool: a new client does not inherit an earlier channel's failure state for the same address
+# (a gateway restarted on the port of one that went away would fail the first calls at once)
+DEFAULT_OPTIONS = (("grpc.max_receive_message_length", GATEWAY_MESSAGE_BYTES), ("grpc.use_local_subchannel_pool", 1))
 
 
 class GatewayError(Exception):

@@ -89,6 +89,9 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # each channel its own connections: gRPC's process-wide subchannel pool would hand a new channel another
+    # channel's failure state for the same address (a replica restarted on a port an earlier one had fails at once)
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
