@@ -69,19 +69,25 @@ def _resolution(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _lora(text: str) -> tuple[Any, ...]:
-    """NAME, NAME:WEIGHT or NAME:WEIGHT:UNET_WEIGHT (trailing numbers are weights; a name may hold colons)."""
-    parts, weights = text.split(":"), []
-    while len(parts) > 1 and len(weights) < 2:
+def _trailing_numbers(text: str, most: int, not_finite: str) -> tuple[str, list[float]]:
+    """Split up to `most` trailing ":NUMBER" parts off `text` (what is left may hold colons); `not_finite` is the
+    error for an inf or NaN among them."""
+    parts, numbers = text.split(":"), []
+    while len(parts) > 1 and len(numbers) < most:
         try:
-            weight = float(parts[-1])
+            number = float(parts[-1])
         except ValueError:
             break
-        if not math.isfinite(weight):
-            raise argparse.ArgumentTypeError(f"--lora {text!r}: weights must be finite numbers")
-        weights.insert(0, weight)
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(not_finite)
+        numbers.insert(0, number)
         parts.pop()
-    name = ":".join(parts)
+    return ":".join(parts), numbers
+
+
+def _lora(text: str) -> tuple[Any, ...]:
+    """NAME, NAME:WEIGHT or NAME:WEIGHT:UNET_WEIGHT (trailing numbers are weights; a name may hold colons)."""
+    name, weights = _trailing_numbers(text, 2, f"--lora {text!r}: weights must be finite numbers")
     if not name:
         raise argparse.ArgumentTypeError(f"expected NAME, NAME:WEIGHT or NAME:WEIGHT:UNET_WEIGHT, got {text!r}")
     return (name, *weights)
@@ -111,17 +117,7 @@ def _control(text: str) -> ControlFlag:
     """NAME=IMAGE[:SCALE[:START:END]] (trailing numbers are SCALE, START and END; a path may hold colons)."""
     usage = "expected NAME=IMAGE, NAME=IMAGE:SCALE or NAME=IMAGE:SCALE:START:END, e.g. canny=edges.png:0.8:0:0.6"
     name, sep, rest = text.partition("=")
-    parts, numbers = rest.split(":"), []
-    while len(parts) > 1 and len(numbers) < 3:
-        try:
-            number = float(parts[-1])
-        except ValueError:
-            break
-        if not math.isfinite(number):
-            raise argparse.ArgumentTypeError(f"--control {text!r}: SCALE, START and END must be finite numbers")
-        numbers.insert(0, number)
-        parts.pop()
-    image = ":".join(parts)
+    image, numbers = _trailing_numbers(rest, 3, f"--control {text!r}: SCALE, START and END must be finite numbers")
     if not sep or not name.strip() or not image or len(numbers) == 2:
         raise argparse.ArgumentTypeError(f"{usage}; got {text!r}")
     flag = ControlFlag(name.strip(), Path(image), *numbers)
