@@ -171,13 +171,19 @@ def _add_model_options(p: argparse.ArgumentParser, *, several: bool = False) -> 
     g.add_argument(
         "--tokenizer",
         metavar="DIR_OR_ID",
-        help="single files: the tokenizer folder or Hub id (default: --config's, else the family's from the Hub)",
+        help="single files: the tokenizer folder or Hub id (default: --config's, else CLIP's own, shipped with sdmesh)",
     )
     g.add_argument(
         "--prediction-type",
         choices=("epsilon", "v_prediction"),
         help="single files: what the UNet predicts (default: v_prediction for SD 2.x text-to-image files, "
         "as diffusers guesses; pass epsilon for SD 2 base 512)",
+    )
+    g.add_argument(
+        "--original-config",
+        metavar="FILE.yaml",
+        help="single files: the latent-diffusion inference config it was trained with (Stability's "
+        "v2-inference-v.yaml, v1-inference.yaml…): ε or v, the schedule, the attention heads, the CLIP layer",
     )
     g.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     g.add_argument("--variant", help="weights variant, e.g. fp16 for *.fp16.safetensors")
@@ -625,7 +631,7 @@ def up_models(args: argparse.Namespace) -> list[Any]:
     for m in models:
         folder = checkpoint.resolve(
             m.source, revision=args.revision, variant=args.variant, config=args.config, tokenizer=args.tokenizer,
-            prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+            prediction_type=args.prediction_type, original_config=args.original_config, allow_pickle=args.allow_pickle,
         )  # fmt: skip
 
         def weights(component: str, folder: Path = folder) -> list[Path]:
@@ -949,6 +955,7 @@ def _load(args: argparse.Namespace) -> Any:
         config=args.config,
         tokenizer=args.tokenizer,
         prediction_type=args.prediction_type,
+        original_config=args.original_config,
         lora_dir=args.lora_dir,
         max_adapters=args.max_adapters,
         embeddings_dir=args.embeddings_dir,

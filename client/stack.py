@@ -435,6 +435,7 @@ def stage_args(args: argparse.Namespace) -> list[str]:
         "config",
         "tokenizer",
         "prediction_type",
+        "original_config",
         "weights_dtype",
         "activations_dtype",
         "precision",

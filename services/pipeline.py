@@ -75,6 +75,7 @@ class StableDiffusion:
         config: str | None = None,
         tokenizer: str | None = None,
         prediction_type: str | None = None,
+        original_config: str | None = None,
         lora_dir: str | Path | None = None,
         max_adapters: int = LoadOptions.max_adapters,
         embeddings_dir: str | Path | None = None,
@@ -82,7 +83,8 @@ class StableDiffusion:
         options: RuntimeOptions = RuntimeOptions(),
     ) -> StableDiffusion:
         """`model`: a diffusers folder, a Hub id, or a single-file checkpoint (.safetensors; .ckpt with
-        `allow_pickle`), which `config` (a diffusers folder or Hub id), `tokenizer` and `prediction_type` can pin.
+        `allow_pickle`), which `config` (a diffusers folder or Hub id), `original_config` (a latent-diffusion
+        inference YAML such as v2-inference-v.yaml), `tokenizer` and `prediction_type` can pin.
         `lora_dir`: LoRA files requests name by stem (`GenerationRequest.loras`, `<lora:NAME:W>`), at most
         `max_adapters` on the device at once; `embeddings_dir`: textual-inversion embeddings prompts name;
         `controlnets`: (name, diffusers ControlNet folder or Hub id) pairs, which requests name in
@@ -91,7 +93,7 @@ class StableDiffusion:
             enable_compilation_cache(options.jax_cache_dir)
         folder = checkpoint.resolve(
             model, revision=revision, variant=variant, config=config, tokenizer=tokenizer,
-            prediction_type=prediction_type, allow_pickle=allow_pickle,
+            prediction_type=prediction_type, original_config=original_config, allow_pickle=allow_pickle,
         )  # fmt: skip
         load = LoadOptions(
             variant=variant, allow_pickle=allow_pickle, unet_checkpoint=unet_checkpoint,

@@ -21,13 +21,14 @@ from diffusers import (
 )
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdmesh.services.checkpoints import checkpoint, single_file
 from sdmesh.services.checkpoints.weights import CheckpointError
 from sdmesh.services.dev import reference
 from sdmesh.services.engine.stages import RuntimeOptions
 from sdmesh.services.inputs.contract import GenerationRequest
+from sdmesh.services.inputs.tokenizer import CLIP_VOCAB_SIZE
 from sdmesh.services.pipeline import StableDiffusion
 
 FLAVORS = ("sd1", "sd2", "sd2-inpaint")
@@ -156,18 +157,23 @@ def test_prediction_type_and_tokenizer_flags(folders, files, tmp_path):
         single_file.convert_single_file(files("sd2"), tmp_path / "x", config=str(folders["sd2"]), prediction_type="v")
 
 
-def test_without_a_tokenizer_offline_the_error_names_the_flag(folders, files, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
+def test_without_a_tokenizer_the_packages_clip_tokenizer_is_written(folders, files, tmp_path, monkeypatch):
+    """A single file carries no tokenizer; sdmesh ships CLIP's (SD 1.x and 2.x share its vocabulary) and needs no
+    network. It pads as each family's does. A text encoder of another vocabulary size needs --tokenizer."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for fam, pad_id in (("sd1", 49407), ("sd2", 0)):
+        out = tmp_path / fam
+        single_file._write_tokenizer(None, None, fam, CLIP_VOCAB_SIZE, out)
+        clip = CLIPTokenizer.from_pretrained(out)
+        assert len(clip) == CLIP_VOCAB_SIZE and clip.pad_token_id == pad_id
+        assert clip("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's own ids
+        assert clip("The quick brown fox.").input_ids == [49406, 518, 3712, 2866, 3240, 269, 49407]
     configs = tmp_path / "configs"  # a --config folder without tokenizer/
     for component in ("unet", "vae", "text_encoder", "scheduler"):
         (configs / component).mkdir(parents=True)
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         (configs / component / name).write_bytes((folders["sd1"] / component / name).read_bytes())
-    with pytest.raises(checkpoint.ModelNotFound, match=r"openai/clip-vit-large-patch14.*pass --tokenizer"):
+    with pytest.raises(CheckpointError, match=r"vocabulary of 546 tokens.*pass --tokenizer"):
         single_file.convert_single_file(files("sd1"), tmp_path / "out", config=str(configs))
 
 
@@ -250,6 +256,147 @@ def test_full_size_configs_are_inferred_from_the_shapes(model, tmp_path):
     plan = single_file.plan(source, fam, layout, 4, inferred["text_encoder"]["num_hidden_layers"])
     for component, entries in plan.items():
         assert {e.name: e.shape(source.shapes[e.source]) for e in entries} == meta_state(ours[component]), component
+
+
+# --- Original configs: latent-diffusion inference YAMLs, as Stability's repo ships them ---------------------------
+
+
+def ldm_yaml(parameterization="eps", context_dim=1024, heads="num_head_channels: 64", linear=True, layer=""):
+    """v1-inference.yaml / v2-inference(-v).yaml's shape, the fields sdmesh reads and some it ignores."""
+    cond = "FrozenOpenCLIPEmbedder" if context_dim == 1024 else "FrozenCLIPEmbedder"
+    return f"""
+model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "{parameterization}"
+    linear_start: 0.00085
+    linear_end: 0.0120
+    timesteps: 1000
+    image_size: 64
+    channels: 4
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        use_checkpoint: True
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [ 4, 2, 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2, 4, 4 ]
+        {heads}
+        use_spatial_transformer: True
+        use_linear_in_transformer: {linear}
+        transformer_depth: 1
+        context_dim: {context_dim}
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [1, 2, 4, 4]
+          num_res_blocks: 2
+          attn_resolutions: []
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.{cond}
+      params:
+        freeze: True
+        {layer}
+"""
+
+
+def full_size_source(model, tmp_path):
+    fam, unet, vae, text, _ = FULL[model]
+    models = meta_models(unet, vae, text)
+    configs = {"unet": dict(unet), "vae": dict(vae), "text_encoder": dict(text)}
+    state = reference.ldm_tensors({c: m.state_dict() for c, m in models.items()}, configs, family=fam)
+    return single_file.open_single_file(write_sparse_safetensors(tmp_path / f"{model}.safetensors", state))
+
+
+def agrees_with_diffusers(configs, yaml_path):
+    """diffusers' converter reads the same YAML into the same UNet and VAE configs (sample sizes aside: those
+    follow the model's training size)."""
+    import yaml
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+
+    original = yaml.safe_load(yaml_path.read_text())
+    defaults = {"transformer_layers_per_block": 1}
+    for component, theirs in (
+        ("unet", create_unet_diffusers_config_from_ldm(original, {})),
+        ("vae", create_vae_diffusers_config_from_ldm(original, {})),
+    ):
+        for key, value in theirs.items():
+            if value is not None and key != "sample_size":
+                ours = configs[component].get(key, defaults.get(key))
+                assert single_file._same(ours, value), (component, key, ours, value)
+
+
+def test_an_original_config_says_what_the_tensors_cannot(tmp_path):
+    """The SD 2 base (ε) and 768-v files have the same tensors: the YAML tells them apart, as diffusers'
+    `from_single_file(original_config=)` does; SD 1's num_heads gives its 8 heads."""
+    sd2 = full_size_source("sd-2.1-768-v", tmp_path)
+    for parameterization, expected in (("eps", "epsilon"), ("v", "v_prediction")):
+        yaml = tmp_path / f"v2-{parameterization}.yaml"
+        yaml.write_text(ldm_yaml(parameterization))
+        configs = single_file.infer_configs(sd2, original_config=yaml)
+        assert configs["scheduler"]["prediction_type"] == expected
+        assert configs["unet"]["attention_head_dim"] == [5, 10, 20, 20]  # num_head_channels 64 of 320·mult
+        assert configs["text_encoder"]["num_hidden_layers"] == 23  # OpenCLIP's penultimate layer
+        assert configs["scheduler"]["beta_end"] == 0.012 and configs["vae"]["scaling_factor"] == 0.18215
+        agrees_with_diffusers(configs, yaml)
+    yaml.write_text(ldm_yaml("v", layer='layer: "last"'))
+    assert single_file.infer_configs(sd2, original_config=yaml)["text_encoder"]["num_hidden_layers"] == 24
+    assert single_file.infer_configs(sd2, original_config=yaml, prediction_type="epsilon")["scheduler"][
+        "prediction_type"
+    ] == "epsilon"  # the flag wins  # fmt: skip
+
+    sd1 = full_size_source("sd-1.5", tmp_path)
+    v1 = tmp_path / "v1-inference.yaml"
+    v1.write_text(ldm_yaml(context_dim=768, heads="num_heads: 8", linear=False))
+    configs = single_file.infer_configs(sd1, original_config=v1)
+    assert configs["unet"]["attention_head_dim"] == 8 and configs["scheduler"]["prediction_type"] == "epsilon"
+    assert configs["text_encoder"]["num_hidden_layers"] == 12
+    agrees_with_diffusers(configs, v1)
+    for component, expected in zip(("unet", "vae", "text_encoder"), FULL["sd-1.5"][1:4], strict=True):
+        for key, value in expected.items():
+            assert single_file._same(configs[component].get(key), value), (component, key)
+
+
+def test_an_original_config_of_another_model_or_not_one_is_refused(tmp_path):
+    sd2 = full_size_source("sd-2.1-768-v", tmp_path)
+    v1 = tmp_path / "v1-inference.yaml"
+    v1.write_text(ldm_yaml(context_dim=768, heads="num_heads: 8", linear=False))
+    with pytest.raises(CheckpointError, match=r"--original-config .*cross_attention_dim is 768 but .* say 1024"):
+        single_file.infer_configs(sd2, original_config=v1)
+    for text, error in (
+        ("model: [1, 2", "not a YAML file"),
+        ("name: not-a-model\n", "no model.params"),
+        (ldm_yaml("x0"), "parameterization 'x0'"),
+        (ldm_yaml(layer='layer: "pooled"'), "layer 'pooled'"),
+    ):
+        v1.write_text(text)
+        with pytest.raises(CheckpointError, match=error):
+            single_file.infer_configs(sd2, original_config=v1)
+    with pytest.raises(CheckpointError, match="no such file"):
+        single_file.infer_configs(sd2, original_config=tmp_path / "missing.yaml")
+
+
+def test_an_original_config_with_a_folder_is_refused(folders):
+    with pytest.raises(checkpoint.ModelNotFound, match="--original-config is for single-file checkpoints"):
+        checkpoint.resolve(str(folders["sd2"]), original_config="v2-inference-v.yaml")
 
 
 # --- (c) diffusers' converter agrees ---------------------------------------------------------------------------
@@ -386,6 +533,20 @@ def test_a_single_file_generates_the_folders_image(folders, files, tmp_path, mon
     expected = StableDiffusion.load(str(folders["sd1"]), options=options).generate(request).images
     pipe = StableDiffusion.load(str(files("sd1")), config=str(folders["sd1"]), options=options)
     np.testing.assert_array_equal(pipe.generate(request).images, expected)
+
+
+@pytest.mark.parametrize(
+    "dropped", ["model.diffusion_model.out.2.bias", "cond_stage_model.transformer.text_model.final_layer_norm.weight"]
+)
+def test_a_file_missing_a_tensor_is_refused_naming_the_file_and_the_parameter(folders, tmp_path, monkeypatch, dropped):
+    monkeypatch.setenv("SDMESH_CACHE", str(tmp_path / "cache"))
+    state = reference.ldm_state_dict(folders["sd1"])
+    del state[dropped]
+    path = tmp_path / "incomplete.safetensors"
+    save_file(state, path)
+    parameter = "conv_out/bias" if "diffusion_model" in dropped else "final_layer_norm/scale"
+    with pytest.raises(CheckpointError, match=rf"{path} \(.*missing from the weights, first {parameter}"):
+        StableDiffusion.load(str(path), config=str(folders["sd1"]))
 
 
 def test_a_missing_or_damaged_file_is_named(tmp_path):

@@ -48,21 +48,25 @@ def resolve(
     config: str | None = None,
     tokenizer: str | None = None,
     prediction_type: str | None = None,
+    original_config: str | None = None,
     allow_pickle: bool = False,
 ) -> Path:
     """A local diffusers folder, a Hub id fetched into (or found in) huggingface_hub's cache, or a single-file
     checkpoint (.safetensors/.ckpt) converted once into a diffusers folder under $SDMESH_CACHE.
 
     Honors HF_HUB_OFFLINE; only the files a pipeline needs are fetched (one weights
-    variant, no .bin when safetensors exist). `config`, `tokenizer` and `prediction_type`
-    are for single files only (see `single_file.convert_single_file`).
+    variant, no .bin when safetensors exist). `config`, `tokenizer`, `prediction_type` and
+    `original_config` are for single files only (see `single_file.convert_single_file`).
     """
     path = Path(model).expanduser()
     if path.is_file():
         return _from_single_file(
-            path, config=config, tokenizer=tokenizer, prediction_type=prediction_type, allow_pickle=allow_pickle
-        )
-    given = [f for f, v in (("config", config), ("tokenizer", tokenizer), ("prediction-type", prediction_type)) if v]
+            path, config=config, tokenizer=tokenizer, prediction_type=prediction_type,
+            original_config=original_config, allow_pickle=allow_pickle,
+        )  # fmt: skip
+    flags = {"config": config, "tokenizer": tokenizer, "prediction-type": prediction_type,
+             "original-config": original_config}  # fmt: skip
+    given = [flag for flag, value in flags.items() if value]
     if given:
         raise ModelNotFound(
             f"--{given[0]} is for single-file checkpoints (.safetensors/.ckpt); {model} is a diffusers model, "
@@ -84,6 +88,16 @@ def resolve(
     return _from_hub(model, revision=revision, variant=variant)
 
 
+def component_label(folder: Path, component: str) -> str:
+    """How errors name a component's weights: the single file a cached folder was converted from, if it was."""
+    index = folder / "model_index.json"
+    try:
+        original = json.loads(index.read_text()).get("_sdmesh_single_file") if index.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        original = None
+    return f"{original} ({component}, converted into {folder})" if original else f"{folder}/{component}"
+
+
 def cache_root() -> Path:
     """Where sdmesh keeps what it derives from checkpoints: $SDMESH_CACHE, else ~/.cache/sdmesh."""
     return Path(os.environ.get("SDMESH_CACHE") or "~/.cache/sdmesh").expanduser()
@@ -97,7 +111,13 @@ def single_file_cache(path: Path, **options: Any) -> Path:
 
 
 def _from_single_file(
-    path: Path, *, config: str | None, tokenizer: str | None, prediction_type: str | None, allow_pickle: bool
+    path: Path,
+    *,
+    config: str | None,
+    tokenizer: str | None,
+    prediction_type: str | None,
+    original_config: str | None,
+    allow_pickle: bool,
 ) -> Path:
     """Convert once: concurrent stages wait on one lock; a conversion is written aside and renamed when complete,
     so a folder in the cache is always a finished one."""
@@ -111,8 +131,9 @@ def _from_single_file(
     if path.suffix in single_file.PICKLE_SUFFIXES and not allow_pickle:  # the same answer before and after caching
         single_file.open_single_file(path)  # raises, naming --allow-pickle
     target = single_file_cache(
-        path, config=_cache_name(config), tokenizer=_cache_name(tokenizer), prediction_type=prediction_type
-    )
+        path, config=_cache_name(config), tokenizer=_cache_name(tokenizer), prediction_type=prediction_type,
+        original_config=_content_name(original_config),
+    )  # fmt: skip
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +150,7 @@ def _from_single_file(
                 config=config,
                 tokenizer=tokenizer,
                 prediction_type=prediction_type,
+                original_config=original_config,
                 allow_pickle=allow_pickle,
             )
             shutil.rmtree(target, ignore_errors=True)  # an unfinished folder left by an interrupted rename
@@ -143,6 +165,13 @@ def _cache_name(name: str | None) -> str | None:
     if name is None or not Path(name).expanduser().is_dir():
         return name
     return str(Path(name).expanduser().resolve())
+
+
+def _content_name(name: str | None) -> str | None:
+    """A file by its content: an edited original config converts anew."""
+    if name is None or not Path(name).expanduser().is_file():
+        return name
+    return hashlib.sha256(Path(name).expanduser().read_bytes()).hexdigest()
 
 
 def _from_hub(repo_id: str, *, revision: str | None, variant: str | None) -> Path:

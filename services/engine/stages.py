@@ -282,7 +282,7 @@ def _unet_source(
         return (
             checkpoint.read_config(folder, "unet"),
             checkpoint.weight_files(folder / "unet", stem, variant=variant, allow_pickle=allow_pickle),
-            f"{folder}/unet",
+            checkpoint.component_label(folder, "unet"),
         )
     path = Path(override).expanduser()
     if path.is_dir():
@@ -367,7 +367,7 @@ class TextEncoderStage:
             te.init_shapes(config),
             dtype=DTYPES[options.weights_dtype],
             fix_key=te.fix_checkpoint_key,
-            source=f"{folder}/text_encoder",
+            source=checkpoint.component_label(folder, "text_encoder"),
             mesh=stage_mesh(options),
         )
         tokenizer = load_tokenizer(folder / "tokenizer")
@@ -883,7 +883,7 @@ class DecoderStage:
             dtype=DTYPES[options.weights_dtype],
             fix_key=va.fix_checkpoint_key,
             fix_tensor=va.fix_checkpoint_tensor,
-            source=f"{folder}/vae",
+            source=checkpoint.component_label(folder, "vae"),
             mesh=stage_mesh(options),
         )
         stage = cls(vae, params, options)

@@ -14,15 +14,17 @@ after that comma move to the next chunk; each chunk becomes BOS + tokens + EOS, 
 ids (A1111's EmbeddingDatabase), stands for its n vectors, kept within one chunk. A prompt that fits one chunk
 and uses no syntax gets exactly `tokenize`'s ids. Past MAX_CHUNKS chunks the rest is dropped and reported.
 
-`write_tiny_vocab` writes a small but real CLIP BPE tokenizer, so tests and the
-demo model can build checkpoints without network access.
+`write_tiny_vocab` writes a small but real CLIP BPE tokenizer, so tests and the demo model can build checkpoints
+without network access; `write_clip_tokenizer` writes CLIP's own, for single-file checkpoints, which carry none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -355,15 +357,37 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def tiny_vocab() -> dict[str, int]:
     """CLIP's vocab layout, shrunk: bytes, bytes+'</w>', merge results, then BOS and EOS."""
+    return _vocab(_TINY_MERGES)
+
+
+def _vocab(merges: Sequence[str]) -> dict[str, int]:
+    """CLIP's vocab layout (open_clip's SimpleTokenizer, transformers' vocab.json): the byte alphabet, the same
+    word-final, each merge's result in merge order, then BOS and EOS."""
     alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in _TINY_MERGES]
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
-    assert len(set(tokens)) == len(tokens), "tiny vocab has a duplicate token"
+    assert len(set(tokens)) == len(tokens), "the vocab has a duplicate token"
     return {token: i for i, token in enumerate(tokens)}
 
 
 # 256 bytes + 256 word-final bytes + 32 merges + BOS + EOS.
 TINY_VOCAB_SIZE = 2 * 256 + len(_TINY_MERGES) + 2  # 546
+
+# CLIP's BPE merges as open_clip ships them (MIT, see bpe_simple_vocab_16e6.LICENSE): a header line, then merges,
+# of which CLIP uses the first CLIP_MERGES. Every SD 1.x/2.x text encoder was trained on this vocabulary.
+CLIP_BPE_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
+CLIP_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 49408
+
+
+def write_clip_tokenizer(directory: Path, *, pad_token: str = EOS_TOKEN) -> None:
+    """Write CLIP's own tokenizer (the one SD 1.x and 2.x use; 49408 tokens) from the package's copy of its merges.
+
+    `pad_token`: "<|endoftext|>" as in SD 1.x (openai/clip-vit-large-patch14), "!" as in SD 2.x.
+    """
+    with gzip.open(CLIP_BPE_FILE, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : 1 + CLIP_MERGES]
+    _write_vocab(Path(directory), merges, pad_token)
 
 
 def write_tiny_vocab(directory: Path, *, pad_token: str = EOS_TOKEN) -> None:
@@ -371,13 +395,16 @@ def write_tiny_vocab(directory: Path, *, pad_token: str = EOS_TOKEN) -> None:
 
     `pad_token` is "<|endoftext|>" as in SD 1.x, or "!" as in SD 2.x; it must be in the vocab.
     """
-    directory = Path(directory)
+    _write_vocab(Path(directory), _TINY_MERGES, pad_token)
+
+
+def _write_vocab(directory: Path, merges: Sequence[str], pad_token: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = tiny_vocab()
+    vocab = _vocab(merges)
     if pad_token not in vocab:
-        raise ValueError(f"pad token {pad_token!r} is not in the tiny vocab")
+        raise ValueError(f"pad token {pad_token!r} is not in the vocab")
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_TINY_MERGES) + "\n", encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
     config = {
         **special,

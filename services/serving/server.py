@@ -565,7 +565,7 @@ def load_setup(args: Any) -> tuple[Any, Any, Any]:
         stages.enable_compilation_cache(options.jax_cache_dir)
     folder = checkpoint.resolve(
         args.model, revision=args.revision, variant=args.variant, config=args.config, tokenizer=args.tokenizer,
-        prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+        prediction_type=args.prediction_type, original_config=args.original_config, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     load = stages.LoadOptions(
         variant=args.variant, allow_pickle=args.allow_pickle, unet_checkpoint=args.unet_checkpoint,
