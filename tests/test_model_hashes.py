@@ -129,14 +129,32 @@ def test_the_denoiser_reports_its_unets_short_hash(tiny_checkpoints):
 
     folder = tiny_checkpoints["sd2"]
     stage = DenoiserStage.load(folder)
-    files = denoiser_service.unet_files(folder, LoadOptions())
+    files = denoiser_service.hashed_files(folder, LoadOptions())
     assert files == [folder / "unet" / "diffusion_pytorch_model.safetensors"]
     service = denoiser_service.DenoiserService(
-        stage, denoiser_service.denoiser_facts(stage, folder), str(folder), unet_files=files
+        stage, denoiser_service.denoiser_facts(stage, folder), str(folder), hashed_files=files
     )
     expected = hashlib.sha256(files[0].read_bytes()).hexdigest()[:10]
     assert service.ModelInfo(None, None).model_hash == expected
     assert re.fullmatch(r"[0-9a-f]{10}", expected)
+
+
+def test_a_single_file_model_is_hashed_as_automatic1111_hashes_its_file(tiny_checkpoints, tmp_path, monkeypatch):
+    """A1111 shows a checkpoint file's own short hash; a model served from a single file reports that one, not
+    the hash of the folder it was converted into."""
+    from sdmesh.services.dev import reference
+    from sdmesh.services.engine.stages import LoadOptions
+    from sdmesh.services.serving import denoiser_service
+
+    monkeypatch.setenv("SDMESH_CACHE", str(tmp_path / "cache"))
+    path = reference.to_single_file(tiny_checkpoints["sd1"], tmp_path / "tiny.safetensors")
+    folder = checkpoint.resolve(str(path), config=str(tiny_checkpoints["sd1"]))
+    assert denoiser_service.hashed_files(folder, LoadOptions()) == [path]
+    assert checkpoint.model_hash([path]) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    path.unlink()  # moved away since: the folder's own UNet is hashed
+    assert denoiser_service.hashed_files(folder, LoadOptions()) == [
+        folder / "unet" / "diffusion_pytorch_model.safetensors"
+    ]
 
 
 def test_an_inpainting_denoiser_warms_up_with_its_extra_input_channels(tmp_path):

@@ -38,8 +38,8 @@ def test_requests_naming_each_model_get_its_own_image_through_shared_encoder_and
     denoisers = {}
     for name, pipe in pipes.items():
         facts = denoiser_service.denoiser_facts(pipe.denoiser, two_models[name])
-        files = denoiser_service.unet_files(two_models[name], LoadOptions())
-        service = denoiser_service.DenoiserService(pipe.denoiser, facts, name, unet_files=files)
+        files = denoiser_service.hashed_files(two_models[name], LoadOptions())
+        service = denoiser_service.DenoiserService(pipe.denoiser, facts, name, hashed_files=files)
         denoisers[name] = server.StageServer(denoiser_service.stage_service(service, shapes)).start()
     base = pipes["base"]
     encoder = server.StageServer(

@@ -88,13 +88,19 @@ def resolve(
     return _from_hub(model, revision=revision, variant=variant)
 
 
-def component_label(folder: Path, component: str) -> str:
-    """How errors name a component's weights: the single file a cached folder was converted from, if it was."""
+def converted_from(folder: Path) -> Path | None:
+    """The single file a cached folder was converted from (its model_index.json says), if it was."""
     index = folder / "model_index.json"
     try:
         original = json.loads(index.read_text()).get("_sdmesh_single_file") if index.is_file() else None
     except (OSError, ValueError, AttributeError):
-        original = None
+        return None
+    return Path(original) if isinstance(original, str) else None
+
+
+def component_label(folder: Path, component: str) -> str:
+    """How errors name a component's weights: by the single file the folder came from, if it did."""
+    original = converted_from(folder)
     return f"{original} ({component}, converted into {folder})" if original else f"{folder}/{component}"
 
 

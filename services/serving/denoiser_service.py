@@ -47,9 +47,13 @@ def denoiser_facts(stage: DenoiserStage, folder: Path) -> ModelFacts:
     return stage.facts(vae_scale_factor=f, max_length=length)
 
 
-def unet_files(folder: Path, load: LoadOptions) -> list[Path]:
-    """The UNet's weight files as `DenoiserStage.load` reads them (--unet-checkpoint's when given): what
-    ModelInfo.model_hash hashes."""
+def hashed_files(folder: Path, load: LoadOptions) -> list[Path]:
+    """What ModelInfo.model_hash hashes: the single file the model was converted from (A1111 hashes the file it
+    loads, so the hash is the one A1111 users know), else the UNet's weight files as `DenoiserStage.load` reads
+    them (--unet-checkpoint's when given)."""
+    original = checkpoint.converted_from(folder)
+    if load.unet_checkpoint is None and original is not None and original.is_file():
+        return [original]
     return _unet_source(folder, load.unet_checkpoint, load.variant, load.allow_pickle)[1]
 
 
@@ -68,13 +72,13 @@ class DenoiserService(denoiser_pb2_grpc.DenoiserServicer):
                  max_batch: int = contract.DEFAULT_MAX_BATCH, max_queue: int = contract.DEFAULT_MAX_QUEUE,
                  buckets: tuple[int, ...] | None = None, metrics: Any = None, policy: str = "continuous",
                  sizes: set[tuple[int, int]] | None = None, budget: contract.WorkBudget | None = None,
-                 unet_files: list[Path] | None = None):  # fmt: skip
+                 hashed_files: list[Path] | None = None):  # fmt: skip
         """sizes: with --strict-shapes, the only (height, width) served; None compiles any other size on first use.
         budget: what one request may ask for (--max-work, --max-side); None: the model's defaults.
-        unet_files: the UNet's weights as loaded (`unet_files`), hashed once here for ModelInfo.model_hash
+        hashed_files: what `hashed_files` says, hashed once here for ModelInfo.model_hash
         (cached on disk, so a restart does not reread them); None: no hash."""
         self.stage, self.facts, self.model, self.sizes = stage, facts, model, sizes
-        self.model_hash = checkpoint.model_hash(unet_files) if unet_files else ""
+        self.model_hash = checkpoint.model_hash(hashed_files) if hashed_files else ""
         self.budget = budget or contract.WorkBudget.for_model(facts)
         self.chunk = chunk or contract.DEFAULT_CHUNK_STEPS
         powers = {b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch}
@@ -206,7 +210,7 @@ def main(args: Any) -> int:
                               policy=args.batching,
                               sizes={(h, w) for _, h, w in shapes} if args.strict_shapes else None,
                               budget=contract.WorkBudget.for_model(facts, args.max_work, args.max_side),
-                              unet_files=unet_files(folder, load))  # fmt: skip
+                              hashed_files=hashed_files(folder, load))  # fmt: skip
     return server.serve(stage_service(service, shapes, metrics), host=args.host, port=args.port,
                         max_queue=args.max_queue, metrics_port=args.metrics_port,
                         tls=server.tls_from_args(args), grace=args.drain_seconds)  # fmt: skip
