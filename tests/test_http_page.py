@@ -32,6 +32,7 @@ try:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 except ImportError:  # reported by the `browser` fixture, so the reason reads plainly
     webdriver = None
 
@@ -293,3 +294,38 @@ def test_the_page_is_served_from_the_package_and_fetches_nothing_elsewhere(site)
         answer = httpx.get(site.url + ("" if name == "index.html" else name))
         assert answer.status_code == 200 and answer.text == (static / name).read_text()
         assert "http://" not in answer.text and "https://" not in answer.text  # no CDN, no fonts from elsewhere
+
+
+def test_with_several_models_the_page_picks_one_and_takes_its_sizes_and_samplers(browser):
+    from test_models_gateway import MARK_B, TwoModels
+
+    models = TwoModels()
+    try:
+        browser.get(models.url + "/")
+        browser.execute_script("localStorage.clear()")
+        browser.refresh()
+        wait_for(lambda: "full-sd2" in text(browser, "model"), what="/v1/info")
+        picker = browser.find_element(By.ID, "served-model")
+        assert picker.is_displayed() and picker.get_attribute("value") == "full-sd2"
+        assert [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#served-model option")] == ["full-sd2", "sd15"]
+
+        def run() -> int:
+            before = len(gallery(browser))
+            browser.find_element(By.ID, "generate").click()
+            new = lambda: len(gallery(browser)) > before and gallery(browser)[0]["decoded"] and gallery(browser)
+            shown = wait_for(new, what="the image")
+            return int(np.asarray(Image.open(io.BytesIO(image_bytes(browser, shown[0]["src"]))))[0, 0, 0])
+
+        browser.find_element(By.ID, "prompt").send_keys("x")
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("1")
+        browser.find_element(By.ID, "seed").send_keys("3")
+        a = run()
+        Select(picker).select_by_value("sd15")
+        wait_for(lambda: browser.find_element(By.ID, "width").get_attribute("value") == "48", what="sd15's facts")
+        assert [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#sampler option")] == ["euler"]
+        assert "sd15" in text(browser, "model")
+        assert (run() - a) % 256 == MARK_B  # sd15's denoiser made it
+    finally:
+        models.close()

@@ -383,3 +383,14 @@ def test_jobs_take_a_model_and_say_which_made_the_images(models):
 
     assert wait_until(lambda: status()["state"] == "succeeded")
     assert (status()["model"], status()["model_hash"]) == ("sd15", HASH_B)
+
+
+def test_info_describes_the_model_asked_for_and_lists_them_all(models):
+    first = models.web.get("/v1/info").json()
+    assert (first["served_model"], first["models"], first["model"]) == ("full-sd2", ["full-sd2", "sd15"],
+                                                                          "models/full-sd2")  # fmt: skip
+    b = models.web.get("/v1/info", params={"model": "sd15"}).json()
+    assert (b["served_model"], b["model"]) == ("sd15", "checkpoints/sd15.safetensors")
+    assert (b["default_width"], b["samplers"], b["default_sampler"]) == (48, ["euler"], "euler")  # its own facts
+    unknown = models.web.get("/v1/info", params={"model": "sd3"})
+    assert unknown.status_code == 400 and "is not served here" in unknown.text

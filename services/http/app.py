@@ -160,6 +160,8 @@ class Info(BaseModel):
     adapters: list[AdapterItem] = Field(
         default_factory=list, description="LoRAs (by file stem) and textual-inversion embeddings (by token)."
     )
+    served_model: str = Field("", description="The name requests give as `model` for the model described.")
+    models: list[str] = Field(default_factory=list, description="Every model's name, the first the default.")
 
 
 def job_status(job: Job, *, images: bool = True) -> JobStatus:
@@ -215,14 +217,18 @@ def create_app(front: Front) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/v1/info", response_model=Info, tags=["sdmesh"])
-    async def info(who: Caller) -> Info:
-        """What requests are checked against: the model's sizes, steps, samplers and image limit."""
-        facts = await asyncio.to_thread(front.facts)
-        model = await asyncio.to_thread(front.model_name)
+    async def info(who: Caller, model: str = "") -> Info:
+        """What requests are checked against: the model's sizes, steps, samplers and image limit (`model`: which
+        of the gateway's models, as a request names it; none: the first)."""
+        facts = await asyncio.to_thread(front.facts, model)
+        name, _hash = await asyncio.to_thread(front.model, model)
+        served = await asyncio.to_thread(front.models)
+        source = next((m.source for m in served if m.name == name), "") or await asyncio.to_thread(front.model_name)
         adapters = await asyncio.to_thread(front.adapters)
         height, width = facts.default_size or (0, 0)
         return Info(
-            model=model, kind=facts.kind, default_width=width, default_height=height,
+            model=source, served_model=name, models=[m.name for m in served], kind=facts.kind,
+            default_width=width, default_height=height,
             size_multiple=facts.vae_scale_factor, max_steps=facts.max_steps, max_images=contract.MAX_IMAGES,
             samplers=list(facts.samplers),
             default_sampler=facts.default_sampler, api_key_required=not front.open,

@@ -76,7 +76,8 @@ async function follow(id, onEvent) {
 
 async function loadInfo() {
   try {
-    const info = await api("GET", "v1/info");
+    const chosen = $("served-model").value;
+    const info = await api("GET", chosen ? `v1/info?model=${encodeURIComponent(chosen)}` : "v1/info");
     page.info = info;
     showKey(info.api_key_required);
     const size = `${info.default_width || 512}×${info.default_height || 512}`;
@@ -91,6 +92,11 @@ async function loadInfo() {
 }
 
 function applyInfo(info) {
+  // several models behind the gateway: pick one; its own sizes and samplers follow
+  const models = info.models || [];
+  const picker = $("served-model");
+  picker.replaceChildren(...models.map((name) => new Option(name, name, false, name === info.served_model)));
+  $("model-row").hidden = models.length < 2;
   const multiple = info.size_multiple || 8;
   for (const [id, size] of [["width", info.default_width], ["height", info.default_height]]) {
     const input = $(id);
@@ -128,6 +134,7 @@ function request() {
     guidance_scale: $("guidance").value === "" ? undefined : number("guidance"),
     sampler: $("sampler").value || undefined,
     seed: $("seed").value === "" ? -1 : number("seed"),
+    model: page.info ? page.info.served_model : undefined,
   };
   if (page.init) {
     body.init_image = page.init;
@@ -372,6 +379,7 @@ function start() {
     }
   });
   $("cancel").addEventListener("click", cancel);
+  $("served-model").addEventListener("change", loadInfo);
   $("dice").addEventListener("click", () => {
     $("seed").value = Math.floor(Math.random() * 2 ** 32);
   });
