@@ -394,3 +394,19 @@ def test_info_describes_the_model_asked_for_and_lists_them_all(models):
     assert (b["default_width"], b["samplers"], b["default_sampler"]) == (48, ["euler"], "euler")  # its own facts
     unknown = models.web.get("/v1/info", params={"model": "sd3"})
     assert unknown.status_code == 400 and "is not served here" in unknown.text
+
+
+def test_the_gateways_metrics_count_each_model_apart(models):
+    from prometheus_client import generate_latest
+
+    models.client.generate("x", steps=1, seed=1, model="sd15")
+    models.client.generate("x", steps=1, seed=1, model="sd15")
+    models.client.generate("x", steps=1, seed=1)
+    with pytest.raises(GatewayError):
+        models.client.generate("x", steps=1, model="sd3")  # routed nowhere: counted under no model
+    text = generate_latest(models.service.metrics.registry).decode()
+    assert 'sdmesh_model_requests_total{code="OK",model="sd15",stage="gateway"} 2.0' in text
+    assert 'sdmesh_model_requests_total{code="OK",model="full-sd2",stage="gateway"} 1.0' in text
+    assert 'sdmesh_model_images_served_total{model="sd15",stage="gateway"} 2.0' in text
+    assert 'sdmesh_model_request_seconds_count{model="sd15",stage="gateway"} 2.0' in text
+    assert 'model="sd3"' not in text

@@ -220,5 +220,5 @@ class Jobs:
             admitted.release()
             job.finished = time.time()
             job.expires = job.finished + self.keep_seconds
-            self.service.record(time.perf_counter() - t0, code, job.tenant)
+            self.service.record(time.perf_counter() - t0, code, job.tenant, admitted.model_name())
             job._moved()

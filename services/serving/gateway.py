@@ -876,13 +876,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 self.metrics.set_queue_depth(self._inflight)
         self.tenants.release(tenant)
 
-    def record(self, seconds: float, code: grpc.StatusCode, tenant: Tenant | None = None) -> None:
-        """One call's latency and status in the metrics (and its tenant's count)."""
+    def record(
+        self, seconds: float, code: grpc.StatusCode, tenant: Tenant | None = None, model: str | None = None
+    ) -> None:
+        """One call's latency and status in the metrics (and its tenant's and model's counts: `model` is the name
+        of the model it was routed to, None when it was refused before that)."""
         self.metrics.observe_request(seconds)
         if code != grpc.StatusCode.OK:
             self.metrics.error(code.name)
         if tenant is not None:
             self.metrics.tenant_request(tenant.name, code.name)
+        if model:
+            self.metrics.model_request(model, code.name, seconds)
 
     def authenticate(self, metadata: Sequence[tuple[str, str]]) -> Tenant:
         """The caller's tenant from its API key (`authorization: Bearer KEY` or `x-api-key`); Refused
@@ -898,7 +903,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[gateway_pb2.GenerateEvent]:
         t0 = time.perf_counter()
-        tenant, delivered = None, False
+        tenant, delivered, admitted = None, False, None
         try:
             try:
                 tenant = self.authenticate(context.invocation_metadata())
@@ -912,7 +917,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 context.abort(e.code, e.message)
         finally:  # also when gRPC closes the stream of a client that went away
             # one whose result went out is OK even if the client hung up after it
-            self.record(time.perf_counter() - t0, grpc.StatusCode.OK if delivered else ended_with(context), tenant)
+            code = grpc.StatusCode.OK if delivered else ended_with(context)
+            self.record(time.perf_counter() - t0, code, tenant, admitted.model_name() if admitted else None)
 
     def ModelInfo(self, request: common_pb2.ModelInfoRequest, context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         t0 = time.perf_counter()
@@ -972,13 +978,20 @@ class Admitted:
                                       if self.job.preview_every else None)  # fmt: skip
                 for event in chain.generate(stages, self.job, self.facts):
                     if isinstance(event, chain.Generated):
+                        identity = model.identity(self.down)
                         service.metrics.images_served(len(event.images))
                         service.metrics.tenant_images(self.tenant.name, len(event.images))
-                        yield event_to_proto(event, *model.identity(self.down))
+                        if identity[0]:
+                            service.metrics.model_images(identity[0], len(event.images))
+                        yield event_to_proto(event, *identity)
                     else:
                         yield event_to_proto(event)
         finally:
             self.release()
+
+    def model_name(self) -> str | None:
+        """The name of the model the request was routed to, for the metrics (None before routing)."""
+        return None if self.model is None else self.model.known_name
 
     def release(self) -> None:
         """Give the places back (once; `events` does it when it ends)."""

@@ -91,6 +91,17 @@ class StageMetrics:
         self._tenant_images = Counter(
             "sdmesh_tenant_images_served", "Images returned, by tenant.", ["stage", "tenant"], registry=r
         )
+        # models are the gateway's --route names: as few as the models it serves
+        self._model_requests = Counter(
+            "sdmesh_model_requests", "Requests by model and status.", ["stage", "model", "code"], registry=r
+        )
+        self._model_images = Counter(
+            "sdmesh_model_images_served", "Images returned, by model.", ["stage", "model"], registry=r
+        )
+        self._model_seconds = Histogram(
+            "sdmesh_model_request_seconds", "Seconds per request, by model.", ["stage", "model"],
+            buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
         self._http: Any = None
         self._lock = threading.Lock()
 
@@ -146,6 +157,14 @@ class StageMetrics:
 
     def tenant_images(self, tenant: str, n: int) -> None:
         self._tenant_images.labels(self.stage, tenant).inc(n)
+
+    def model_request(self, model: str, code: str, seconds: float) -> None:
+        """A request for `model` ended with status `code` (OK included) after `seconds`."""
+        self._model_requests.labels(self.stage, model, getattr(code, "name", code)).inc()
+        self._model_seconds.labels(self.stage, model).observe(seconds)
+
+    def model_images(self, model: str, n: int) -> None:
+        self._model_images.labels(self.stage, model).inc(n)
 
     def error(self, code: str) -> None:
         """An RPC ended with status `code`: a grpc.StatusCode name such as "INVALID_ARGUMENT" (or the StatusCode)."""
