@@ -236,7 +236,14 @@ def _add_model_options(p: argparse.ArgumentParser, *, several: bool = False) -> 
         help="matmul precision",
     )
     r.add_argument("--attention", default="dot_product", choices=("dot_product", "flash"))
-    r.add_argument("--jax-cache-dir", help="persistent JAX compilation cache (a second run skips compiling)")
+    r.add_argument(
+        "--jax-cache-dir",
+        help="where compiled programs persist, so a second run compiles nothing (default: $SDMESH_JAX_CACHE, else "
+        "jax/ under $SDMESH_CACHE or $XDG_CACHE_HOME/sdmesh or ~/.cache/sdmesh, one folder per CPU)",
+    )
+    r.add_argument(
+        "--no-jax-cache", action="store_true", help="keep no persistent compilation cache (SDMESH_JAX_CACHE=off)"
+    )
     m = p.add_argument_group(
         "mesh",
         "devices along each axis of a stage's mesh; their product is the device count, "
@@ -1271,8 +1278,49 @@ COMMANDS = {
 }
 
 
+def default_jax_cache_dir() -> str | None:
+    """The persistent compilation cache's folder unless it is turned off: $SDMESH_JAX_CACHE (a folder, or "off"),
+    else one folder per CPU under sdmesh's cache (a program compiled for one CPU's instructions must not be
+    loaded on another's, should the cache be shared)."""
+    chosen = os.environ.get("SDMESH_JAX_CACHE", "")
+    if chosen.lower() in ("off", "0", "none", "false"):
+        return None
+    if chosen:
+        return chosen
+    from sdmesh.services.checkpoints.checkpoint import cache_root
+
+    return str(cache_root() / "jax" / _cpu_fingerprint())
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's model and instruction-set flags, hashed short: what XLA's CPU code depends on."""
+    import hashlib
+    import platform
+
+    described = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            first_cpu = f.read().split("\n\n")[0]
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu.splitlines())}
+        described += [fields.get("model name", ""), fields.get("flags", "")]
+    except OSError:
+        pass
+    return f"{platform.machine()}-{hashlib.sha256('|'.join(described).encode()).hexdigest()[:12]}"
+
+
+def _resolve_jax_cache(args: argparse.Namespace) -> None:
+    """--no-jax-cache, else --jax-cache-dir, else the default: on, in sdmesh's cache (commands that compile)."""
+    if not hasattr(args, "jax_cache_dir"):
+        return
+    if args.no_jax_cache:
+        args.jax_cache_dir = None
+    elif args.jax_cache_dir is None:
+        args.jax_cache_dir = default_jax_cache_dir()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _resolve_jax_cache(args)
     # errors a user can fix; both modules are JAX-free, so the light client starts fast
     from sdmesh.services.checkpoints.weights import CheckpointError
     from sdmesh.services.inputs.errors import InvalidRequest

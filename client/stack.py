@@ -461,6 +461,8 @@ def stage_args(args: argparse.Namespace) -> list[str]:
         out += ["--controlnet", f"{name}={source}"]
     if getattr(args, "allow_pickle", False):
         out.append("--allow-pickle")
+    if getattr(args, "no_jax_cache", False):
+        out.append("--no-jax-cache")
     return out
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The CLI keeps a persistent compilation cache by default; tests compile afresh (and leave nothing in the user's
+# cache) unless a test turns it on for itself.
+os.environ["SDMESH_JAX_CACHE"] = "off"
 
 
 def rel_error(actual, reference) -> float:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from sdmesh.client.cli import main
+from sdmesh.client import cli
+from sdmesh.client.cli import build_parser, main
 
 
 def test_generate_with_latents_equals_diffusers(tiny_checkpoints, tmp_path):
@@ -252,3 +256,54 @@ def test_up_passes_limits_drain_and_keys_to_the_services_that_use_them():
         assert flags[flags.index("--drain-seconds") + 1] == "7.0"
     served = cli.build_parser().parse_args(["serve", "gateway", *gateway])  # every flag is one serve takes
     assert served.max_work == 100 and served.drain_seconds == 7 and str(served.api_keys) == "keys.txt"
+
+
+# --- the persistent compilation cache ---------------------------------------------------------------------------
+
+
+def test_the_compilation_cache_is_on_by_default_in_sdmeshs_cache_one_folder_per_cpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("SDMESH_JAX_CACHE")
+    monkeypatch.setenv("SDMESH_CACHE", str(tmp_path))
+    parse = lambda *flags: build_parser().parse_args(["generate", "x", *flags])
+
+    def resolved(*flags):
+        args = parse(*flags)
+        cli._resolve_jax_cache(args)
+        return args.jax_cache_dir
+
+    default = resolved()
+    assert default is not None and Path(default).parent == tmp_path / "jax"
+    assert resolved("--jax-cache-dir", "/elsewhere") == "/elsewhere"
+    assert resolved("--no-jax-cache") is None
+    monkeypatch.setenv("SDMESH_JAX_CACHE", "off")
+    assert resolved() is None
+    monkeypatch.setenv("SDMESH_JAX_CACHE", str(tmp_path / "chosen"))
+    assert resolved() == str(tmp_path / "chosen")
+    monkeypatch.delenv("SDMESH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("SDMESH_JAX_CACHE")
+    assert Path(resolved()).parent == tmp_path / "xdg" / "sdmesh" / "jax"
+
+
+def test_up_hands_no_jax_cache_to_every_stage():
+    from sdmesh.client import stack
+
+    args = build_parser().parse_args(["up", "--no-jax-cache"])
+    cli._resolve_jax_cache(args)
+    assert "--no-jax-cache" in stack.stage_args(args) and "--jax-cache-dir" not in stack.stage_args(args)
+
+
+@pytest.mark.processes
+def test_a_second_generate_compiles_from_the_cache(tiny_checkpoints, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SDMESH_JAX_CACHE"} | {"SDMESH_CACHE": str(tmp_path / "c")}
+    command = [sys.executable, "-m", "sdmesh.client.cli", "generate", "a cat", "--model", str(tiny_checkpoints["sd2"]),
+               "--steps", "2", "--resolution", "32", "--quiet", "--output-dir", str(tmp_path)]  # fmt: skip
+
+    def compile_seconds() -> float:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return float(re.search(r"compile ([\d.]+)s", proc.stdout + proc.stderr).group(1))
+
+    first, second = compile_seconds(), compile_seconds()
+    assert any((tmp_path / "c" / "jax").rglob("*"))  # the programs were kept
+    assert second < 0.5 * first, (first, second)

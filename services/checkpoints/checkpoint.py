@@ -105,8 +105,11 @@ def component_label(folder: Path, component: str) -> str:
 
 
 def cache_root() -> Path:
-    """Where sdmesh keeps what it derives from checkpoints: $SDMESH_CACHE, else ~/.cache/sdmesh."""
-    return Path(os.environ.get("SDMESH_CACHE") or "~/.cache/sdmesh").expanduser()
+    """Where sdmesh keeps what it derives (converted single files, hashes, compiled programs): $SDMESH_CACHE, else
+    sdmesh/ in the user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
+    if os.environ.get("SDMESH_CACHE"):
+        return Path(os.environ["SDMESH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "sdmesh"
 
 
 def single_file_cache(path: Path, **options: Any) -> Path:
