@@ -119,6 +119,7 @@ def generate_request(
     steps: int | None = None,
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
+    guidance_cutoff: float = 1.0,
     height: int | None = None,
     width: int | None = None,
     seed: int | None = None,
@@ -151,6 +152,9 @@ def generate_request(
 
     model: which of the gateway's models runs it (ModelInfo.models): a name, A1111's "name [hash]", or the short
     hash; None: the gateway's first.
+
+    guidance_cutoff: the fraction of the steps that are guided, (0, 1]; later steps skip the unconditional pass
+    (faster; the image changes).
     """
     request = gateway_pb2.GenerateRequest(
         prompt=prompt,
@@ -158,6 +162,7 @@ def generate_request(
         num_images=num_images or 0,
         num_inference_steps=steps or 0,
         guidance_rescale=guidance_rescale,
+        guidance_cutoff=guidance_cutoff,
         height=height or 0,
         width=width or 0,
         eta=eta,

@@ -90,7 +90,8 @@ def generate(stages: Stages, job: Job, facts: ModelFacts) -> Iterator[Progress |
     latents = None if job.latents is None else np.ascontiguousarray(job.latents.transpose(0, 2, 3, 1))  # NCHW → NHWC
     denoise_job = DenoiseJob(
         cond=cond, uncond=uncond, latents=latents, seed=job.seed, steps=job.steps, guidance_scale=job.guidance_scale,
-        guidance_rescale=job.guidance_rescale, eta=job.eta, height=job.height, width=job.width, sampler=job.sampler,
+        guidance_rescale=job.guidance_rescale, guidance_cutoff=job.guidance_cutoff, eta=job.eta, height=job.height,
+        width=job.width, sampler=job.sampler,
         priority=job.priority, init_latents=image.init_latents, strength=image.strength, extra=image.extra,
         blend_mask=image.blend_mask, class_labels=image.class_labels, preview_every=job.preview_every,
         loras=tuple((c.name, c.unet_scale) for c in job.loras),

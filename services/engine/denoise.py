@@ -16,6 +16,7 @@ comes from its own key, and nothing mixes samples.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +42,7 @@ class SlotInputs(NamedTuple):
     cond: jax.Array  # (B, L, D)
     uncond: jax.Array  # (B, L, D): zeros for slots without guidance
     guided: jax.Array  # (B,) float32: 1 where the slot uses classifier-free guidance
+    guided_rows: jax.Array  # (B,) int32: the rows guided (guidance cutoff); later rows take the conditional output
     guidance: jax.Array  # (B,)
     rescale: jax.Array  # (B,)
     clip: jax.Array  # (B,) float32, inf: no clipping
@@ -157,6 +159,7 @@ def denoise_chunk(
         c = lambda name: row[:, table.COL[name]][:, None, None, None]
         x_in = jnp.concatenate([c("c_in") * state.x, inputs.extra], axis=-1)
         t = row[:, table.COL["t"]]
+        guided = inputs.guided * (i < inputs.guided_rows).astype(jnp.float32)
         residuals = None
         if controlnets:
             residuals = control_residuals(
@@ -173,7 +176,7 @@ def denoise_chunk(
             inputs.guidance,
             inputs.rescale,
             labels,
-            inputs.guided,
+            guided,
             lora,
             residuals,
         )
@@ -257,6 +260,7 @@ class Slot:
     guidance: float
     rescale: float
     key: np.ndarray  # (2,) uint32 key data
+    guided_rows: int = MAX_ROWS  # rows run with guidance (the guidance cutoff); the rest take the conditional output
     extra: np.ndarray | None = None  # (h, w, E)
     class_label: np.ndarray | None = None  # per-sample class label (the upscaler's noise level)
     blend: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (mask (h,w,1), latents, noise (h,w,C))
@@ -279,6 +283,16 @@ class Slot:
     @property
     def guided(self) -> bool:
         return self.uncond is not None
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether its next row is guided (past its guidance cutoff, or done, it needs no unconditional pass)."""
+        return self.guided and self.step < min(self.guided_rows, self.plan.evaluations)
+
+
+def guided_rows(evaluations: int, cutoff: float) -> int:
+    """The first ⌈cutoff · evaluations⌉ rows are guided (cutoff in (0, 1]); at least one."""
+    return max(1, min(evaluations, math.ceil(round(cutoff * evaluations, 6))))
 
 
 def group_key(slot: Slot) -> tuple:
@@ -341,8 +355,8 @@ class RunningBatch:
 
     @property
     def with_uncond(self) -> bool:
-        """Whether any slot needs the unconditional pass (else the cheaper program without it runs)."""
-        return any(s.guided for s in self.slots)
+        """Whether any slot's next row needs the unconditional pass (else the cheaper program without it runs)."""
+        return any(s.needs_uncond for s in self.slots)
 
     def join(self, slots: Sequence[Slot], states: Sequence[table.SlotState] | None = None) -> None:
         """Add slots: fresh ones start from their `x`; `states` (from `suspend`) resume where they stopped."""
@@ -421,6 +435,7 @@ class RunningBatch:
             cond=stack([s.cond for s in slots]),
             uncond=stack([s.uncond if s.uncond is not None else np.zeros_like(s.cond) for s in slots]),
             guided=stack([np.float32(s.guided) for s in slots]),
+            guided_rows=np.asarray([s.guided_rows for s in slots] + [0] * pad, np.int32),
             guidance=stack([np.float32(s.guidance) for s in slots]),
             rescale=stack([np.float32(s.rescale) for s in slots]),
             clip=stack([np.float32(s.plan.clip) for s in slots]),

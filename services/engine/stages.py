@@ -683,6 +683,7 @@ class DenoiserStage:
             steps=job.steps,
             guidance_scale=job.guidance_scale,
             guidance_rescale=job.guidance_rescale,
+            guidance_cutoff=job.guidance_cutoff,
             eta=job.eta,
             seed=job.seed,
             sampler=job.sampler,
@@ -705,6 +706,7 @@ class DenoiserStage:
         steps: int,
         guidance_scale: float,
         guidance_rescale: float = 0.0,
+        guidance_cutoff: float = 1.0,
         eta: float = 0.0,
         seed: int = 0,
         sampler: str | None = None,
@@ -725,7 +727,8 @@ class DenoiserStage:
         inpainting pipeline does); `extra` channels join the UNet input; `class_labels` feed a class embedding;
         `blend_mask` (1 repaints) blends towards the noised `init_latents` after every step. `lease`: the
         LoRA bank rows every image applies (`lease_loras`); the slots hold it while they exist. `controls`: the
-        ControlNets every image applies (their images one row, or one per image).
+        ControlNets every image applies (their images one row, or one per image). `guidance_cutoff`: the
+        fraction of the slot's rows that are guided (the first ⌈cutoff · rows⌉).
         """
         noise, cond = np.asarray(noise, np.float32), np.asarray(cond, np.float32)
         uncond = None if uncond is None else np.asarray(uncond, np.float32)
@@ -766,6 +769,7 @@ class DenoiserStage:
                 uncond=None if uncond is None else uncond[k],
                 guidance=float(guidance_scale),
                 rescale=float(guidance_rescale),
+                guided_rows=dn.guided_rows(plan.evaluations, guidance_cutoff),
                 key=keys[k],
                 owner=owner,
                 extra=row(extra, k),

@@ -78,6 +78,7 @@ class GenerationBody(BaseModel):
     steps: int | None = Field(None, description="Denoising steps; none: 50.")
     guidance_scale: float | None = Field(None, description="None: 7.5; ≤ 1 turns guidance off.")
     guidance_rescale: float = 0.0
+    guidance_cutoff: float = Field(1.0, description="The fraction of the steps guided, (0, 1]; below 1 is faster.")
     sampler: str | None = Field(None, description="See /v1/info's samplers; none: the checkpoint's own.")
     seed: int | None = Field(None, description="None or -1: a random seed, given back with the images.")
     eta: float = 0.0
@@ -97,7 +98,8 @@ class GenerationBody(BaseModel):
         return generate_request(
             prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n, width=self.width,
             height=self.height, steps=self.steps, guidance_scale=self.guidance_scale,
-            guidance_rescale=self.guidance_rescale, sampler=self.sampler, seed=seed, eta=self.eta,
+            guidance_rescale=self.guidance_rescale, guidance_cutoff=self.guidance_cutoff, sampler=self.sampler,
+            seed=seed, eta=self.eta,
             strength=self.strength, noise_level=self.noise_level,
             init_image=decode_base64(self.init_image, "init_image"), mask_image=decode_base64(self.mask, "mask"),
             depth_map=decode_base64(self.depth_map, "depth_map"), priority=self.priority, preview_every=preview,

@@ -92,6 +92,7 @@ def generate_request(
     steps: int | None = None,
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
+    guidance_cutoff: float = 1.0,
     sampler: str | None = None,
     seed: int | None = None,
     eta: float = 0.0,
@@ -119,7 +120,8 @@ def generate_request(
         raise invalid(f"priority: {priority} is out of range")
     request = gateway_pb2.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt, num_images=n, num_inference_steps=steps or 0,
-        guidance_rescale=guidance_rescale, height=height or 0, width=width or 0, eta=eta, sampler=sampler or "",
+        guidance_rescale=guidance_rescale, guidance_cutoff=guidance_cutoff, height=height or 0, width=width or 0,
+        eta=eta, sampler=sampler or "",
         priority=priority, init_image=init_image, mask_image=mask_image, depth_map=depth_map, model=model,
     )  # fmt: skip
     if preview_every:

@@ -53,6 +53,7 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, description="Denoising steps (default 50).")
     guidance_scale: float | None = Field(None, description="Classifier-free guidance (default 7.5; ≤ 1: off).")
     guidance_rescale: float = 0.0
+    guidance_cutoff: float = 1.0
     seed: int | None = Field(None, description="The same seed and request give the same images; none: random.")
     sampler: str | None = Field(None, description="ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras, plms.")
     loras: list[LoraBody] = Field(default_factory=list, description="sdmesh: LoRAs (or <lora:NAME:W> in the prompt).")
@@ -107,6 +108,7 @@ def router(front: Front) -> APIRouter:
                 steps=body.steps,
                 guidance_scale=body.guidance_scale,
                 guidance_rescale=body.guidance_rescale,
+                guidance_cutoff=body.guidance_cutoff,
                 sampler=body.sampler,
                 seed=body.seed,
                 loras=body.loras,

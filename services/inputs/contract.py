@@ -172,6 +172,9 @@ class GenerationRequest:
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # ≤ 1 turns classifier-free guidance off, as in diffusers
     guidance_rescale: float = 0.0
+    # The fraction of the schedule that is guided, (0, 1]: later steps take the conditional output alone and skip
+    # the unconditional pass (A1111/ComfyUI's CFG truncation). Below 1 it changes the image.
+    guidance_cutoff: float = 1.0
     eta: float = 0.0
     height: int | None = None  # None: the model's native size (text-to-image) or the init image's
     width: int | None = None
@@ -213,6 +216,7 @@ class Job:
     width: int
     latent_size: tuple[int, int]  # (h, w) of the latents the denoiser runs on
     latents: np.ndarray | None = None  # NCHW float32, as given
+    guidance_cutoff: float = 1.0  # GenerationRequest.guidance_cutoff
     init_image: np.ndarray | None = None
     mask_image: np.ndarray | None = None
     depth_map: np.ndarray | None = None
@@ -278,6 +282,7 @@ class DenoiseJob:
     priority: int = 0
     init_latents: np.ndarray | None = None  # (N, h, w, C): start part-way from these, at `strength`
     strength: float = 1.0
+    guidance_cutoff: float = 1.0  # the fraction of the schedule guided (GenerationRequest's)
     extra: np.ndarray | None = None  # (N, h, w, E): channels joining the UNet input
     blend_mask: np.ndarray | None = None  # (N, h, w, 1): latent blending towards init_latents (1 repaints)
     class_labels: np.ndarray | None = None  # (N, *class_labels_shape)
@@ -502,6 +507,16 @@ def check_guidance(guidance_scale: Any, guidance_rescale: Any, eta: Any) -> tupl
     )
 
 
+def check_guidance_cutoff(value: Any) -> float:
+    cutoff = check_number("guidance_cutoff", value, 0.0, 1.0)
+    if cutoff == 0:
+        raise InvalidRequest(
+            "guidance_cutoff must be above 0 (the fraction of the steps that are guided); to turn guidance off, "
+            "set guidance_scale to 1"
+        )
+    return cutoff
+
+
 def check_sampler(sampler: str | None, facts: ModelFacts) -> str | None:
     """None or "" is the checkpoint's own; anything else must be a sampler the denoiser has."""
     if not sampler:
@@ -628,6 +643,7 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
     guidance_scale, guidance_rescale, eta = check_guidance(
         request.guidance_scale, request.guidance_rescale, request.eta
     )
+    guidance_cutoff = check_guidance_cutoff(request.guidance_cutoff)
     sampler = check_sampler(request.sampler, facts)
     priority = check_priority(request.priority)
     preview_every = check_preview_every(request.preview_every)
@@ -649,7 +665,8 @@ def validate(request: GenerationRequest, facts: ModelFacts, *, draw_seed: Callab
     return Job(
         prompts=tuple(prompts), negative_prompts=tuple(negatives), num_images=int(n), steps=steps,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, seed=seed, sampler=sampler,
-        priority=priority, latents=request.latents, init_image=request.init_image, mask_image=request.mask_image,
+        priority=priority, latents=request.latents, guidance_cutoff=guidance_cutoff, init_image=request.init_image,
+        mask_image=request.mask_image,
         depth_map=None if request.depth_map is None else np.asarray(request.depth_map, np.float32),
         preview_every=preview_every, loras=loras, controls=controls, **mode,
     )  # fmt: skip
@@ -769,6 +786,7 @@ def check_denoise_job(job: DenoiseJob, facts: ModelFacts) -> None:
         check_finite("uncond", job.uncond)
     check_steps(job.steps, facts.max_steps)
     check_guidance(job.guidance_scale, job.guidance_rescale, job.eta)
+    check_guidance_cutoff(job.guidance_cutoff)
     check_sampler(job.sampler, facts)
     check_priority(job.priority)
     check_preview_every(job.preview_every)

@@ -429,7 +429,8 @@ def request_from_proto(request: gateway_pb2.GenerateRequest) -> GenerationReques
         steps=request.num_inference_steps or contract.DEFAULT_STEPS,
         guidance_scale=(request.guidance_scale if request.HasField("guidance_scale")
                         else contract.DEFAULT_GUIDANCE_SCALE),
-        guidance_rescale=request.guidance_rescale, eta=request.eta, height=request.height or None,
+        guidance_rescale=request.guidance_rescale, guidance_cutoff=request.guidance_cutoff or 1.0,
+        eta=request.eta, height=request.height or None,
         width=request.width or None, seed=request.seed if request.HasField("seed") else None,
         sampler=request.sampler or None, priority=request.priority,
         init_image=decoded("init_image", images.decode_image), mask_image=decoded("mask_image", images.decode_mask),
@@ -814,8 +815,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         if unanswered is not None:  # it may be the model whose denoiser is down
             raise unanswered
         titles = ", ".join(model_title(*m.identity(down)) for m in self.models)
-        raise InvalidRequest(f"model {text!r} is not served here; this gateway serves: {titles} (give a name, a "
-                             "title or a hash of these, or no model for the first)")  # fmt: skip
+        raise InvalidRequest(f"model {contract.shown(text)} is not served here; this gateway serves: {titles} "
+                             "(give a name, a title or a hash of these, or no model for the first)")  # fmt: skip
 
     def served_models(self, down: Downstream) -> list[common_pb2.ServedModel]:
         """Every model, the first the default: name, hash, source, facts and stages. A model whose denoiser does not

@@ -79,6 +79,7 @@ def denoise_job_to_proto(job: DenoiseJob) -> denoiser_pb2.DenoiseRequest:
         cond=to_proto(np.asarray(job.cond, np.float32)), num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale, guidance_rescale=job.guidance_rescale, eta=job.eta, height=job.height,
         width=job.width, sampler=job.sampler or "", priority=job.priority, tenant=job.tenant,
+        guidance_cutoff=job.guidance_cutoff if job.guidance_cutoff < 1 else 0.0,
         preview_every=job.preview_every, loras=[common_pb2.Lora(name=n, weight=w) for n, w in job.loras],
     )  # fmt: skip
     if job.preview_projection is not None:
@@ -160,7 +161,8 @@ def denoise_job_from_proto(request: denoiser_pb2.DenoiseRequest, facts: ModelFac
     return DenoiseJob(
         cond=cond, uncond=uncond, latents=latents, seed=seed, steps=request.num_inference_steps,
         guidance_scale=request.guidance_scale, guidance_rescale=request.guidance_rescale, eta=request.eta,
-        height=height, width=width, sampler=request.sampler or None, priority=request.priority,
+        guidance_cutoff=request.guidance_cutoff or 1.0, height=height, width=width, sampler=request.sampler or None,
+        priority=request.priority,
         init_latents=image_input("init_latents"), strength=request.strength if request.HasField("strength") else 1.0,
         extra=image_input("extra"), blend_mask=image_input("blend_mask"), class_labels=labels,
         tenant=request.tenant, preview_every=request.preview_every,

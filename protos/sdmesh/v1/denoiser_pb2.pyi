@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed", "sampler", "priority", "init_latents", "strength", "extra", "blend_mask", "class_labels", "tenant", "preview_every", "preview_projection", "loras", "controls")
+    __slots__ = ("cond", "uncond", "seed", "latents", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "height", "width", "noise_seed", "sampler", "priority", "init_latents", "strength", "extra", "blend_mask", "class_labels", "tenant", "preview_every", "preview_projection", "loras", "controls", "guidance_cutoff")
     COND_FIELD_NUMBER: _ClassVar[int]
     UNCOND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class DenoiseRequest(_message.Message):
     PREVIEW_PROJECTION_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_CUTOFF_FIELD_NUMBER: _ClassVar[int]
     cond: _tensor_pb2.Tensor
     uncond: _tensor_pb2.Tensor
     seed: int
@@ -56,7 +57,8 @@ class DenoiseRequest(_message.Message):
     preview_projection: _common_pb2.LatentPreview
     loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.Lora]
     controls: _containers.RepeatedCompositeFieldContainer[ControlInput]
-    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., extra: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., blend_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., class_labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tenant: _Optional[str] = ..., preview_every: _Optional[int] = ..., preview_projection: _Optional[_Union[_common_pb2.LatentPreview, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ..., controls: _Optional[_Iterable[_Union[ControlInput, _Mapping]]] = ...) -> None: ...
+    guidance_cutoff: float
+    def __init__(self, cond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., noise_seed: _Optional[int] = ..., sampler: _Optional[str] = ..., priority: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., strength: _Optional[float] = ..., extra: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., blend_mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., class_labels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tenant: _Optional[str] = ..., preview_every: _Optional[int] = ..., preview_projection: _Optional[_Union[_common_pb2.LatentPreview, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.Lora, _Mapping]]] = ..., controls: _Optional[_Iterable[_Union[ControlInput, _Mapping]]] = ..., guidance_cutoff: _Optional[float] = ...) -> None: ...
 
 class ControlInput(_message.Message):
     __slots__ = ("name", "image", "scale", "start", "end", "guess_mode")
