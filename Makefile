@@ -15,6 +15,9 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	@# the watermark's reference (tests/test_watermark.py); --no-deps: its requirements would pull opencv-python,
+	@# which clashes with the headless build
+	$(BIN)/pip install -q --no-deps invisible-watermark==0.2.0
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  if ! command -v apt-get >/dev/null; then echo "install chromium and chromedriver for tests/test_http_page.py"; \
 	  else sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
