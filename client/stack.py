@@ -512,8 +512,10 @@ def main(
         tls=certificates,
         http_port=http_port(args),
     )
-    # SIGTERM behaves as Ctrl-C: one path stops everything.
+    # SIGTERM behaves as Ctrl-C: one path stops everything. SIGINT's handler is set too: a shell starts a
+    # background job (`sdmesh up &` in a script) with SIGINT ignored, and Python then leaves it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     reported: set[str] = set()
     try:
         stack.start()

@@ -110,7 +110,8 @@ class ContinuousBatcher:
         self._tickets: list[Ticket] = []  # admitted, not finished
         self._row_limit: dict[tuple[int, int], int] = {}  # (height, width) → rows, after a device OOM there
         # batches whose first chunk (and compile) runs on the worker: key → (future, start time)
-        self._busy: dict[tuple, tuple[concurrent.futures.Future, float]] = {}
+        # batches on the worker: (its chunk, when it started, the program it runs)
+        self._busy: dict[tuple, tuple[concurrent.futures.Future, float, tuple[str, int, int, int]]] = {}
         self._deferred: list[Ticket] = []  # admitted, waiting for their batch to come back from the worker
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdmesh-compile")
         self._off_thread = getattr(getattr(stage, "programs", None), "lockstep", None) is None
@@ -361,26 +362,27 @@ class ContinuousBatcher:
         if not keys:
             if self._busy:  # only batches on the worker: wait for one (or for a new request, at the next loop)
                 concurrent.futures.wait(
-                    [f for f, _ in self._busy.values()], timeout=0.05, return_when="FIRST_COMPLETED"
+                    [f for f, _, _ in self._busy.values()], timeout=0.05, return_when="FIRST_COMPLETED"
                 )
             return
         key = keys[self._turn % len(keys)]
         self._turn += 1
         batch = self._batches[key]
         t0 = time.perf_counter()
-        if self._off_thread and self._program(key, batch) not in self.compiled:
-            self._busy[key] = (self._worker.submit(batch.run_chunk, self.chunk), t0)
+        program = self._program(key, batch)  # before the chunk: its slots' steps decide which program runs
+        if self._off_thread and program not in self.compiled:
+            self._busy[key] = (self._worker.submit(batch.run_chunk, self.chunk), t0, program)
             return
         try:
             compile_s = batch.run_chunk(self.chunk)
         except Exception as error:
             self._chunk_failed(key, batch, error)
             return
-        self._after_chunk(key, batch, t0, compile_s)
+        self._after_chunk(key, batch, t0, compile_s, program)
 
     def _collect(self) -> None:
         """Take back the batches whose chunk on the worker has finished."""
-        for key, (future, t0) in list(self._busy.items()):
+        for key, (future, t0, program) in list(self._busy.items()):
             if not future.done():
                 continue
             del self._busy[key]
@@ -389,9 +391,11 @@ class ContinuousBatcher:
             if error is not None:
                 self._chunk_failed(key, batch, error)  # type: ignore[arg-type]
             else:
-                self._after_chunk(key, batch, t0, future.result())
+                self._after_chunk(key, batch, t0, future.result(), program)
 
-    def _after_chunk(self, key: tuple, batch: RunningBatch, t0: float, compile_s: float) -> None:
+    def _after_chunk(
+        self, key: tuple, batch: RunningBatch, t0: float, compile_s: float, program: tuple[str, int, int, int]
+    ) -> None:
         """Count the chunk, report progress, and let finished requests leave with their latents."""
         seconds = time.perf_counter() - t0 - compile_s
         owners = {id(s.owner) for s in batch.slots}
@@ -399,7 +403,7 @@ class ContinuousBatcher:
         self.stats["peak_slots"] = max(self.stats["peak_slots"], len(batch))
         self.stats["peak_requests"] = max(self.stats["peak_requests"], len(owners))
         self.stats["shared_chunks"] += len(owners) > 1
-        self.compiled.add(self._program(key, batch))
+        self.compiled.add(program)
         if self.metrics is not None:
             self.metrics.observe_chunk(seconds)
             self.metrics.observe_batch(len(batch), batch.capacity)
